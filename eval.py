@@ -1,0 +1,243 @@
+"""Evaluation: sliding-window inference over whole volumes, Dice per organ, result tables.
+
+`python eval.py --checkpoint OUT/model.pt` rebuilds the model and the test set from what the
+checkpoint holds and prints the table again. Dice conventions follow MONAI's users'
+expectations: an empty prediction against an empty truth scores 1, exactly one empty scores 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import torch
+from tqdm import tqdm
+
+from data import ORGAN_ID, Case
+
+CHECKPOINT_FORMAT = "segviz-checkpoint/1"
+
+# ---------------------------------------------------------------------------------------
+# Sliding-window inference
+# ---------------------------------------------------------------------------------------
+
+
+def _starts(size: int, roi: int, overlap: float) -> list[int]:
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    starts = list(range(0, size - roi, step))
+    return [*starts, size - roi]
+
+
+def importance_map(roi: Sequence[int], mode: str, device) -> torch.Tensor:
+    """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI."""
+    if mode == "constant":
+        return torch.ones(tuple(roi), device=device)
+    axes = []
+    for n in roi:
+        c = (n - 1) / 2
+        sigma = n * 0.125
+        axes.append(torch.exp(-0.5 * ((torch.arange(n, device=device) - c) / sigma) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w = w / w.max()
+    return w.clamp(min=w[w > 0].min())  # no zero weights at the corners
+
+
+@torch.no_grad()
+def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor, roi: Sequence[int],
+                   overlap: float = 0.25, blend: str = "gaussian", batch: int = 4,
+                   pad_value: float = -1024.0) -> torch.Tensor:
+    """Run `predict` over overlapping windows of a (1, C, X, Y, Z) volume; blend the outputs.
+
+    Volumes smaller than the window are padded with `pad_value` (air, in HU) and cropped back.
+    """
+    shape = volume.shape[2:]
+    pad = [max(0, r - s) for r, s in zip(roi, shape)]
+    if any(pad):
+        flat = [p for n in reversed(pad) for p in (n // 2, n - n // 2)]
+        volume = torch.nn.functional.pad(volume, flat, value=pad_value)
+    full = volume.shape[2:]
+    weight = importance_map(roi, blend, volume.device)
+    corners = [(a, b, c) for a in _starts(full[0], roi[0], overlap) for b in _starts(full[1], roi[1], overlap)
+               for c in _starts(full[2], roi[2], overlap)]
+    out = None
+    norm = torch.zeros(full, device=volume.device)
+    for i in range(0, len(corners), batch):
+        chunk = corners[i:i + batch]
+        x = torch.cat([volume[:, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in chunk])
+        y = predict(x)
+        if out is None:
+            out = torch.zeros((1, y.shape[1], *full), device=volume.device)
+        for j, (a, b, c) in enumerate(chunk):
+            out[0, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += y[j] * weight
+            norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
+    out = out / norm
+    if any(pad):
+        sl = [slice(n // 2, n // 2 + s) for n, s in zip(pad, shape)]
+        out = out[:, :, sl[0], sl[1], sl[2]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Dice
+# ---------------------------------------------------------------------------------------
+
+
+def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks; 1 when both are empty, 0 when exactly one is."""
+    p, t = pred.bool(), truth.bool()
+    ps, ts = int(p.sum()), int(t.sum())
+    if ps == 0 and ts == 0:
+        return 1.0
+    return 2.0 * int((p & t).sum()) / (ps + ts)
+
+
+def organ_masks(scores: torch.Tensor, organs: Sequence[str], independent: bool) -> dict[str, torch.Tensor]:
+    """Masks per organ from (1 + K, ...) scores: one merged label map (argmax), or for
+    independent binary models each organ's own probability above 0.5."""
+    if independent:
+        return {o: scores[k + 1] > 0.5 for k, o in enumerate(organs)}
+    labels = scores.argmax(dim=0)
+    return {o: labels == k + 1 for k, o in enumerate(organs)}
+
+
+def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
+             independent: bool = False, device="cpu", overlap: float = 0.25,
+             blend: str = "gaussian") -> dict[str, list[float]]:
+    """Dice per organ per test case of a HU-in, (1 + K)-scores-out model."""
+    model = model.to(device).eval()
+    result = {o: [] for o in organs}
+    for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
+        hu = case.hu.to(device)[None, None]
+        scores = sliding_window(model, hu, roi, overlap, blend)[0]
+        masks = organ_masks(scores, organs, independent)
+        for organ in organs:
+            truth = case.label.to(device) == ORGAN_ID[organ]
+            result[organ].append(dice(masks[organ], truth))
+    return result
+
+
+def summarise(per_case: dict[str, list[float]]) -> dict[str, dict]:
+    out = {}
+    for organ, values in per_case.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        std = float(t.std(unbiased=False)) if len(t) > 1 else 0.0
+        out[organ] = {"mean": float(t.mean()), "std": std, "cases": [round(v, 6) for v in values]}
+    return out
+
+
+def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID)) -> str:
+    """Rows = models, columns = organs, cells = mean ± std Dice (— where not trained)."""
+    head = f"| {'model':<22} | " + " | ".join(f"{o:^13}" for o in organs) + " |"
+    sep = "|" + "-" * 24 + "|" + "|".join("-" * 15 for _ in organs) + "|"
+    lines = [head, sep]
+    for name, dice_by_organ in rows.items():
+        cells = []
+        for o in organs:
+            d = dice_by_organ.get(o)
+            cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" if d else f"{'—':^13}")
+        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^13}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by train.py, loaded without unpickling code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"checkpoint {path}: no such file")
+    except Exception as e:  # truncated, not a torch file, or unsafe content
+        fail(f"checkpoint {path}: cannot be read ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path}: not a checkpoint written by train.py")
+    return ckpt
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr naming the thing and the problem, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, bool]:
+    """The HU-in scores-out model of a checkpoint and whether organs are scored independently."""
+    from segviz import MetaModel, MultiClassModel
+    from unet3d import UNetConfig
+
+    cfg = ckpt["config"]
+    net_cfg = UNetConfig.from_dict(cfg["unet"])
+    mode = ckpt["mode"]
+    if mode in ("segviz", "single"):
+        which = cfg.get("head_window", "test")
+        windows = {site: cfg["windows"]["test" if which == "test" else site] for site in ckpt["states"]}
+        shared = mode == "segviz" and not cfg["fedbn"]
+        return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=shared), mode == "single"
+    return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"]), False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set.")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--out", default=None, help="where to write metrics.json (default: beside the checkpoint)")
+    args = p.parse_args(argv)
+    if not 0 <= args.overlap < 1:
+        p.error("--overlap must be in [0, 1)")
+    device = _device(args.device, p)
+    ckpt = load_checkpoint(args.checkpoint)
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    if not os.access(out_dir, os.W_OK):
+        p.error(f"--out {out_dir}: not writable")
+
+    from data import PhantomSpec, phantom_federation
+
+    cfg = ckpt["config"]
+    spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
+    _, test = phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg.get("cache_dir"))
+    model, independent = model_from_checkpoint(ckpt)
+    organs = ckpt["organs"]
+    t0 = time.time()
+    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend)
+    summary = summarise(per_case)
+    print(format_table({ckpt["name"]: summary}, organs))
+    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,
+               "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint)}
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    return 0
+
+
+def _device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        parser.error(f"--device {name}: must be auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA GPU is available on this machine")
+    return torch.device(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

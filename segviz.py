@@ -1,0 +1,130 @@
+"""SegViz: one multi-organ segmenter from sites that each annotated a different organ.
+
+The idea in three steps (Kanhere et al., SegViz):
+
+1. Every site trains the same 3D U-Net, split into a representation block (`rep.*`, the
+   encoder and most of the decoder) and a task block (`task.*`, the last decoder stage and
+   the output layer). A site's task block is a binary head for the one organ it labelled.
+2. Selective aggregation: after each round of local training only the representation keys
+   are averaged across sites (`shared_keys`). Task blocks never leave their site. The FedBN
+   variant also keeps every normalisation layer local, so each site keeps its own feature
+   statistics.
+3. The meta-model is the shared representation with every site's head on top: one forward
+   pass of the representation, one head per organ, and the organ probabilities merged into a
+   single label map.
+
+Baselines use the same machinery with other key sets: conventional FL (`fedavg`) shares every
+key; single-site models (`single`) share none. This file is the only place that knows which
+keys are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from data import window
+from fl import State
+from unet3d import UNet3D, UNetConfig
+
+REP_PREFIX = "rep."
+TASK_PREFIX = "task."
+
+
+def is_norm_key(key: str) -> bool:
+    """Parameters and statistics of normalisation layers (named `norm*` in unet3d)."""
+    return any(part.startswith("norm") for part in key.split("."))
+
+
+def shared_keys(state: Mapping[str, torch.Tensor], mode: str, fedbn: bool = False) -> list[str]:
+    """The state-dict keys a site sends for averaging in each training mode."""
+    if mode == "single":
+        return []
+    if mode == "fedavg":
+        keys = list(state)
+    elif mode == "segviz":
+        keys = [k for k in state if k.startswith(REP_PREFIX)]
+    else:
+        raise ValueError(f"no federated aggregation in mode {mode!r}")
+    if fedbn:
+        keys = [k for k in keys if not is_norm_key(k)]
+    return keys
+
+
+def split_state(state: State) -> tuple[State, State]:
+    """(representation block, task block) of a full model state."""
+    rep = {k: v for k, v in state.items() if k.startswith(REP_PREFIX)}
+    task = {k: v for k, v in state.items() if k.startswith(TASK_PREFIX)}
+    if len(rep) + len(task) != len(state):
+        raise ValueError("state has keys outside rep./task.")
+    return rep, task
+
+
+class MetaModel(nn.Module):
+    """Binary site models merged into one multi-organ segmenter.
+
+    Input: CT patches in HU (B, 1, X, Y, Z). Each organ's model sees the patch through the
+    intensity window it was trained with. Output: (B, 1 + K, X, Y, Z) scores whose argmax is
+    the merged label map: channel k is organ k's foreground probability, channel 0 is
+    1 - max_k p_k, so a voxel goes to the most probable organ if that probability exceeds 0.5.
+
+    With `shared_rep`, all sites hold the same representation (plain SegViz): it runs once per
+    distinct window and each head reuses its features. Otherwise (FedBN, or independent
+    single-site models) every site's model runs whole.
+    """
+
+    def __init__(self, cfg: UNetConfig, site_states: Mapping[str, State], windows: Mapping[str, tuple],
+                 shared_rep: bool):
+        super().__init__()
+        self.organs = list(site_states)
+        self.windows = {o: tuple(windows[o]) for o in self.organs}
+        self.shared_rep = shared_rep
+        self.models = nn.ModuleDict()
+        for organ, state in site_states.items():
+            model = UNet3D(cfg)
+            model.load_state_dict(state)
+            self.models[organ] = model
+        if shared_rep:
+            reps = [split_state(s)[0] for s in site_states.values()]
+            for rep in reps[1:]:
+                for k, v in rep.items():
+                    if not torch.equal(v, reps[0][k]):
+                        raise ValueError(f"sites disagree on shared key {k}; not a SegViz meta-model")
+
+    def organ_probabilities(self, hu: torch.Tensor) -> torch.Tensor:
+        """(B, K, ...) foreground probability of each organ from its own head."""
+        probs = []
+        cache: dict[tuple, tuple] = {}
+        rep_model = self.models[self.organs[0]]
+        for organ in self.organs:
+            x = window(hu.clone(), self.windows[organ])
+            model = self.models[organ]
+            if self.shared_rep:
+                key = self.windows[organ]
+                if key not in cache:
+                    cache[key] = rep_model.features(x)
+                logits = model.head(*cache[key])
+            else:
+                logits = model(x)
+            probs.append(torch.softmax(logits, dim=1)[:, 1])
+        return torch.stack(probs, dim=1)
+
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
+        p = self.organ_probabilities(hu)
+        background = 1 - p.max(dim=1, keepdim=True).values
+        return torch.cat([background, p], dim=1)
+
+
+class MultiClassModel(nn.Module):
+    """A (1 + K)-class network (central, fedavg) behind the same HU-in, scores-out interface."""
+
+    def __init__(self, cfg: UNetConfig, state: State, window_hu: tuple):
+        super().__init__()
+        self.net = UNet3D(cfg)
+        self.net.load_state_dict(state)
+        self.window = tuple(window_hu)
+
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(window(hu.clone(), self.window)), dim=1)

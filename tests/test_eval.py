@@ -1,0 +1,251 @@
+"""Tests of eval.py: Dice, sliding-window inference, organ masks, result tables and checkpoint loading."""
+
+import pytest
+import torch
+
+from eval import (
+    CHECKPOINT_FORMAT,
+    dice,
+    format_table,
+    load_checkpoint,
+    organ_masks,
+    sliding_window,
+    summarise,
+)
+
+# ---------------------------------------------------------------------------------------
+# Dice
+# ---------------------------------------------------------------------------------------
+
+
+def mask(shape, *voxels):
+    m = torch.zeros(shape, dtype=torch.bool)
+    for v in voxels:
+        m[v] = True
+    return m
+
+
+def test_dice_of_identical_masks_is_one():
+    m = mask((4, 4, 4), (0, 0, 0), (1, 2, 3), (3, 3, 3))
+    assert dice(m, m.clone()) == 1.0
+
+
+def test_dice_of_disjoint_masks_is_zero():
+    assert dice(mask((4, 4, 4), (0, 0, 0)), mask((4, 4, 4), (1, 1, 1))) == 0.0
+
+
+def test_dice_partial_overlap_matches_hand_computation():
+    # pred 3 voxels, truth 2 voxels, 1 shared: 2 * 1 / (3 + 2)
+    pred = mask((4, 4, 4), (0, 0, 0), (0, 0, 1), (0, 0, 2))
+    truth = mask((4, 4, 4), (0, 0, 2), (3, 3, 3))
+    assert dice(pred, truth) == pytest.approx(0.4)
+    assert dice(truth, pred) == pytest.approx(0.4)  # symmetric
+
+
+def test_dice_of_two_empty_masks_is_one():
+    assert dice(mask((3, 3, 3)), mask((3, 3, 3))) == 1.0
+
+
+def test_dice_with_exactly_one_empty_mask_is_zero():
+    some = mask((3, 3, 3), (1, 1, 1))
+    assert dice(some, mask((3, 3, 3))) == 0.0
+    assert dice(mask((3, 3, 3)), some) == 0.0
+
+
+def test_dice_treats_nonzero_values_as_foreground():
+    # integer label maps count any nonzero voxel, whatever its value
+    pred = torch.tensor([0, 2, 2, 0])
+    truth = torch.tensor([0, 1, 0, 0])
+    assert dice(pred, truth) == pytest.approx(2 * 1 / 3)
+
+
+# ---------------------------------------------------------------------------------------
+# Sliding window
+# ---------------------------------------------------------------------------------------
+
+
+def identity(x):
+    return x
+
+
+@pytest.mark.parametrize("blend", ["constant", "gaussian"])
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+@pytest.mark.parametrize("shape", [(20, 24, 16), (23, 17, 13)])
+def test_sliding_window_with_identity_model_reproduces_the_volume(shape, overlap, blend):
+    # any window placed back at the wrong offset, or a voxel no window covers, breaks the equality
+    volume = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
+    out = sliding_window(identity, volume, (8, 8, 8), overlap=overlap, blend=blend)
+    assert out.shape == volume.shape
+    torch.testing.assert_close(out, volume, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("blend", ["constant", "gaussian"])
+def test_sliding_window_pads_a_small_volume_and_crops_back(blend):
+    volume = torch.randn(1, 1, 5, 6, 3, generator=torch.Generator().manual_seed(1))
+    out = sliding_window(identity, volume, (8, 8, 8), overlap=0.25, blend=blend)
+    assert out.shape == volume.shape
+    torch.testing.assert_close(out, volume, rtol=0, atol=1e-5)
+
+
+def test_sliding_window_pads_with_pad_value():
+    # a model that reports, at every voxel, how much of its window is padding
+    def padding_fraction(x):
+        frac = (x == -1024.0).float().mean(dim=(1, 2, 3, 4), keepdim=True)
+        return frac.expand_as(x)
+
+    volume = torch.zeros(1, 1, 4, 8, 8)
+    out = sliding_window(padding_fraction, volume, (8, 8, 8), blend="constant")
+    torch.testing.assert_close(out, torch.full_like(out, 0.5))
+
+
+def test_sliding_window_feeds_predict_windows_of_exactly_the_roi():
+    roi = (8, 6, 4)
+    seen = []
+
+    def recording(x):
+        seen.append(tuple(x.shape))
+        return x
+
+    for shape in [(21, 13, 9), (5, 6, 3), (8, 6, 4)]:
+        seen.clear()
+        sliding_window(recording, torch.zeros(1, 1, *shape), roi, overlap=0.25, batch=3)
+        assert seen
+        assert all(s[2:] == roi and s[1] == 1 and 1 <= s[0] <= 3 for s in seen)
+
+
+def test_sliding_window_without_overlap_tiles_exactly():
+    # a volume that is a whole number of windows is covered once, with no redundant windows
+    count = []
+
+    def counting(x):
+        count.append(x.shape[0])
+        return x
+
+    sliding_window(counting, torch.zeros(1, 1, 16, 16, 8), (8, 8, 8), overlap=0.0, blend="constant")
+    assert sum(count) == 4
+
+
+def test_sliding_window_output_channels_follow_the_model():
+    # a segmentation model maps 1 HU channel to 1 + K scores
+    def three_classes(x):
+        return torch.cat([x, 2 * x, -x], dim=1)
+
+    volume = torch.randn(1, 1, 19, 10, 9, generator=torch.Generator().manual_seed(2))
+    out = sliding_window(three_classes, volume, (8, 8, 8), overlap=0.25)
+    assert out.shape == (1, 3, 19, 10, 9)
+    torch.testing.assert_close(out, torch.cat([volume, 2 * volume, -volume], dim=1), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Organ masks
+# ---------------------------------------------------------------------------------------
+
+
+def scores_where_modes_disagree():
+    # (background, liver, spleen) scores at two voxels:
+    #   voxel 0: background wins the argmax, yet both organs are above 0.5 on their own
+    #   voxel 1: liver wins the argmax, yet no organ reaches 0.5
+    s = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
+    return s.view(3, 2, 1, 1)
+
+
+def test_organ_masks_argmax_gives_one_label_per_voxel():
+    masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=False)
+    assert masks["liver"].flatten().tolist() == [False, True]
+    assert masks["spleen"].flatten().tolist() == [False, False]
+
+
+def test_organ_masks_independent_thresholds_each_organ_at_half():
+    masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=True)
+    assert masks["liver"].flatten().tolist() == [True, False]
+    assert masks["spleen"].flatten().tolist() == [True, False]
+
+
+def test_organ_masks_follow_the_order_of_organs():
+    # channel k + 1 belongs to organs[k], whatever the organs are called
+    s = torch.tensor([0.0, 0.2, 0.9]).view(3, 1, 1, 1)
+    masks = organ_masks(s, ("kidneys", "pancreas"), independent=False)
+    assert not masks["kidneys"].any() and masks["pancreas"].all()
+
+
+# ---------------------------------------------------------------------------------------
+# Summaries and tables
+# ---------------------------------------------------------------------------------------
+
+
+def test_summarise_mean_and_population_std():
+    s = summarise({"liver": [0.4, 0.6], "spleen": [0.1, 0.2, 0.6]})
+    assert s["liver"]["mean"] == pytest.approx(0.5)
+    assert s["liver"]["std"] == pytest.approx(0.1)  # the sample std would be 0.1414
+    assert s["spleen"]["mean"] == pytest.approx(0.3)
+    assert s["spleen"]["std"] == pytest.approx((((0.2**2) + (0.1**2) + (0.3**2)) / 3) ** 0.5)
+    assert s["liver"]["cases"] == [0.4, 0.6]
+
+
+def test_summarise_single_case_has_zero_std():
+    s = summarise({"pancreas": [0.73]})
+    assert s["pancreas"]["mean"] == pytest.approx(0.73)
+    assert s["pancreas"]["std"] == 0.0
+
+
+def table_row(table, name):
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} ")]
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_format_table_shows_mean_and_std_and_a_dash_for_missing_organs():
+    rows = {"segviz": summarise({"liver": [0.4, 0.6]}), "other": summarise({"spleen": [0.25, 0.25]})}
+    table = format_table(rows, ("liver", "spleen"))
+    assert "0.500 ± 0.100" in table
+    assert table_row(table, "segviz") == ["segviz", "0.500 ± 0.100", "—"]
+    assert table_row(table, "other") == ["other", "—", "0.250 ± 0.000"]
+    # header, separator, one line per model
+    assert len(table.splitlines()) == 4
+    assert [c.strip() for c in table.splitlines()[0].strip("|").split("|")] == ["model", "liver", "spleen"]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def test_load_checkpoint_reads_a_valid_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "weights": torch.arange(3.0)}, path)
+    ckpt = load_checkpoint(str(path))
+    assert ckpt["format"] == CHECKPOINT_FORMAT
+    assert torch.equal(ckpt["weights"], torch.arange(3.0))
+
+
+def assert_exit_2(path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_checkpoint(str(path))
+    assert exc.value.code == 2
+    # one line on stderr naming the file
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(path) in err and err.count("\n") == 1
+
+
+def test_load_checkpoint_missing_file_exits_2(tmp_path, capsys):
+    assert_exit_2(tmp_path / "absent.pt", capsys)
+
+
+def test_load_checkpoint_truncated_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "weights": torch.randn(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_exit_2(path, capsys)
+
+
+def test_load_checkpoint_garbage_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"this is not a checkpoint\x00\xff" * 10)
+    assert_exit_2(path, capsys)
+
+
+def test_load_checkpoint_foreign_torch_file_exits_2(tmp_path, capsys):
+    # readable by torch.load but not written by train.py
+    path = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    assert_exit_2(path, capsys)

@@ -1,0 +1,143 @@
+"""The command line end to end at a tiny size, its outputs, and its answers to bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data import Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "bogus"], "invalid choice"),
+    (["--nodes", "5"], "invalid choice"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--mode", "fedavg", "--fedbn"], "--fedbn"),
+    (["--rounds", "0"], "--rounds"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*argv, "--out", str(out)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_is_refused_as_non_root(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--out", str(locked / "run")])
+    assert e.value.code == 2
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    # a path under a regular file cannot be created, whoever runs the test
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("train.py", "--out", str(blocker / "run"))
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert "--out" in err[-1] and ("not writable" in err[-1] or "not a folder" in err[-1])
+    assert not (blocker.parent / "run").exists()
+
+
+def test_dice_loss_is_zero_for_a_perfect_prediction_and_high_for_a_wrong_one():
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    perfect = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 40 - 20
+    assert float(train.dice_loss(perfect, target)) < 1e-4
+    assert float(train.dice_loss(-perfect, target)) > 0.99
+
+
+def test_round_robin_draws_from_each_site_in_turn():
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def sample(self):
+            return self.name
+
+    nxt = train.round_robin([Fake("a"), Fake("b"), Fake("c")])
+    assert [nxt() for _ in range(5)] == ["a", "b", "c", "a", "b"]
+
+
+def test_binary_sampler_labels_and_multiclass_labels():
+    label = torch.zeros(20, 20, 20, dtype=torch.uint8)
+    label[5:10, 5:10, 5:10] = 3
+    case = Case("c", torch.full((20, 20, 20), 100.0), label, (3.0, 3.0, 3.0))
+    cfg = train.SamplerConfig(patch=(8, 8, 8), volumes_per_batch=1, patches_per_volume=4, augment=False)
+    _, y = train.make_sampler([case], (-100, 200), True, cfg, "cpu", 0).sample()
+    assert set(y.unique().tolist()) <= {0, 1} and (y == 1).any()
+    _, y = train.make_sampler([case], (-100, 200), False, cfg, "cpu", 0).sample()
+    assert set(y.unique().tolist()) <= {0, 3} and (y == 3).any()
+
+
+def tiny(mode, out, cache, *extra):
+    return run("train.py", "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
+               "--max-cases", "2", "--out", str(out), "--cache", str(cache), *extra)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("mode, extra", [("segviz", []), ("single", []), ("central", []), ("fedavg", []),
+                                         ("segviz", ["--fedbn"])])
+def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
+    out = tmp_path / "run"
+    result = tiny(mode, out, cache, *extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == mode and metrics["nodes"] == 2
+    assert metrics["organs"] == ["liver", "spleen"]
+    for organ in metrics["organs"]:
+        d = metrics["dice"][organ]
+        assert 0.0 <= d["mean"] <= 1.0 and len(d["cases"]) == 2
+    assert "liver" in result.stdout and "±" in result.stdout
+    # the checkpoint alone reproduces the evaluation
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    re_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for organ in metrics["organs"]:
+        assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
+
+
+def test_same_seed_gives_bitwise_the_same_model(tmp_path, cache):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert tiny("segviz", a, cache, "--seed", "3").returncode == 0
+    assert tiny("segviz", b, cache, "--seed", "3").returncode == 0
+    sa = torch.load(a / "model.pt", weights_only=True)["states"]
+    sb = torch.load(b / "model.pt", weights_only=True)["states"]
+    for site in sa:
+        for k in sa[site]:
+            assert torch.equal(sa[site][k], sb[site][k]), (site, k)
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x02not a checkpoint")
+    result = run("eval.py", "--checkpoint", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and len(result.stderr.strip().splitlines()) == 1
