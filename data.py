@@ -84,12 +84,14 @@ SITE_ORGAN = {"liver": "liver", "spleen": "spleen", "pancreas": "pancreas", "kid
 # lie within ~40 HU of each other, and kidneys overlap vessels and bone, so no organ can be
 # found by intensity alone.
 HU = {
-    "venous": {"fat": -100, "muscle": 72, "liver": 105, "spleen": 112, "pancreas": 95, "kidney_cortex": 165,
-                   "kidney_medulla": 150, "aorta": 165, "ivc": 145, "portal": 160, "bowel_wall": 75, "fluid": 15,
-                   "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15, "disc": 85, "tumour": 65, "gallbladder": 12},
-    "arterial": {"fat": -100, "muscle": 65, "liver": 78, "spleen": 130, "pancreas": 115, "kidney_cortex": 215,
-                     "kidney_medulla": 105, "aorta": 290, "ivc": 85, "portal": 110, "bowel_wall": 80, "fluid": 15,
-                     "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15, "disc": 85, "tumour": 55, "gallbladder": 12},
+    "venous": {"fat": -100, "muscle": 72, "liver": 105, "spleen": 112, "pancreas": 95,
+               "kidney_cortex": 165, "kidney_medulla": 150, "aorta": 165, "ivc": 145, "portal": 160,
+               "bowel_wall": 75, "fluid": 15, "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15,
+               "disc": 85, "tumour": 65, "gallbladder": 12},
+    "arterial": {"fat": -100, "muscle": 65, "liver": 78, "spleen": 130, "pancreas": 115,
+                 "kidney_cortex": 215, "kidney_medulla": 170, "aorta": 290, "ivc": 85, "portal": 110,
+                 "bowel_wall": 80, "fluid": 15, "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15,
+                 "disc": 85, "tumour": 55, "gallbladder": 12},
 }
 JITTER_HU = 10.0
 
@@ -351,7 +353,7 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, tupl
         kidney_parts.append((sl, parenchyma))
     organ_masks["kidneys"] = kidney_parts
 
-    # liver tumours: hypodense nodules inside the liver, labelled 2 by the liver site
+    # liver tumours: hypodense nodules inside the liver (raw value 5; like MSD's tumour label 2)
     tumours = []
     for _ in range(int(rng.integers(0, 3))):
         idx = torch.nonzero(liver)
@@ -512,7 +514,7 @@ def phantom_federation(sites: tuple[str, ...], seed: int = 0, spec: PhantomSpec 
     out = {}
     for site in (*sites, "test"):
         out[site] = _cached(lambda s=site: phantom_cases(s, spec.cases[s], seed, spec.spacing),
-                            cache_dir, f"phantom-v1-{site}-{spec.cases[site]}-{seed}-{spec.spacing}")
+                            cache_dir, f"phantom-v2-{site}-{spec.cases[site]}-{seed}-{spec.spacing}")
     test = out.pop("test")
     return out, test
 
@@ -581,10 +583,11 @@ class PatchSampler:
         patch = torch.tensor(cfg.patch)
         # the context box around a patch that any rotation/scaling can reach; C - P even,
         # so the identity transform is an exact crop
-        grow = 1 + cfg.max_scale
-        reach = torch.tensor([math.cos(math.radians(cfg.max_rotation_deg))
-                              + math.sin(math.radians(cfg.max_rotation_deg))] * 2 + [1.0]) * grow
-        ctx = torch.ceil(patch * reach if cfg.augment else patch).long()
+        g = 1 + cfg.max_scale
+        c, s = math.cos(math.radians(cfg.max_rotation_deg)), math.sin(math.radians(cfg.max_rotation_deg))
+        px, py, pz = cfg.patch
+        reach = torch.tensor([g * (c * px + s * py), g * (s * px + c * py), g * pz])
+        ctx = torch.ceil(reach).long() if cfg.augment else patch.clone()
         ctx = ctx + (ctx - patch) % 2
         self.ctx = ctx.to(self.device)
         self.patch = patch.to(self.device)
@@ -635,7 +638,8 @@ class PatchSampler:
         vols = torch.randint(len(self), (cfg.volumes_per_batch,), generator=g, device=d)
         vols = vols.repeat_interleave(cfg.patches_per_volume)
         want_fg = torch.rand(len(vols), generator=g, device=d) < cfg.pos / (cfg.pos + cfg.neg)
-        want_fg &= self.fg_count[vols] > 0  # a volume without foreground gives background
+        # a volume without foreground gives background, one without background foreground
+        want_fg = (want_fg & (self.fg_count[vols] > 0)) | (self.bg_count[vols] == 0)
         u = torch.rand(len(vols), generator=g, device=d)
         count = torch.where(want_fg, self.fg_count[vols], self.bg_count[vols])
         start = torch.where(want_fg, self.fg_start[vols], self.bg_start[vols])

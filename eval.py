@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -108,10 +109,29 @@ def organ_masks(scores: torch.Tensor, organs: Sequence[str], independent: bool) 
     return {o: labels == k + 1 for k, o in enumerate(organs)}
 
 
+# How many connected components of each organ anatomy allows (kidneys: left and right).
+COMPONENTS = {"liver": 1, "spleen": 1, "pancreas": 1, "kidneys": 2}
+
+
+def keep_largest_components(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the n largest 26-connected components of a boolean mask (a common clean-up)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3), bool))
+    if count <= n:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:n] + 1
+    return torch.from_numpy(np.isin(labels, keep)).to(mask.device)
+
+
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
              independent: bool = False, device="cpu", overlap: float = 0.25,
-             blend: str = "gaussian") -> dict[str, list[float]]:
-    """Dice per organ per test case of a HU-in, (1 + K)-scores-out model."""
+             blend: str = "gaussian", largest: bool = False) -> dict[str, list[float]]:
+    """Dice per organ per test case of a HU-in, (1 + K)-scores-out model.
+
+    With `largest`, each organ's mask keeps only its largest connected component(s) first.
+    """
     model = model.to(device).eval()
     result = {o: [] for o in organs}
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
@@ -120,7 +140,8 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
         masks = organ_masks(scores, organs, independent)
         for organ in organs:
             truth = case.label.to(device) == ORGAN_ID[organ]
-            result[organ].append(dice(masks[organ], truth))
+            pred = keep_largest_components(masks[organ], COMPONENTS[organ]) if largest else masks[organ]
+            result[organ].append(dice(pred, truth))
     return result
 
 
@@ -179,7 +200,7 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def model_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, bool]:
+def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[torch.nn.Module, bool]:
     """The HU-in scores-out model of a checkpoint and whether organs are scored independently."""
     from segviz import MetaModel, MultiClassModel
     from unet3d import UNetConfig
@@ -188,7 +209,7 @@ def model_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, bool]:
     net_cfg = UNetConfig.from_dict(cfg["unet"])
     mode = ckpt["mode"]
     if mode in ("segviz", "single"):
-        which = cfg.get("head_window", "test")
+        which = head_window or cfg.get("head_window", "test")
         windows = {site: cfg["windows"]["test" if which == "test" else site] for site in ckpt["states"]}
         shared = mode == "segviz" and not cfg["fedbn"]
         return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=shared), mode == "single"
@@ -201,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--head-window", choices=("test", "site"), default=None,
+                   help="segviz/single: window each head sees (default: as trained, see train.py --help)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each organ's largest connected component(s) (default: as the training run)")
     p.add_argument("--out", default=None, help="where to write metrics.json (default: beside the checkpoint)")
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
@@ -216,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ckpt["config"]
     spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
     _, test = phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg.get("cache_dir"))
-    model, independent = model_from_checkpoint(ckpt)
+    model, independent = model_from_checkpoint(ckpt, args.head_window)
     organs = ckpt["organs"]
     t0 = time.time()
-    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend)
+    largest = cfg.get("largest", False) if args.largest is None else args.largest
+    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend, largest)
     summary = summarise(per_case)
     print(format_table({ckpt["name"]: summary}, organs))
     metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,

@@ -27,8 +27,16 @@ from tqdm import tqdm
 
 import fl
 import segviz
-from data import COMMON_WINDOW, NODE_SITES, ORGAN_ID, WINDOWS, PatchSampler, PhantomSpec, SamplerConfig, \
-    phantom_federation
+from data import (
+    COMMON_WINDOW,
+    NODE_SITES,
+    ORGAN_ID,
+    WINDOWS,
+    PatchSampler,
+    PhantomSpec,
+    SamplerConfig,
+    phantom_federation,
+)
 from eval import CHECKPOINT_FORMAT, evaluate, format_table, summarise, write_json_atomic
 from unet3d import UNet3D, UNetConfig
 
@@ -49,8 +57,8 @@ class Preset:
 
 PRESETS = {
     # sized for a 2-core laptop CPU: about six minutes of training for four sites
-    "phantom": Preset(channels=(8, 16, 32, 64), patch=(48, 48, 32), volumes_per_batch=2, patches_per_volume=2,
-                      rounds=20, local_steps=8, lr=2e-3, spacing=(3.0, 3.0, 3.0)),
+    "phantom": Preset(channels=(8, 16, 32, 64), patch=(48, 48, 32), volumes_per_batch=2, patches_per_volume=1,
+                      rounds=80, local_steps=4, lr=3e-3, spacing=(3.0, 3.0, 3.0)),
     # the original's model and patches (MONAI UNet channels 16..256, 128x128x32, 4 patches x 2
     # volumes per step, 50 rounds); local steps stand in for its 10 local epochs
     "paper": Preset(channels=(16, 32, 64, 128, 256), patch=(128, 128, 32), volumes_per_batch=2,
@@ -96,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="federated rounds (default from the preset)")
     p.add_argument("--local-steps", type=int, help="optimiser steps per site per round (default from the preset)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default from the preset)")
-    p.add_argument("--loss", default="dice", choices=tuple(LOSSES), help="dice (as the original) or dicece")
+    p.add_argument("--loss", default="dicece", choices=tuple(LOSSES),
+                   help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original")
     p.add_argument("--window", default="site", choices=("site", "common"),
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="test", choices=("test", "site"),
@@ -111,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for generated phantom data (default ~/.cache/segviz or $SEGVIZ_CACHE)")
     p.add_argument("--max-cases", type=int, default=None,
                    help="use at most this many cases per site and for the test set (quick runs, CI)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=True,
+                   help="at test time keep each organ's largest connected component(s) (default on)")
     p.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap at test time")
     args = p.parse_args(argv)
 
@@ -194,6 +205,14 @@ def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, see
     return PatchSampler(images, labels, cfg, device=device, seed=seed)
 
 
+def channels_last(next_batch):
+    """The sampler's batches in the model's memory layout."""
+    def batch():
+        x, y = next_batch()
+        return x.contiguous(memory_format=torch.channels_last_3d), y
+    return batch
+
+
 def round_robin(samplers: list[PatchSampler]):
     """Pooled data for `central`: consecutive steps draw from each site in turn."""
     state = {"i": 0}
@@ -229,14 +248,17 @@ def train(args: argparse.Namespace) -> dict:
                 for s in sites}
     loss_fn = LOSSES[args.loss]
 
-    model = UNet3D(unet_cfg).to(device)
+    # channels-last 3D convolutions are ~12% faster on CPU (oneDNN) and the layout Tensor Cores want
+    model = UNet3D(unet_cfg).to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if args.mode == "central":
-        clients = [fl.new_client("pooled", model, optimizer, round_robin([samplers[s] for s in sites]), loss_fn)]
+        pooled = channels_last(round_robin([samplers[s] for s in sites]))
+        clients = [fl.new_client("pooled", model, optimizer, pooled, loss_fn)]
         local_steps = args.local_steps * len(sites)
         keys: list[str] = []
     else:
-        clients = [fl.new_client(s, model, optimizer, samplers[s].sample, loss_fn, weight=len(train_cases[s]))
+        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample), loss_fn,
+                                 weight=len(train_cases[s]))
                    for s in sites]
         local_steps = args.local_steps
         keys = segviz.shared_keys(clients[0].model_state, args.mode, args.fedbn)
@@ -262,17 +284,19 @@ def train(args: argparse.Namespace) -> dict:
         states = {"global": clients[0].model_state}
         net = segviz.MultiClassModel(unet_cfg, states["global"], windows["test"])
     per_case = evaluate(net, test_cases, organs, preset.patch, independent=args.mode == "single",
-                        device=device, overlap=args.eval_overlap)
+                        device=device, overlap=args.eval_overlap, largest=args.largest)
     summary = summarise(per_case)
     seconds = time.time() - t_start
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
         "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "loss": args.loss,
-        "window": args.window, "head_window": args.head_window, "weighted": args.weighted, "unet": unet_cfg.to_dict(), "patch": list(preset.patch),
-        "batch": sampler_cfg.batch, "spacing": list(preset.spacing), "windows": {k: list(v) for k, v in windows.items()},
-        "phantom_cases": dict(spec.cases), "cache_dir": args.cache, "shared_keys": len(keys),
-        "eval_overlap": args.eval_overlap,
+        "window": args.window, "head_window": args.head_window, "weighted": args.weighted,
+        "unet": unet_cfg.to_dict(), "patch": list(preset.patch),
+        "batch": sampler_cfg.batch, "spacing": list(preset.spacing),
+        "windows": {k: list(v) for k, v in windows.items()}, "phantom_cases": dict(spec.cases),
+        "cache_dir": args.cache, "shared_keys": len(keys),
+        "eval_overlap": args.eval_overlap, "largest": args.largest,
     }
     metrics = {"mode": args.mode, "nodes": args.nodes, "organs": organs, "dice": summary,
                "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1), "config": config,

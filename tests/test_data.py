@@ -336,6 +336,15 @@ def mean_hu(raw, organ):
     return float(hu[lab == ORGAN_ID[organ]].mean())
 
 
+def test_labels_exclude_bone_painted_over_organs(raw_test):
+    # vessels and spine are drawn after the organs; the label must drop what they overwrote,
+    # so only partial-volume and noise tails of labelled voxels reach bone-like HU (cortical bone ~700)
+    hu, lab, _ = raw_test
+    labelled = hu[lab > 0]
+    assert float(labelled.max()) < 550
+    assert float((labelled > 300).float().mean()) < 0.005
+
+
 @pytest.mark.parametrize("organ", ["liver", "spleen", "pancreas"])
 def test_venous_organ_hu_is_plausible(raw_test, organ):
     lo, hi = VENOUS_HU

@@ -142,23 +142,24 @@ def test_sliding_window_output_channels_follow_the_model():
 
 
 def scores_where_modes_disagree():
-    # (background, liver, spleen) scores at two voxels:
+    # (background, liver, spleen) scores at three voxels:
     #   voxel 0: background wins the argmax, yet both organs are above 0.5 on their own
     #   voxel 1: liver wins the argmax, yet no organ reaches 0.5
-    s = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
-    return s.view(3, 2, 1, 1)
+    #   voxel 2: spleen wins both ways (background low, so channel k + 1, not k, must be read)
+    s = torch.tensor([[0.9, 0.1, 0.2], [0.6, 0.45, 0.3], [0.7, 0.3, 0.8]])
+    return s.view(3, 3, 1, 1)
 
 
 def test_organ_masks_argmax_gives_one_label_per_voxel():
     masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=False)
-    assert masks["liver"].flatten().tolist() == [False, True]
-    assert masks["spleen"].flatten().tolist() == [False, False]
+    assert masks["liver"].flatten().tolist() == [False, True, False]
+    assert masks["spleen"].flatten().tolist() == [False, False, True]
 
 
 def test_organ_masks_independent_thresholds_each_organ_at_half():
     masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=True)
-    assert masks["liver"].flatten().tolist() == [True, False]
-    assert masks["spleen"].flatten().tolist() == [True, False]
+    assert masks["liver"].flatten().tolist() == [True, False, False]
+    assert masks["spleen"].flatten().tolist() == [True, False, True]
 
 
 def test_organ_masks_follow_the_order_of_organs():
@@ -218,16 +219,17 @@ def test_load_checkpoint_reads_a_valid_checkpoint(tmp_path):
 
 
 def assert_exit_2(path, capsys):
+    """Loading `path` exits with status 2 after one line on stderr naming the file; returns that line."""
     with pytest.raises(SystemExit) as exc:
         load_checkpoint(str(path))
     assert exc.value.code == 2
-    # one line on stderr naming the file
     err = capsys.readouterr().err
     assert err.startswith("error:") and str(path) in err and err.count("\n") == 1
+    return err
 
 
 def test_load_checkpoint_missing_file_exits_2(tmp_path, capsys):
-    assert_exit_2(tmp_path / "absent.pt", capsys)
+    assert "no such file" in assert_exit_2(tmp_path / "absent.pt", capsys)
 
 
 def test_load_checkpoint_truncated_file_exits_2(tmp_path, capsys):
