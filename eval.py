@@ -209,7 +209,7 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[t
     net_cfg = UNetConfig.from_dict(cfg["unet"])
     mode = ckpt["mode"]
     if mode in ("segviz", "single"):
-        which = head_window or cfg.get("head_window", "test")
+        which = head_window or cfg.get("head_window", "site")
         windows = {site: cfg["windows"]["test" if which == "test" else site] for site in ckpt["states"]}
         shared = mode == "segviz" and not cfg["fedbn"]
         return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=shared), mode == "single"
