@@ -216,9 +216,38 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[t
     return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"]), False
 
 
+def table_of_runs(folder: str) -> str:
+    """The Dice table (plus wall time) of every finished run in a folder."""
+    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) \
+        if os.path.isdir(folder) else []
+    rows, seconds = {}, {}
+    for run in runs:
+        path = os.path.join(run, "metrics.json")
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                m = json.load(f)
+            name = f"{m['mode']}{'-fedbn' if m['config'].get('fedbn') else ''}-{m['nodes']}"
+            rows[name], seconds[name] = m["dice"], m["seconds"]
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"{path}: not a metrics file written by train.py ({e})")
+    if not rows:
+        fail(f"--table {folder}: no run folder with a metrics.json")
+    table = format_table(rows).splitlines()
+    table[0] += " seconds |"
+    table[1] += "---------|"
+    for i, name in enumerate(rows):
+        table[i + 2] += f" {seconds[name]:>7.0f} |"
+    return "\n".join(table)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set.")
-    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
+    p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set, "
+                                            "or gather finished runs into one table.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="model.pt written by train.py")
+    what.add_argument("--table", metavar="DIR", help="print one table from every DIR/*/metrics.json")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
@@ -230,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
+    if args.table:
+        print(table_of_runs(args.table))
+        return 0
     device = _device(args.device, p)
     ckpt = load_checkpoint(args.checkpoint)
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))

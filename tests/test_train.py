@@ -141,3 +141,17 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     result = run("eval.py", "--checkpoint", str(bad))
     assert result.returncode == 2
     assert str(bad) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_table_gathers_finished_runs(tmp_path, cache):
+    runs = tmp_path / "runs"
+    assert tiny("central", runs / "central", cache).returncode == 0
+    assert tiny("segviz", runs / "segviz", cache).returncode == 0
+    (runs / "unfinished").mkdir()  # a run without metrics.json is left out
+    result = run("eval.py", "--table", str(runs))
+    assert result.returncode == 0, result.stderr
+    for name in ("central", "segviz"):
+        dice = json.loads((runs / name / "metrics.json").read_text())["dice"]["liver"]
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name}-2 "))
+        assert f"{dice['mean']:.3f} ± {dice['std']:.3f}" in row
+    assert run("eval.py", "--table", str(tmp_path / "none")).returncode == 2
