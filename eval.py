@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table_of_runs(args.table))
         return 0
-    device = _device(args.device, p)
+    device = resolve_device(args.device, p)
     ckpt = load_checkpoint(args.checkpoint)
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if not os.access(out_dir, os.W_OK):
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    """--device: auto (the GPU when there is one), cpu or cuda[:N]; a clear error otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):

@@ -36,8 +36,9 @@ from data import (
     PhantomSpec,
     SamplerConfig,
     phantom_federation,
+    window,
 )
-from eval import CHECKPOINT_FORMAT, evaluate, format_table, summarise, write_json_atomic
+from eval import CHECKPOINT_FORMAT, evaluate, format_table, resolve_device, summarise, write_json_atomic
 from unet3d import UNet3D, UNetConfig
 
 MODES = ("single", "central", "fedavg", "segviz")
@@ -149,16 +150,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str, p: argparse.ArgumentParser) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        p.error(f"--device {name}: must be auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {name}: no CUDA GPU is available on this machine")
-    return torch.device(name)
-
-
 def check_writable(out: str, p: argparse.ArgumentParser) -> None:
     """Fail before any work if OUT cannot be created or written; create nothing yet."""
     path = os.path.abspath(out)
@@ -197,8 +188,6 @@ def head_windows(windows: dict, sites, which: str) -> dict[str, tuple[float, flo
 
 
 def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, seed: int) -> PatchSampler:
-    from data import window
-
     images = [window(c.hu.clone(), hu_window) for c in cases]
     # binary heads learn "their" organ vs rest; multi-class models learn ORGAN_ID classes
     labels = [(c.label > 0).to(torch.uint8) if binary else c.label for c in cases]
