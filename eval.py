@@ -138,8 +138,9 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
         hu = case.hu.to(device)[None, None]
         scores = sliding_window(model, hu, roi, overlap, blend)[0]
         masks = organ_masks(scores, organs, independent)
+        label = case.label.to(device)
         for organ in organs:
-            truth = case.label.to(device) == ORGAN_ID[organ]
+            truth = label == ORGAN_ID[organ]
             pred = keep_largest_components(masks[organ], COMPONENTS[organ]) if largest else masks[organ]
             result[organ].append(dice(pred, truth))
     return result
