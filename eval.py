@@ -125,24 +125,57 @@ def keep_largest_components(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.isin(labels, keep)).to(mask.device)
 
 
+def predict_masks(model: torch.nn.Module, case: Case, organs: Sequence[str], roi: Sequence[int],
+                  independent: bool = False, device="cpu", overlap: float = 0.25, blend: str = "gaussian",
+                  largest: bool = False) -> dict[str, torch.Tensor]:
+    """Each organ's predicted mask on the case's working grid."""
+    hu = case.hu.to(device)[None, None]
+    scores = sliding_window(model, hu, roi, overlap, blend)[0]
+    masks = organ_masks(scores, organs, independent)
+    if largest:
+        masks = {o: keep_largest_components(m, COMPONENTS[o]) for o, m in masks.items()}
+    return masks
+
+
+def label_map(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One ORGAN_ID label map from per-organ masks (an earlier organ wins a disputed voxel)."""
+    first = next(iter(masks.values()))
+    out = torch.zeros(first.shape, dtype=torch.uint8, device=first.device)
+    for organ, mask in masks.items():
+        out[mask & (out == 0)] = ORGAN_ID[organ]
+    return out
+
+
+def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
+    """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
+    case came from a file (else on the working grid, with its spacing)."""
+    from data import save_label_nifti, to_btcv_ids, to_original_grid
+
+    btcv = to_btcv_ids(label_map(masks))
+    if case.geometry is not None:
+        save_label_nifti(to_original_grid(btcv, case.geometry), case.geometry, path)
+    else:
+        geometry = {"affine": np.diag([*case.spacing, 1.0]).tolist()}
+        save_label_nifti(btcv, geometry, path)
+
+
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
              independent: bool = False, device="cpu", overlap: float = 0.25,
-             blend: str = "gaussian", largest: bool = False) -> dict[str, list[float]]:
+             blend: str = "gaussian", largest: bool = False, save_pred: str | None = None) -> dict[str, list[float]]:
     """Dice per organ per test case of a HU-in, (1 + K)-scores-out model.
 
     With `largest`, each organ's mask keeps only its largest connected component(s) first.
+    With `save_pred`, each case's label map is also written there as <case>.nii.gz.
     """
     model = model.to(device).eval()
     result = {o: [] for o in organs}
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
-        hu = case.hu.to(device)[None, None]
-        scores = sliding_window(model, hu, roi, overlap, blend)[0]
-        masks = organ_masks(scores, organs, independent)
+        masks = predict_masks(model, case, organs, roi, independent, device, overlap, blend, largest)
         label = case.label.to(device)
         for organ in organs:
-            truth = label == ORGAN_ID[organ]
-            pred = keep_largest_components(masks[organ], COMPONENTS[organ]) if largest else masks[organ]
-            result[organ].append(dice(pred, truth))
+            result[organ].append(dice(masks[organ], label == ORGAN_ID[organ]))
+        if save_pred:
+            save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
     return result
 
 
@@ -244,11 +277,20 @@ def table_of_runs(folder: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set, "
-                                            "or gather finished runs into one table.")
+    from data import add_source_arguments
+
+    p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set (or "
+                                            "another one), segment one scan, or gather finished runs into one "
+                                            "table.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="model.pt written by train.py")
     what.add_argument("--table", metavar="DIR", help="print one table from every DIR/*/metrics.json")
+    add_source_arguments(p, roles=("test",))
+    p.add_argument("--image", metavar="FILE", help="segment this one scan (NIfTI, HU) into --save-pred OUT.nii.gz")
+    p.add_argument("--save-pred", metavar="PATH",
+                   help="write each test case's label map (BTCV ids: 1 spleen, 2 right kidney, 3 left kidney, "
+                        "6 liver, 11 pancreas) on the original scan's grid into this folder; with --image, "
+                        "the output file")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
@@ -257,33 +299,105 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each organ's largest connected component(s) (default: as the training run)")
     p.add_argument("--out", default=None, help="where to write metrics.json (default: beside the checkpoint)")
+    p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
+                   help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes that preprocess real data")
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.table:
         print(table_of_runs(args.table))
         return 0
+    if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
+        p.error("--image needs --save-pred OUT.nii.gz")
     device = resolve_device(args.device, p)
     ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt["config"]
+    model, independent = model_from_checkpoint(ckpt, args.head_window)
+    organs = ckpt["organs"]
+    largest = cfg.get("largest", False) if args.largest is None else args.largest
+    if args.save_pred:
+        target = os.path.dirname(os.path.abspath(args.save_pred)) if args.image else args.save_pred
+        check_writable(target, p, "--save-pred")
+    if args.image:
+        return segment_one(model, ckpt, args, device, largest, independent)
+
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if not os.access(out_dir, os.W_OK):
         p.error(f"--out {out_dir}: not writable")
-
-    from data import PhantomSpec, phantom_federation
-
-    cfg = ckpt["config"]
-    spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
-    _, test = phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg.get("cache_dir"))
-    model, independent = model_from_checkpoint(ckpt, args.head_window)
-    organs = ckpt["organs"]
+    test = load_test_set(cfg, args)
     t0 = time.time()
-    largest = cfg.get("largest", False) if args.largest is None else args.largest
-    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend, largest)
+    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend, largest,
+                        save_pred=args.save_pred)
     summary = summarise(per_case)
     print(format_table({ckpt["name"]: summary}, organs))
+    if args.save_pred:
+        print(f"{len(test)} label map(s) written to {args.save_pred}")
     metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,
-               "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint)}
+               "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint),
+               "test_cases": [c.name for c in test]}
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    return 0
+
+
+def check_writable(path: str, parser: argparse.ArgumentParser, flag: str) -> None:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path}: not writable")
+
+
+def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
+    """The test set named on the command line, else the one the checkpoint was tested on."""
+    from data import (
+        DataError,
+        PhantomSpec,
+        check_labelled,
+        find_dataset,
+        find_sources,
+        load_source,
+        phantom_federation,
+        source_overrides,
+    )
+
+    data = cfg.get("data", {"source": "phantom"})
+    spacing = tuple(cfg["spacing"])
+    try:
+        if args.data_root or source_overrides(args):
+            source = find_sources(("test",), args.data_root, source_overrides(args))["test"]
+        elif data["source"] == "real":
+            source = find_dataset(data["roots"]["test"], "test")
+        else:
+            spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=spacing)
+            return phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg.get("cache_dir"))[1]
+        cases = load_source(source, spacing, args.cache, args.workers, cfg.get("max_cases"))
+        check_labelled(cases, source)
+        return cases
+    except DataError as e:
+        fail(str(e))
+
+
+def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bool, independent: bool) -> int:
+    """--image FILE --save-pred OUT.nii.gz: one scan in, one label map on its own grid out."""
+    from data import DataError, preprocess_arrays, read_nifti
+
+    try:
+        image, affine = read_nifti(args.image)
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise DataError(f"{args.image}: NaN or inf voxels")
+    except DataError as e:
+        fail(str(e))
+    case = preprocess_arrays(image, affine, None, None, 0, tuple(ckpt["config"]["spacing"]),
+                             os.path.basename(args.image), os.path.abspath(args.image))
+    del image
+    model = model.to(device).eval()
+    masks = predict_masks(model, case, ckpt["organs"], ckpt["config"]["patch"], independent, device,
+                          args.overlap, args.blend, largest)
+    save_prediction(masks, case, args.save_pred)
+    voxel_ml = float(np.prod(case.spacing)) / 1000
+    print(f"{args.save_pred}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
     return 0
 
 

@@ -46,13 +46,17 @@ def new_client(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, ne
 
 
 def local_train(model: nn.Module, optimizer: torch.optim.Optimizer, client: Client, steps: int,
-                progress: Callable[[], None] | None = None) -> float:
+                progress: Callable[[], None] | None = None, lr: float | None = None) -> float:
     """Load the client into the live model, take `steps` optimiser steps, store it back.
 
-    Returns the mean training loss over the steps.
+    `lr`, when given, replaces the learning rate stored with the client's optimiser state
+    (a schedule set by the caller). Returns the mean training loss over the steps.
     """
     model.load_state_dict(client.model_state)
     optimizer.load_state_dict(client.optim_state)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     model.train()
     total = torch.zeros((), device=next(model.parameters()).device)
     for _ in range(steps):
@@ -94,13 +98,14 @@ Aggregate = Callable[[Sequence[State], Sequence[float] | None], State]
 
 def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients: Sequence[Client],
                     local_steps: int, shared_keys: Sequence[str], aggregate: Aggregate = average,
-                    weighted: bool = False, progress: Callable[[], None] | None = None) -> dict[str, float]:
+                    weighted: bool = False, progress: Callable[[], None] | None = None,
+                    lr: float | None = None) -> dict[str, float]:
     """One round: local training at every client, then aggregation of the shared keys only.
 
     The aggregation function receives, per client, a dict holding only `shared_keys`; its
     result is copied into every client's weights. Returns each client's mean local loss.
     """
-    losses = {c.name: local_train(model, optimizer, c, local_steps, progress) for c in clients}
+    losses = {c.name: local_train(model, optimizer, c, local_steps, progress, lr) for c in clients}
     if shared_keys:
         exchanged = [{k: c.model_state[k] for k in shared_keys} for c in clients]
         merged = aggregate(exchanged, [c.weight for c in clients] if weighted else None)

@@ -31,14 +31,19 @@ from data import (
     COMMON_WINDOW,
     NODE_SITES,
     ORGAN_ID,
+    REAL_SPACING,
     WINDOWS,
+    DataError,
     PatchSampler,
     PhantomSpec,
     SamplerConfig,
+    add_source_arguments,
     phantom_federation,
+    real_federation,
+    source_overrides,
     window,
 )
-from eval import CHECKPOINT_FORMAT, evaluate, format_table, resolve_device, summarise, write_json_atomic
+from eval import CHECKPOINT_FORMAT, evaluate, fail, format_table, resolve_device, summarise, write_json_atomic
 from unet3d import UNet3D, UNetConfig
 
 MODES = ("single", "central", "fedavg", "segviz")
@@ -89,6 +94,15 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 LOSSES = {"dice": dice_loss, "dicece": dice_ce_loss}
 
 
+def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
+    """Learning rate of round r (0-based): nnU-Net's polynomial decay, or constant.
+
+    Decaying to zero lets the last rounds settle: the sites' heads and the averaged
+    representation stop drifting apart just before the meta-model is assembled.
+    """
+    return lr * (1 - r / rounds) ** 0.9 if schedule == "poly" else lr
+
+
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
@@ -105,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="federated rounds (default from the preset)")
     p.add_argument("--local-steps", type=int, help="optimiser steps per site per round (default from the preset)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default from the preset)")
+    p.add_argument("--schedule", default="poly", choices=("poly", "constant"),
+                   help="learning rate over rounds: poly decays it to 0 as nnU-Net does (default); "
+                        "constant, as the original")
     p.add_argument("--loss", default="dicece", choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original")
     p.add_argument("--window", default="site", choices=("site", "common"),
@@ -118,7 +135,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>-<nodes>)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
-                   help="folder for generated phantom data (default ~/.cache/segviz or $SEGVIZ_CACHE)")
+                   help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
+    add_source_arguments(p)
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="working voxel spacing in mm (default 1.5 1.5 2.0 for real data, the preset's for "
+                        "the phantom)")
+    p.add_argument("--val-split", default="original",
+                   help="real data: 'original' holds out the last N cases per site as the original code "
+                        "(liver 25, spleen 9, pancreas 56, kidneys 42); a fraction F holds out F of them, "
+                        "seeded (default original)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes that preprocess real data (default min(4, CPUs))")
     p.add_argument("--max-cases", type=int, default=None,
                    help="use at most this many cases per site and for the test set (quick runs, CI)")
     p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=True,
@@ -142,6 +169,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--task-stages must be in 0..{len(preset.channels) - 1} for the {args.preset} preset")
     if not 0 <= args.eval_overlap < 1:
         p.error("--eval-overlap must be in [0, 1)")
+    if args.spacing is not None and min(args.spacing) <= 0:
+        p.error("--spacing must be positive")
+    if args.val_split != "original":
+        try:
+            ok = 0 <= float(args.val_split) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--val-split {args.val_split}: must be 'original' or a fraction in [0, 1)")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    args.overrides = source_overrides(args)
+    args.real = bool(args.data_root or args.overrides)
     args.device = resolve_device(args.device, p)
     name = f"{args.mode}{'-fedbn' if args.fedbn else ''}-{args.nodes}"
     args.name = name
@@ -222,10 +262,21 @@ def train(args: argparse.Namespace) -> dict:
     sites = NODE_SITES[args.nodes]
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
     device = args.device
-    spec = PhantomSpec(spacing=preset.spacing)
+    spacing = tuple(args.spacing) if args.spacing else REAL_SPACING if args.real else preset.spacing
+    spec = PhantomSpec(spacing=spacing)
     if args.max_cases:
-        spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=preset.spacing)
-    train_cases, test_cases = phantom_federation(sites, seed=args.seed, spec=spec, cache_dir=args.cache)
+        spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=spacing)
+    if args.real:
+        try:
+            train_cases, test_cases, data_info = real_federation(
+                sites, args.data_root, args.overrides, spacing, args.cache, args.workers, args.val_split,
+                args.seed, args.max_cases)
+        except DataError as e:
+            fail(str(e))
+        data_info = {"source": "real", **data_info, "val_split": args.val_split}
+    else:
+        train_cases, test_cases = phantom_federation(sites, seed=args.seed, spec=spec, cache_dir=args.cache)
+        data_info = {"source": "phantom"}
     t_data = time.time()
     windows = site_windows(sites, args.window)
 
@@ -260,7 +311,8 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(total=total, desc="train", unit="step", disable=None, dynamic_ncols=True)
     for r in range(args.rounds):
         losses = fl.federated_round(model, optimizer, clients, local_steps, keys, fl.average,
-                                    weighted=args.weighted, progress=bar.update)
+                                    weighted=args.weighted, progress=bar.update,
+                                    lr=round_lr(args.lr, r, args.rounds, args.schedule))
         bar.write(f"round {r + 1:>3}/{args.rounds}  loss " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items()))
     bar.close()
     t_trained = time.time()
@@ -281,10 +333,11 @@ def train(args: argparse.Namespace) -> dict:
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
-        "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "loss": args.loss,
+        "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "schedule": args.schedule,
+        "loss": args.loss,
         "window": args.window, "head_window": args.head_window, "weighted": args.weighted,
         "unet": unet_cfg.to_dict(), "patch": list(preset.patch),
-        "batch": sampler_cfg.batch, "spacing": list(preset.spacing),
+        "batch": sampler_cfg.batch, "spacing": list(spacing), "data": data_info, "max_cases": args.max_cases,
         "windows": {k: list(v) for k, v in windows.items()}, "phantom_cases": dict(spec.cases),
         "cache_dir": args.cache, "shared_keys": len(keys),
         "eval_overlap": args.eval_overlap, "largest": args.largest,

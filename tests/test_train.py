@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,67 @@ def test_table_gathers_finished_runs(tmp_path, cache):
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name}-2 "))
         assert f"{dice['mean']:.3f} ± {dice['std']:.3f}" in row
     assert run("eval.py", "--table", str(tmp_path / "none")).returncode == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Real data: the public layouts built from the real CT, end to end at a tiny size
+# ---------------------------------------------------------------------------------------
+
+
+def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
+    import nibabel as nib
+
+    import layouts
+
+    root = layouts.data_root(tmp_path / "data")
+    out, cache, pred = tmp_path / "run", tmp_path / "cache", tmp_path / "pred"
+    result = run("train.py", "--nodes", "4", "--mode", "segviz", "--data-root", str(root), "--rounds", "1",
+                 "--local-steps", "1", "--val-split", "0", "--spacing", "6", "6", "6", "--workers", "1",
+                 "--cache", str(cache), "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["data"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
+                                                    "kidneys": "kits19", "test": "btcv"}
+    assert len(metrics["dice"]["kidneys"]["cases"]) == 1
+
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--data-root", str(root), "--save-pred",
+                str(pred), "--cache", str(cache), "--workers", "1", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    ev = json.loads((tmp_path / "metrics.json").read_text())
+    for organ in metrics["organs"]:
+        assert ev["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
+    image = nib.load(root / "Abdomen/RawData/Training/img/img0001.nii.gz")
+    saved = nib.load(pred / "img0001.nii.gz")
+    assert saved.shape == image.shape
+    assert (saved.affine == image.affine).all()
+    assert set(np.unique(np.asanyarray(saved.dataobj))) <= {0, 1, 2, 3, 6, 11}
+
+    # one scan in, one label map out, on that scan's own grid (here the KiTS19 I,P,L copy)
+    scan = root / "kits19/data/case_00000/imaging.nii.gz"
+    one = run("eval.py", "--checkpoint", str(out / "model.pt"), "--image", str(scan), "--save-pred",
+              str(tmp_path / "one.nii.gz"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    seg = nib.load(tmp_path / "one.nii.gz")
+    assert seg.shape == nib.load(scan).shape and (seg.affine == nib.load(scan).affine).all()
+
+
+def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
+    import layouts
+
+    root = layouts.data_root(tmp_path / "data")
+    scan = root / "Task09_Spleen/imagesTr/spleen_0.nii.gz"
+    scan.write_bytes(scan.read_bytes()[:2000])  # truncated
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = run("train.py", "--nodes", "2", "--data-root", str(root), "--val-split", "0", "--workers", "2",
+                 "--spacing", "6", "6", "6", "--cache", str(cache), "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(scan) in lines[0] and "cannot be read as NIfTI" in lines[0]
+    assert not out.exists()
+    assert not [f for f in os.listdir(cache) if not f.endswith(".pt")], "no temporary file left in the cache"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("train.py", "--data-root", str(empty), "--out", str(out))
+    assert result.returncode == 2 and "none of the expected datasets found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
