@@ -150,3 +150,44 @@ def test_meta_model_refuses_sites_that_never_synchronised():
     states = {c.name: c.model_state for c in clients}
     with pytest.raises(ValueError, match="disagree"):
         segviz.MetaModel(CFG, states, dict.fromkeys(SITES, (0.0, 1.0)), shared_rep=True)
+
+
+# ---------------------------------------------------------------------------------------
+# What leaves a site: every tensor a client hands to the aggregation, recorded
+# ---------------------------------------------------------------------------------------
+
+
+def exchanged(mode, fedbn=False, cfg=UNetConfig(channels=(4, 8, 16), out_channels=2, norm="batch")):
+    """Run two rounds and record every tensor handed from a client to the aggregation."""
+    model, opt, clients = federation(cfg)
+    keys = segviz.shared_keys(clients[0].model_state, mode, fedbn)
+    record = []
+
+    def instrumented(states, weights):
+        record.extend(states)
+        return fl.average(states, weights)
+
+    for _ in range(2):
+        fl.federated_round(model, opt, clients, 1, keys, instrumented, guard=fl.Guard())
+    return record, clients[0].model_state
+
+
+@pytest.mark.parametrize("fedbn", [False, True])
+def test_segviz_sends_only_representation_weights(fedbn):
+    record, state = exchanged("segviz", fedbn)
+    assert len(record) == 2 * len(SITES)
+    for sent in record:
+        assert sent and all(k.startswith("rep.") for k in sent), "no task-block key may leave a site"
+        if fedbn:
+            assert not any(segviz.is_norm_key(k) for k in sent), "FedBN keeps norm weights and statistics home"
+        for k, v in sent.items():
+            # weights only: the shape of that weight, never an image, label or patch
+            assert v.shape == state[k].shape and v.dtype == state[k].dtype
+    rep_keys = {k for k in state if k.startswith("rep.")}
+    expected = {k for k in rep_keys if not segviz.is_norm_key(k)} if fedbn else rep_keys
+    assert set(record[0]) == expected
+
+
+def test_fedavg_sends_everything():
+    record, state = exchanged("fedavg")
+    assert all(set(sent) == set(state) for sent in record)

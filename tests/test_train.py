@@ -220,3 +220,94 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
     result = run("train.py", "--data-root", str(empty), "--out", str(out))
     assert result.returncode == 2 and "none of the expected datasets found" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Resume, dropout, refused updates, through the command line
+# ---------------------------------------------------------------------------------------
+
+RESUMABLE = ("--nodes", "2", "--mode", "segviz", "--rounds", "12", "--local-steps", "1", "--max-cases", "1",
+             "--dropout", "0.5", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run("train.py", *RESUMABLE, "--cache", str(cache), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def wait_for_round(state_path, proc, n, timeout=300):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be interrupted")
+        if state_path.exists():
+            try:
+                if torch.load(state_path, weights_only=True)["round"] >= n:
+                    return
+            except Exception:
+                pass
+        time.sleep(0.02)
+    pytest.fail("the run did not reach the round in time")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupted, tmp_path, cache):
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--cache", str(cache), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_round(out / "state.pt", proc, 2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and "--resume" in err
+    assert not (out / "model.pt").exists()
+    stopped_at = torch.load(out / "state.pt", weights_only=True)["round"]
+    assert 2 <= stopped_at < 12
+
+    resumed = run("train.py", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"after round {stopped_at}/12" in resumed.stdout
+    a = torch.load(uninterrupted / "model.pt", weights_only=True)["states"]
+    b = torch.load(out / "model.pt", weights_only=True)["states"]
+    for site in a:
+        for k in a[site]:
+            assert torch.equal(a[site][k], b[site][k]), (site, k)
+    ma = json.loads((uninterrupted / "metrics.json").read_text())
+    mb = json.loads((out / "metrics.json").read_text())
+    assert ma["losses"] == mb["losses"] and ma["events"] == mb["events"]
+
+
+def test_dropout_runs_to_the_end_and_logs_every_absence(uninterrupted):
+    metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    absences = [e for e in metrics["events"] if "absent" in e]
+    assert absences, "at P = 0.5 over 12 rounds of 2 clients some client is absent"
+    for site in ("liver", "spleen"):
+        missed = sum(site in e for e in absences)
+        assert len(metrics["losses"][site]) == 12 - missed, "an absent client has no loss that round"
+
+
+def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path):
+    for flag, value, message in [("--mode", "fedavg", "--mode segviz, not fedavg"),
+                                 ("--nodes", "3", "--nodes 2, not 3"),
+                                 ("--preset", "paper", "--preset phantom, not paper"),
+                                 ("--task-stages", "2", "--task-stages 1, not 2")]:
+        result = run("train.py", "--resume", str(uninterrupted), flag, value)
+        assert result.returncode == 2 and message in result.stderr, (flag, result.stderr)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    state = (uninterrupted / "state.pt").read_bytes()
+    (broken / "state.pt").write_bytes(state[: len(state) // 3])
+    result = run("train.py", "--resume", str(broken))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
+    result = run("train.py", "--resume", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "nothing to resume" in result.stderr

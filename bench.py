@@ -1,0 +1,266 @@
+"""Benchmarks: speed and memory, measured rather than asserted in unit tests.
+
+    python bench.py preprocess            # real-data preprocessing: time, cache size, peak memory
+    python bench.py exchange              # what leaves a site per round, per mode and preset
+    python bench.py clients               # peak memory of simulating N clients in one process
+
+`preprocess` measures (1) the one real CT in ../shared (or --ct FILE) through the whole
+real-data path (read, RAS, 1.5 x 1.5 x 2 mm, body crop, cache write): seconds per volume and
+bytes in the cache; and (2) the peak resident memory of preprocessing one synthetic
+512 x 512 x 600 CT (the size of a large MSD Liver scan), written to a temporary folder and run
+in a fresh process so that its peak is its own. Results are printed and written to bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REAL_CT = os.path.join(HERE, "..", "shared", "data", "real_ct", "ct.nii.gz")
+
+
+def synthetic_ct(path: str, shape=(512, 512, 600), spacing=(0.8, 0.8, 1.0)) -> None:
+    """An int16 CT of the given size: air, an elliptic body, a brighter 'organ', and its label."""
+    import nibabel as nib
+
+    x, y = np.ogrid[: shape[0], : shape[1]]
+    cx, cy = shape[0] / 2, shape[1] / 2
+    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.35 * shape[1])) ** 2 < 1
+    organ = ((x - cx * 0.7) / (0.1 * shape[0])) ** 2 + ((y - cy) / (0.1 * shape[1])) ** 2 < 1
+    img = np.full(shape, -1000, np.int16)
+    lab = np.zeros(shape, np.uint8)
+    rng = np.random.default_rng(0)
+    for z in range(shape[2]):
+        img[:, :, z][body] = 40
+        img[:, :, z][organ] = 110
+        lab[:, :, z][organ] = 1
+    img += rng.integers(-15, 16, size=shape, dtype=np.int16)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # L,P,S storage, as many scanners
+    for name, arr in (("image", img), ("label", lab)):
+        nib.save(nib.Nifti1Image(arr, affine), os.path.join(path, f"{name}.nii.gz"))
+
+
+def _child(image: str, label: str, cache: str) -> None:
+    """Run in a fresh process: preprocess one pair into the cache and report time and peak RSS."""
+    import data
+
+    source = data.Source("liver", "msd", os.path.dirname(image), [data.Pair("big", image, label)], (0, 1))
+    t = time.time()
+    data.load_source(source, data.REAL_SPACING, cache)
+    seconds = time.time() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
+
+
+def bench_preprocess(args) -> dict:
+    import torch
+
+    import data
+
+    torch.set_num_threads(args.threads)
+    out = {"machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}", "threads": args.threads}
+    labels = os.path.join(os.path.dirname(args.ct), "labels_totalsegmentator.nii.gz")
+    pair = data.Pair("ct", args.ct, labels if os.path.isfile(labels) else None)
+    source = data.Source("test", "folders", os.path.dirname(args.ct), [pair], None)
+    shape = data.read_nifti(args.ct)[0].shape
+    cold, warm, size = [], [], 0
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            t = time.time()
+            case = data.load_source(source, data.REAL_SPACING, cache)[0]
+            cold.append(time.time() - t)
+            t = time.time()
+            data.load_source(source, data.REAL_SPACING, cache)
+            warm.append(time.time() - t)
+            size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
+    out["real_ct"] = {"file": os.path.abspath(args.ct), "shape": list(shape),
+                      "working_shape": list(case.hu.shape), "spacing_mm": list(data.REAL_SPACING),
+                      "seconds_first_load": float(np.median(cold)), "seconds_cached_load": float(np.median(warm)),
+                      "cache_bytes": size}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.time()
+        synthetic_ct(tmp, tuple(args.shape))
+        written = time.time() - t
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", os.path.join(tmp, "image.nii.gz"),
+                            os.path.join(tmp, "label.nii.gz"), os.path.join(tmp, "cache")],
+                           capture_output=True, text=True, check=True)
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+    n = int(np.prod(args.shape))
+    out["large_ct"] = {"shape": list(args.shape), "voxels": n, "int16_bytes": 2 * n,
+                       "seconds_to_synthesise": round(written, 1), "seconds": round(child["seconds"], 1),
+                       "peak_rss_bytes": child["peak_rss_bytes"]}
+    return out
+
+
+def report(r: dict) -> str:
+    ct, big = r["real_ct"], r["large_ct"]
+    return "\n".join([
+        f"machine: {r['machine']}, {r['threads']} torch thread(s)",
+        f"real CT {'x'.join(map(str, ct['shape']))} -> {'x'.join(map(str, ct['working_shape']))} at "
+        f"{ct['spacing_mm']} mm: {ct['seconds_first_load']:.2f} s first load (read, preprocess, cache), "
+        f"{ct['seconds_cached_load']:.3f} s from the cache, {ct['cache_bytes'] / 1e6:.2f} MB in the cache",
+        f"synthetic CT {'x'.join(map(str, big['shape']))} ({big['int16_bytes'] / 1e6:.0f} MB as int16): "
+        f"{big['seconds']:.1f} s, peak resident memory {big['peak_rss_bytes'] / 1e9:.2f} GB",
+    ])
+
+
+def bench_exchange(args) -> dict:
+    """Keys and bytes each site sends (and receives) per round, per preset and mode."""
+    import segviz
+    import train
+    from unet3d import UNet3D, UNetConfig
+
+    out = {}
+    for preset_name, preset in train.PRESETS.items():
+        rows = {}
+        for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
+                            ("segviz", True)):
+            binary = mode in ("single", "segviz")
+            cfg = UNetConfig(out_channels=2 if binary else 5, channels=preset.channels)
+            state = UNet3D(cfg).state_dict()
+            keys = segviz.shared_keys(state, mode, fedbn) if mode != "central" else []
+            sent = sum(state[k].numel() * state[k].element_size() for k in keys)
+            rows[mode + ("+fedbn" if fedbn else "")] = {
+                "keys_sent": len(keys), "keys_total": len(state), "bytes_up_per_site": sent,
+                "bytes_down_per_site": sent, "model_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+                "note": "the images and labels themselves (pooled training)" if mode == "central"
+                else "nothing" if mode == "single" else ""}
+        out[preset_name] = rows
+    return out
+
+
+def _clients_child(n: int, rounds: int, steps: int) -> None:
+    """Run in a fresh process: N clients, one live model, a few rounds; report peak RSS."""
+    import torch
+
+    import fl
+    import segviz
+    import train
+    from data import NODE_SITES, PhantomSpec, SamplerConfig, phantom_federation
+    from unet3d import UNet3D, UNetConfig
+
+    torch.set_num_threads(2)
+    preset = train.PRESETS["phantom"]
+    sites = NODE_SITES[4]
+    cases, _ = phantom_federation(sites, seed=0, spec=PhantomSpec(spacing=preset.spacing),
+                                  cache_dir=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")))
+    cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
+                        patches_per_volume=preset.patches_per_volume)
+    # the data stay fixed (one sampler per site, shared by that site's clients): only clients grow
+    samplers = {s: train.make_sampler(cases[s], train.WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)}
+    model = UNet3D(UNetConfig(channels=preset.channels)).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    clients = [fl.new_client(f"c{i}", model, optimizer, train.channels_last(samplers[sites[i % 4]].sample),
+                             train.dice_ce_loss) for i in range(n)]
+    keys = segviz.shared_keys(clients[0].model_state, "segviz")
+    t = time.time()
+    for _ in range(rounds):
+        fl.federated_round(model, optimizer, clients, steps, keys, guard=fl.Guard())
+    seconds = time.time() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"clients": n, "peak_rss_bytes": peak, "rss_before_clients": before,
+                      "state_bytes_per_client": fl.state_bytes(model), "seconds_per_round": seconds / rounds}))
+
+
+def bench_clients(args) -> dict:
+    rows = []
+    for n in args.n:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "_clients", str(n), str(args.rounds),
+                            str(args.local_steps)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {"preset": "phantom", "device": "cpu", "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("preprocess", help="real-data preprocessing: time per volume, cache size, peak memory")
+    q.add_argument("--ct", default=REAL_CT, help="a CT (NIfTI) to time (default: the real CT in ../shared)")
+    q.add_argument("--shape", type=int, nargs=3, default=(512, 512, 600), help="size of the synthetic CT")
+    q.add_argument("--repeats", type=int, default=3, help="timed repeats of the real CT (median reported)")
+    q.add_argument("--threads", type=int, default=2, help="torch threads")
+    q.add_argument("--out", default="bench.json", help="where to write the results")
+    e = sub.add_parser("exchange", help="keys and bytes that leave each site per round, per mode and preset")
+    e.add_argument("--out", default="bench.json")
+    m = sub.add_parser("clients", help="peak memory of N simulated clients (phantom preset, CPU)")
+    m.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
+    m.add_argument("--rounds", type=int, default=2)
+    m.add_argument("--local-steps", type=int, default=2)
+    m.add_argument("--out", default="bench.json")
+    k = sub.add_parser("_clients")
+    k.add_argument("n", type=int)
+    k.add_argument("rounds", type=int)
+    k.add_argument("steps", type=int)
+    c = sub.add_parser("_child")
+    c.add_argument("image")
+    c.add_argument("label")
+    c.add_argument("cache")
+    args = p.parse_args(argv)
+    if args.what == "_child":
+        _child(args.image, args.label, args.cache)
+        return 0
+    if args.what == "_clients":
+        _clients_child(args.n, args.rounds, args.steps)
+        return 0
+    if args.what == "preprocess":
+        result = bench_preprocess(args)
+        print(report(result))
+    elif args.what == "exchange":
+        result = bench_exchange(args)
+        print(exchange_table(result))
+    else:
+        result = bench_clients(args)
+        print(clients_table(result))
+    merge_json(args.out, args.what, result)
+    return 0
+
+
+def exchange_table(r: dict) -> str:
+    lines = ["| preset | mode | keys sent | MB up per site per round | MB down | what else leaves |",
+             "|---|---|---|---|---|---|"]
+    for preset, rows in r.items():
+        for mode, x in rows.items():
+            lines.append(f"| {preset} | {mode} | {x['keys_sent']}/{x['keys_total']} | "
+                         f"{x['bytes_up_per_site'] / 1e6:.3f} | {x['bytes_down_per_site'] / 1e6:.3f} | "
+                         f"{x['note'] or '-'} |")
+    return "\n".join(lines)
+
+
+def clients_table(r: dict) -> str:
+    lines = ["| clients | peak RSS (MB) | growth over 2 clients (MB) | one client's state (MB) | s per round |",
+             "|---|---|---|---|---|"]
+    base = r["rows"][0]["peak_rss_bytes"]
+    for x in r["rows"]:
+        lines.append(f"| {x['clients']} | {x['peak_rss_bytes'] / 1e6:.0f} | {(x['peak_rss_bytes'] - base) / 1e6:.0f} | "
+                     f"{x['state_bytes_per_client'] / 1e6:.2f} | {x['seconds_per_round']:.2f} |")
+    return "\n".join(lines)
+
+
+def merge_json(path: str, key: str, value) -> None:
+    """Keep every benchmark's latest result in one bench.json."""
+    data = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except ValueError:
+            data = {}
+    data[key] = value
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
