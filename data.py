@@ -498,15 +498,17 @@ def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
     return out
 
 
-def phantom_cases(site: str, n: int, seed: int, spacing) -> list[Case]:
-    """n preprocessed phantom cases of one site (the test set when site == 'test')."""
+def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = False) -> list[Case]:
+    """n preprocessed phantom cases of one site (the test set when site == 'test').
+
+    `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound)."""
     cases = []
     for i in range(n):
         case_seed = int.from_bytes(hashlib.sha256(f"{seed}/{site}/{i}".encode()).digest()[:4], "little")
         hu, raw, acq_spacing = phantom_case(case_seed, site)
         hu, raw = resample(hu, raw, acq_spacing, spacing)
         hu, raw = crop_to_body(hu, raw)
-        if site == "test":
+        if site == "test" or full_labels:
             raw = raw.clone()
             raw[raw == 5] = ORGAN_ID["liver"]
             label = raw
@@ -517,13 +519,18 @@ def phantom_cases(site: str, n: int, seed: int, spacing) -> list[Case]:
 
 
 def phantom_federation(sites: tuple[str, ...], seed: int = 0, spec: PhantomSpec | None = None,
-                       cache_dir: str | None = None) -> tuple[dict[str, list[Case]], list[Case]]:
-    """The training cases of each site and the fully labelled test set, cached on disk."""
+                       cache_dir: str | None = None, full_labels: bool = False
+                       ) -> tuple[dict[str, list[Case]], list[Case]]:
+    """The training cases of each site and the fully labelled test set, cached on disk.
+
+    With `full_labels` the training cases carry every organ's label (the oracle)."""
     spec = spec or PhantomSpec()
     out = {}
     for site in (*sites, "test"):
-        out[site] = _cached(lambda s=site: phantom_cases(s, spec.cases[s], seed, spec.spacing),
-                            cache_dir, f"phantom-v2-{site}-{spec.cases[site]}-{seed}-{spec.spacing}")
+        full = full_labels and site != "test"
+        out[site] = _cached(lambda s=site, f=full: phantom_cases(s, spec.cases[s], seed, spec.spacing, f),
+                            cache_dir, f"phantom-v2-{site}-{spec.cases[site]}-{seed}-{spec.spacing}"
+                            + ("-full" if full else ""))
     test = out.pop("test")
     return out, test
 

@@ -250,29 +250,93 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[t
     return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"]), False
 
 
-def table_of_runs(folder: str) -> str:
-    """The Dice table (plus wall time) of every finished run in a folder."""
-    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) \
-        if os.path.isdir(folder) else []
-    rows, seconds = {}, {}
-    for run in runs:
-        path = os.path.join(run, "metrics.json")
-        if not os.path.exists(path):
+def run_label(m: dict) -> str:
+    """A run's name from its metrics: mode, -fedbn, -marginal, -nodes."""
+    cfg = m.get("config", {})
+    return (f"{m['mode']}{'-fedbn' if cfg.get('fedbn') else ''}"
+            f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
+
+
+def read_runs(folder: str) -> dict[str, dict]:
+    """The metrics.json of every finished run under `folder`, by run name."""
+    runs = {}
+    if not os.path.isdir(folder):
+        fail(f"{folder}: no such folder")
+    for d in sorted(os.listdir(folder)):
+        path = os.path.join(folder, d, "metrics.json")
+        if not os.path.isfile(path):
             continue
         try:
             with open(path) as f:
                 m = json.load(f)
-            name = f"{m['mode']}{'-fedbn' if m['config'].get('fedbn') else ''}-{m['nodes']}"
-            rows[name], seconds[name] = m["dice"], m["seconds"]
+            runs[run_label(m)] = m
         except (OSError, ValueError, KeyError) as e:
             fail(f"{path}: not a metrics file written by train.py ({e})")
-    if not rows:
-        fail(f"--table {folder}: no run folder with a metrics.json")
-    table = format_table(rows).splitlines()
+    if not runs:
+        fail(f"{folder}: no run folder with a metrics.json")
+    return runs
+
+
+def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
+    """Two-sided Wilcoxon signed-rank test of paired per-case Dice; p and the poster's mark
+    (** p < 0.01, * p < 0.05, ns otherwise). Identical samples give p = 1."""
+    from scipy.stats import wilcoxon
+
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    if len(diff) < 2 or np.allclose(diff, 0):
+        return 1.0, "ns"
+    p = float(wilcoxon(a, b).pvalue)
+    return p, "**" if p < 0.01 else "*" if p < 0.05 else "ns"
+
+
+def compare_runs(folder: str) -> str:
+    """results.md and results.json under `folder`: mean ± std per organ and setup, and each
+    setup against SegViz with the same number of nodes (Wilcoxon over the test cases)."""
+    runs = read_runs(folder)
+    result, lines = {}, []
+    for nodes in sorted({m["nodes"] for m in runs.values()}):
+        group = {name: m for name, m in runs.items() if m["nodes"] == nodes}
+        organs = max((m["organs"] for m in group.values()), key=len)
+        ref = group.get(f"segviz-{nodes}")
+        lines += [f"### {nodes} node(s)", "", "| setup | " + " | ".join(organs) + " |",
+                  "|---|" + "---|" * len(organs)]
+        for name, m in group.items():
+            result[name] = {}
+            cells = []
+            for organ in organs:
+                d = m["dice"].get(organ)
+                if d is None:
+                    cells.append("—")
+                    continue
+                entry = {"mean": d["mean"], "std": d["std"], "cases": d["cases"]}
+                mark = ""
+                paired = (ref is not None and name != f"segviz-{nodes}" and organ in ref["dice"]
+                          and len(ref["dice"][organ]["cases"]) == len(d["cases"]))
+                if paired:
+                    p, mark = significance(d["cases"], ref["dice"][organ]["cases"])
+                    entry.update(p_vs_segviz=p, mark=mark)
+                result[name][organ] = entry
+                cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" {mark}" if mark else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Marks: each setup against SegViz with the same nodes, two-sided Wilcoxon signed-rank test "
+                 "over the test cases' Dice (** p < 0.01, * p < 0.05, ns not significant).")
+    text = "\n".join(lines)
+    with open(os.path.join(folder, "results.md.tmp"), "w") as f:
+        f.write(text + "\n")
+    os.replace(os.path.join(folder, "results.md.tmp"), os.path.join(folder, "results.md"))
+    write_json_atomic(os.path.join(folder, "results.json"), result)
+    return text
+
+
+def table_of_runs(folder: str) -> str:
+    """The Dice table (plus wall time) of every finished run in a folder."""
+    runs = read_runs(folder)
+    table = format_table({name: m["dice"] for name, m in runs.items()}).splitlines()
     table[0] += " seconds |"
     table[1] += "---------|"
-    for i, name in enumerate(rows):
-        table[i + 2] += f" {seconds[name]:>7.0f} |"
+    for i, m in enumerate(runs.values()):
+        table[i + 2] += f" {m['seconds']:>7.0f} |"
     return "\n".join(table)
 
 
@@ -285,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="model.pt written by train.py")
     what.add_argument("--table", metavar="DIR", help="print one table from every DIR/*/metrics.json")
+    what.add_argument("--compare", metavar="DIR",
+                      help="write DIR/results.md and results.json: every run's Dice with Wilcoxon tests "
+                           "against SegViz")
     add_source_arguments(p, roles=("test",))
     p.add_argument("--image", metavar="FILE", help="segment this one scan (NIfTI, HU) into --save-pred OUT.nii.gz")
     p.add_argument("--save-pred", metavar="PATH",
@@ -308,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--overlap must be in [0, 1)")
     if args.table:
         print(table_of_runs(args.table))
+        return 0
+    if args.compare:
+        print(compare_runs(args.compare))
         return 0
     if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
         p.error("--image needs --save-pred OUT.nii.gz")

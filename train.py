@@ -7,6 +7,10 @@ Modes (the paper's figure 2):
     central  B  one (1 + K)-class model on the pooled data; unlabelled organs count as background
     fedavg   C  the central model trained at each site; every key averaged each round
     segviz   D  shared representation averaged, task heads kept local; --fedbn keeps norms local too
+    oracle      phantom only: the central model with every organ labelled at every site (upper bound)
+    all         every setup above (and central/fedavg with --loss marginal) for each --nodes value
+
+    python train.py --nodes 2 3 4 --mode all --out runs/paper   # re-run it to finish what is missing
 
 Every mode gets the same budget: nodes x rounds x local steps optimiser steps of one batch.
 The state is saved every round; `python train.py --resume OUT` continues a killed run.
@@ -15,12 +19,14 @@ The state is saved every round; `python train.py --resume OUT` continues a kille
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +55,8 @@ from data import (
 from eval import CHECKPOINT_FORMAT, evaluate, fail, format_table, resolve_device, summarise, write_json_atomic
 from unet3d import UNet3D, UNetConfig
 
-MODES = ("single", "central", "fedavg", "segviz")
+MODES = ("single", "central", "fedavg", "segviz", "oracle")
+POOLED = ("central", "oracle")  # one model trained on every site's data
 
 
 @dataclass(frozen=True)
@@ -82,19 +89,36 @@ PRESETS = {
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Soft Dice on the softmax output, per sample and class (background included), averaged."""
-    probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = tuple(range(2, logits.dim()))
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+    return _soft_dice(torch.softmax(logits, dim=1), target, eps)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice_loss(logits, target) + F.cross_entropy(logits, target)
 
 
-LOSSES = {"dice": dice_loss, "dicece": dice_ce_loss}
+def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
+    """Dice + cross-entropy over background and the `labelled` classes only, with the
+    probabilities of every class the site did not label merged into background (Shi et al.
+    2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
+    of the organs this site labelled"."""
+    others = [c for c in range(1, logits.shape[1]) if c not in labelled]
+    logp = torch.log_softmax(logits, dim=1)
+    merged = torch.cat([torch.logsumexp(logp[:, [0, *others]], dim=1, keepdim=True), logp[:, list(labelled)]], 1)
+    index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
+    index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
+    t = index[target]
+    return _soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
+
+
+def _soft_dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = tuple(range(2, probs.dim()))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+
+
+LOSSES = {"dice": dice_loss, "dicece": dice_ce_loss, "marginal": marginal_loss}
 
 
 def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
@@ -113,9 +137,10 @@ def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=4, choices=(1, 2, 3, 4),
-                   help="number of sites: 1 liver, 2 + spleen, 3 + pancreas, 4 + kidneys (default 4)")
-    p.add_argument("--mode", default="segviz", choices=MODES, help="training setup (default segviz)")
+    p.add_argument("--nodes", type=int, nargs="+", default=None, choices=(1, 2, 3, 4),
+                   help="number of sites: 1 liver, 2 + spleen, 3 + pancreas, 4 + kidneys (default 4; several "
+                        "values with --mode all, default 2 3 4)")
+    p.add_argument("--mode", default="segviz", choices=(*MODES, "all"), help="training setup (default segviz)")
     p.add_argument("--fedbn", action="store_true", help="segviz only: keep normalisation layers local (FedBN)")
     p.add_argument("--preset", default="phantom", choices=tuple(PRESETS),
                    help="phantom: small model for a CPU (default); paper: the original's model and patch size")
@@ -126,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate over rounds: constant, as the original (default); poly decays it to 0 "
                         "as nnU-Net does")
     p.add_argument("--loss", default="dicece", choices=tuple(LOSSES),
-                   help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original")
+                   help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original; "
+                        "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
     p.add_argument("--window", default="site", choices=("site", "common"),
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="site", choices=("site", "test"),
@@ -171,6 +197,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="at test time keep each organ's largest connected component(s) (default on)")
     p.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap at test time")
     args = p.parse_args(argv)
+    if args.mode == "all":
+        args.nodes = sorted(set(args.nodes or [2, 3, 4]))
+        if args.resume:
+            p.error("--mode all resumes by itself: run the same command again")
+        args.out = args.out or os.path.join("runs", "all")
+        check_writable(args.out, p)
+        return args
+    if args.nodes is not None and len(args.nodes) != 1:
+        p.error("several --nodes values need --mode all")
+    args.nodes = 4 if args.nodes is None else args.nodes[0]
     if args.resume:
         adopt_saved_settings(args, p, explicit_flags(sys.argv[1:] if argv is None else argv))
 
@@ -186,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-cases must be at least 1")
     if args.fedbn and args.mode != "segviz":
         p.error("--fedbn applies to --mode segviz only")
+    if args.loss == "marginal" and args.mode not in ("central", "fedavg"):
+        p.error("--loss marginal applies to --mode central and fedavg (multi-class models on partial labels)")
     if not 0 <= args.task_stages < len(preset.channels):
         p.error(f"--task-stages must be in 0..{len(preset.channels) - 1} for the {args.preset} preset")
     if not 0 <= args.eval_overlap < 1:
@@ -203,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--workers must be at least 1")
     if not 0 <= args.dropout < 1:
         p.error("--dropout must be in [0, 1)")
-    if args.dropout and args.mode == "central":
+    if args.dropout and args.mode in POOLED:
         p.error("--dropout applies to federated modes (central has one pooled client)")
     if args.max_update_norm is not None and args.max_update_norm <= 0:
         p.error("--max-update-norm must be positive")
@@ -215,12 +253,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--dp-noise needs --dp-clip and must be >= 0")
     args.overrides = source_overrides(args)
     args.real = bool(args.data_root or args.overrides)
+    if args.real and args.mode == "oracle":
+        p.error("--mode oracle needs every organ labelled at every site: the phantom only")
     args.device = resolve_device(args.device, p)
-    name = f"{args.mode}{'-fedbn' if args.fedbn else ''}-{args.nodes}"
+    name = run_name(args.mode, args.nodes, args.fedbn, args.loss == "marginal")
     args.name = name
     args.out = args.resume or args.out or os.path.join("runs", name)
     check_writable(args.out, p)
     return args
+
+
+def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False) -> str:
+    return f"{mode}{'-fedbn' if fedbn else ''}{'-marginal' if marginal else ''}-{nodes}"
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
@@ -293,10 +337,13 @@ def head_windows(windows: dict, sites, which: str) -> dict[str, tuple[float, flo
     return {s: windows["test"] if which == "test" else windows[s] for s in sites}
 
 
-def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, seed: int) -> PatchSampler:
+def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, seed: int,
+                 organs: int = len(ORGAN_ID)) -> PatchSampler:
     images = [window(c.hu.clone(), hu_window) for c in cases]
-    # binary heads learn "their" organ vs rest; multi-class models learn ORGAN_ID classes
-    labels = [(c.label > 0).to(torch.uint8) if binary else c.label for c in cases]
+    # binary heads learn "their" organ vs rest; multi-class models learn ORGAN_ID classes of the
+    # first `organs` organs (the oracle's labels hold all four, also with fewer nodes)
+    labels = [(c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
+              for c in cases]
     return PatchSampler(images, labels, cfg, device=device, seed=seed)
 
 
@@ -356,20 +403,20 @@ def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                                 patches_per_volume=preset.patches_per_volume)
     samplers = {s: make_sampler(train_cases[s], windows[s], binary, sampler_cfg, args.device,
-                                seed_for(args.seed, s)) for s in sites}
-    loss_fn = LOSSES[args.loss]
+                                seed_for(args.seed, s), len(organs)) for s in sites}
     # channels-last 3D convolutions are ~12% faster on CPU (oneDNN) and the layout Tensor Cores want
     model = UNet3D(unet_cfg).to(args.device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     pooled = None
     # one live model trains; every client is only its stored state, on the device if all fit
     store = fl.choose_store(torch.device(args.device), len(sites), fl.state_bytes(model))
-    if args.mode == "central":
+    if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
-        clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss_fn, store=store)]
+        loss = pooled_loss(args.loss, pooled, sites)
+        clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss, store=store)]
         local_steps, keys = args.local_steps * len(sites), []
     else:
-        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample), loss_fn,
+        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample), site_loss(args.loss, s),
                                  weight=len(train_cases[s]), store=store) for s in sites]
         local_steps = args.local_steps
         keys = segviz.shared_keys(clients[0].model_state, args.mode, args.fedbn)
@@ -378,6 +425,22 @@ def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
         privacy = fl.Privacy(args.dp_clip, args.dp_noise, torch.Generator().manual_seed(seed_for(args.seed, "dp")))
     return Run(sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps,
                torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [])
+
+
+def site_loss(name: str, site: str):
+    """The loss of one site's batches; the marginal loss knows which organ the site labelled."""
+    if name == "marginal":
+        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]])
+    return LOSSES[name]
+
+
+def pooled_loss(name: str, pooled, sites):
+    """The pooled model's loss: each batch comes from one site in turn (round_robin), so the
+    marginal loss reads which site the batch just drawn came from."""
+    if name != "marginal":
+        return LOSSES[name]
+    per_site = [site_loss(name, s) for s in sites]
+    return lambda logits, target: per_site[(pooled.position[0] - 1) % len(sites)](logits, target)
 
 
 def present_clients(run: Run, p: float) -> list[fl.Client]:
@@ -506,7 +569,7 @@ def load_data(args: argparse.Namespace, spacing, spec: PhantomSpec):
             fail(str(e))
         return train_cases, test_cases, {"source": "real", **info, "val_split": args.val_split}
     train_cases, test_cases = phantom_federation(NODE_SITES[args.nodes], seed=args.seed, spec=spec,
-                                                 cache_dir=args.cache)
+                                                 cache_dir=args.cache, full_labels=args.mode == "oracle")
     return train_cases, test_cases, {"source": "phantom"}
 
 
@@ -620,8 +683,61 @@ def save_outputs(out: str, checkpoint: dict, metrics: dict) -> None:
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
 
 
+# --mode all: the paper's table (figure 2's setups), the stronger baselines and the upper bound
+ALL_SETUPS = (("single", []), ("central", []), ("central", ["--loss", "marginal"]), ("fedavg", []),
+              ("fedavg", ["--loss", "marginal"]), ("segviz", []), ("segviz", ["--fedbn"]), ("oracle", []))
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> int:
+    """Every setup for every --nodes value, one folder each under OUT. A finished run (it has
+    metrics.json) is skipped and an unfinished one (state.pt only) resumed, so the command can
+    simply be issued again after an interruption."""
+    shared = strip_flags(argv, {"--mode", "--nodes", "--out"})
+    real = bool(args.data_root or source_overrides(args))
+    plan = []
+    for nodes in args.nodes:
+        for mode, extra in ALL_SETUPS:
+            if (mode == "oracle" and real) or (mode != "single" and nodes == 1):
+                continue
+            name = run_name(mode, nodes, "--fedbn" in extra, "marginal" in extra)
+            plan.append((name, ["--nodes", str(nodes), "--mode", mode, *extra]))
+    print(f"--mode all: {len(plan)} runs under {args.out}")
+    for i, (name, setup) in enumerate(plan, 1):
+        out = os.path.join(args.out, name)
+        if os.path.exists(os.path.join(out, "metrics.json")):
+            print(f"[{i}/{len(plan)}] {name}: finished, skipped")
+            continue
+        if os.path.exists(os.path.join(out, STATE_FILE)):
+            print(f"[{i}/{len(plan)}] {name}: resuming")
+            train(parse_args(["--resume", out, *strip_flags(shared, set(), keep_only_device=True)]))
+        else:
+            print(f"[{i}/{len(plan)}] {name}")
+            train(parse_args([*setup, *shared, "--out", out]))
+    from eval import compare_runs
+
+    print(compare_runs(args.out))
+    return 0
+
+
+def strip_flags(argv: list[str], drop: set[str], keep_only_device: bool = False) -> list[str]:
+    """argv without the given flags and their values; or with --device only (for a resume)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=")[0]
+        j = i + 1
+        while "=" not in argv[i] and j < len(argv) and not argv[j].startswith("--"):
+            j += 1  # the flag's values
+        if (flag == "--device") if keep_only_device else (flag not in drop):
+            out += argv[i:j]
+        i = j
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.mode == "all":
+        return run_all(args, argv)
     train(args)
     return 0
 

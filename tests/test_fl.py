@@ -216,8 +216,8 @@ def test_every_update_refused_keeps_last_rounds_weights():
 
 
 def test_median_and_trimmed_mean_on_known_values():
-    s = [{"w": torch.tensor([1.0, 10.0]), "n": torch.tensor(1)}, {"w": torch.tensor([2.0, 20.0]), "n": torch.tensor(2)},
-         {"w": torch.tensor([100.0, 30.0]), "n": torch.tensor(9)}, {"w": torch.tensor([3.0, -1e6]), "n": torch.tensor(4)}]
+    s = [{"w": torch.tensor(w), "n": torch.tensor(n)}
+         for w, n in (([1.0, 10.0], 1), ([2.0, 20.0], 2), ([100.0, 30.0], 9), ([3.0, -1e6], 4))]
     torch.testing.assert_close(fl.median(s)["w"], torch.tensor([2.5, 15.0]))
     assert int(fl.median(s)["n"]) == 3  # (2 + 4) / 2
     torch.testing.assert_close(fl.median(s[:3])["w"], torch.tensor([2.0, 20.0]))
@@ -257,3 +257,25 @@ def test_dp_round_moves_the_global_weights_by_at_most_clip_plus_noise():
     fl.federated_round(model, opt, clients, 3, keys, privacy=privacy)
     moved = fl.update_norm({k: clients[0].model_state[k] for k in keys}, start)
     assert 0 < moved <= 1e-3 + 1e-7
+
+
+def test_client_states_go_to_host_memory_when_the_device_cannot_hold_them(monkeypatch):
+    assert fl.choose_store(torch.device("cpu"), 100, 10**9) == torch.device("cpu")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 10**9, 80 * 10**9))
+    assert fl.choose_store(gpu, 4, 10**9) == gpu  # 4 GB of states fit in half of 8 GB free
+    assert fl.choose_store(gpu, 16, 10**9) == torch.device("cpu")
+    model = tiny_model()
+    assert fl.state_bytes(model) == 3 * sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+def test_a_client_stored_elsewhere_trains_and_stays_there():
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    client = make_clients(model, opt, 1)[0]
+    client = fl.new_client("c", model, opt, client.next_batch, client.loss_fn, store="cpu")
+    fl.local_train(model, opt, client, 2)
+    assert all(v.device.type == "cpu" for v in client.model_state.values())
+    assert all(t.device.type == "cpu" for s in client.optim_state["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor))

@@ -157,9 +157,12 @@ def test_meta_model_refuses_sites_that_never_synchronised():
 # ---------------------------------------------------------------------------------------
 
 
-def exchanged(mode, fedbn=False, cfg=UNetConfig(channels=(4, 8, 16), out_channels=2, norm="batch")):
+BATCH_NORM_CFG = UNetConfig(channels=(4, 8, 16), out_channels=2, norm="batch")  # norms with statistics
+
+
+def exchanged(mode, fedbn=False):
     """Run two rounds and record every tensor handed from a client to the aggregation."""
-    model, opt, clients = federation(cfg)
+    model, opt, clients = federation(BATCH_NORM_CFG)
     keys = segviz.shared_keys(clients[0].model_state, mode, fedbn)
     record = []
 

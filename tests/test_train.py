@@ -105,7 +105,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode, extra", [("segviz", []), ("single", []), ("central", []), ("fedavg", []),
-                                         ("segviz", ["--fedbn"])])
+                                         ("segviz", ["--fedbn"]), ("central", ["--loss", "marginal"]),
+                                         ("fedavg", ["--loss", "marginal"]), ("oracle", [])])
 def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
     out = tmp_path / "run"
     result = tiny(mode, out, cache, *extra)
@@ -311,3 +312,74 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
     result = run("train.py", "--resume", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "nothing to resume" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The stronger baselines and the paper's table in two commands
+# ---------------------------------------------------------------------------------------
+
+
+def test_marginal_loss_is_dice_ce_when_every_organ_is_labelled():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 6, 6, 4)
+    target = torch.randint(0, 5, (2, 6, 6, 4))
+    torch.testing.assert_close(train.marginal_loss(logits, target, [1, 2, 3, 4]), train.dice_ce_loss(logits, target))
+
+
+def test_marginal_loss_never_teaches_an_unlabelled_organ_as_background():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 6, 6, 4, requires_grad=True)
+    target = torch.randint(0, 2, (2, 6, 6, 4))  # a liver site: background 0 and liver 1 only
+    loss = train.marginal_loss(logits, target, [1])
+    loss.backward()
+    g, p = logits.grad, torch.softmax(logits.detach(), 1)
+    # within the merged group {background, spleen, pancreas, kidneys} the gradient only moves
+    # the group's total: each member's gradient is proportional to its probability
+    for organ in (2, 3, 4):
+        torch.testing.assert_close(g[:, organ] * p[:, 0], g[:, 0] * p[:, organ], atol=1e-9, rtol=1e-5)
+    # so swapping an unlabelled organ's logit with background's leaves the loss unchanged...
+    swapped = logits.detach().clone()
+    swapped[:, [0, 2]] = swapped[:, [2, 0]]
+    torch.testing.assert_close(train.marginal_loss(swapped, target, [1]), loss.detach())
+    # ...which the ordinary loss, teaching the spleen as background, does not
+    assert not torch.allclose(train.dice_ce_loss(swapped, target), train.dice_ce_loss(logits.detach(), target))
+
+
+def test_wilcoxon_marks_on_known_inputs():
+    from eval import significance
+
+    a = [0.9] * 8
+    b = [0.9 - 0.01 * (i + 1) for i in range(8)]  # eight paired differences, all positive
+    p, mark = significance(a, b)
+    assert p == pytest.approx(2 / 256) and mark == "**"
+    p, mark = significance(a[:6], b[:6])
+    assert p == pytest.approx(2 / 64) and mark == "*"
+    p, mark = significance([0.5, 0.6, 0.7, 0.8], [0.6, 0.5, 0.8, 0.7])
+    assert mark == "ns" and p > 0.5
+    assert significance(a, a) == (1.0, "ns")
+
+
+def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, cache):
+    out = tmp_path / "paper"
+    args = ("train.py", "--nodes", "2", "--mode", "all", "--rounds", "1", "--local-steps", "1", "--max-cases", "2",
+            "--cache", str(cache), "--out", str(out))
+    first = run(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    names = {"single-2", "central-2", "central-marginal-2", "fedavg-2", "fedavg-marginal-2", "segviz-2",
+             "segviz-fedbn-2", "oracle-2"}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == names
+    assert all((out / n / "metrics.json").exists() for n in names)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == names
+    assert "mark" in results["fedavg-2"]["liver"] and "mark" not in results["segviz-2"]["liver"]
+    md = (out / "results.md").read_text()
+    assert "| oracle-2 |" in md and "Wilcoxon" in md
+    # an unfinished run is resumed and finished ones skipped when the command is issued again
+    (out / "central-2" / "metrics.json").unlink()
+    (out / "central-2" / "model.pt").unlink()
+    again = run(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished, skipped") == 7 and "central-2: resuming" in again.stdout
+    assert (out / "central-2" / "metrics.json").exists()
+    compare = run("eval.py", "--compare", str(out))
+    assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout
