@@ -15,7 +15,11 @@ import pathlib
 import nibabel as nib
 import numpy as np
 
-REAL_CT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
+# ../shared beside the checkout (the project's read-only data), or $SEGVIZ_REAL_CT
+REAL_CT = pathlib.Path(os.environ.get("SEGVIZ_REAL_CT",
+                                      pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"))
+MISSING = "" if (REAL_CT / "ct.nii.gz").is_file() else (
+    f"the real CT is not at {REAL_CT} (../shared beside the checkout); set SEGVIZ_REAL_CT to its folder")
 TS = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 5, "pancreas": 7}
 BTCV = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6, "pancreas": 11}
 

@@ -19,6 +19,7 @@ from data import ORGAN_ID, DataError, find_dataset, find_sources, load_source
 from eval import dice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(bool(layouts.MISSING), reason=layouts.MISSING)
 NATIVE = (3.0, 3.0, 3.0)  # the CT's own spacing: loading must not change a voxel
 
 

@@ -164,7 +164,15 @@ def test_table_gathers_finished_runs(tmp_path, cache):
 # ---------------------------------------------------------------------------------------
 
 
+def needs_real_ct():
+    import layouts
+
+    if layouts.MISSING:
+        pytest.skip(layouts.MISSING)
+
+
 def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
+    needs_real_ct()
     import nibabel as nib
 
     import layouts
@@ -202,6 +210,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
 
 
 def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
+    needs_real_ct()
     import layouts
 
     root = layouts.data_root(tmp_path / "data")
