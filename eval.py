@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import ORGAN_ID, Case
+from data import ORGAN_ID, Case, window
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 
@@ -329,6 +329,97 @@ def compare_runs(folder: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------------------------------
+# Figures (matplotlib is optional: only these functions need it)
+# ---------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("figures need matplotlib, an optional dependency: pip install matplotlib")
+    return plt
+
+
+def box_plot(runs: dict[str, dict], path: str) -> None:
+    """Dice per organ (one panel each) and setup (one box each), as the poster shows it."""
+    plt = _pyplot()
+    organs = [o for o in ORGAN_ID if any(o in m["dice"] for m in runs.values())]
+    fig, axes = plt.subplots(1, len(organs), figsize=(3.2 * len(organs), 4.2), squeeze=False)
+    for ax, organ in zip(axes[0], organs):
+        names = [n for n, m in runs.items() if organ in m["dice"]]
+        ax.boxplot([runs[n]["dice"][organ]["cases"] for n in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
+        ax.set_title(organ)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("Dice per test case")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancreas": (0.95, 0.8, 0.2),
+                   "kidneys": (0.3, 0.8, 0.4)}
+
+
+def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
+    """One axial and one coronal slice per test case (through the organs' centre): the truth
+    and each setup's prediction over the CT. Each run's model is rebuilt from its checkpoint."""
+    plt = _pyplot()
+    first = next(iter(runs.values()))
+    test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
+        "cache_dir"), workers=1))
+    predictions = {}
+    for name in runs:
+        ckpt = load_checkpoint(os.path.join(folder, _run_dir(folder, name), "model.pt"))
+        model, independent = model_from_checkpoint(ckpt)
+        model = model.to(device).eval()
+        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], ckpt["config"]["patch"], independent,
+                                                     device, largest=ckpt["config"].get("largest", False))).cpu()
+                             for c in test]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for i, case in enumerate(test):
+        fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
+            else torch.tensor(case.label.shape) // 2
+        panels = [("truth", case.label), *((n, predictions[n][i]) for n in runs)]
+        fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
+        for j, (title, lab) in enumerate(panels):
+            for row, (img, seg) in enumerate(((case.hu[:, :, fg[2]], lab[:, :, fg[2]]),
+                                              (case.hu[:, fg[1], :], lab[:, fg[1], :]))):
+                ax = axes[row][j]
+                ax.imshow(window(img.T.clone(), (-175.0, 250.0)).flip(0), cmap="gray", vmin=0, vmax=1)
+                rgba = np.zeros((*seg.T.shape, 4))
+                shown = seg.T.flip(0).numpy()
+                for organ, colour in OVERLAY_COLOURS.items():
+                    rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
+                ax.imshow(rgba)
+                ax.set_axis_off()
+                if row == 0:
+                    ax.set_title(title, fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"overlay_{case.name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _run_dir(folder: str, name: str) -> str:
+    for d in sorted(os.listdir(folder)):
+        path = os.path.join(folder, d, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                if run_label(json.load(f)) == name:
+                    return d
+    raise KeyError(name)
+
+
 def table_of_runs(folder: str) -> str:
     """The Dice table (plus wall time) of every finished run in a folder."""
     runs = read_runs(folder)
@@ -352,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--compare", metavar="DIR",
                       help="write DIR/results.md and results.json: every run's Dice with Wilcoxon tests "
                            "against SegViz")
+    p.add_argument("--figures", action="store_true",
+                   help="with --compare: DIR/figures/dice_boxplot.png and one overlay per test case "
+                        "(needs matplotlib; re-runs every model on the test set)")
     add_source_arguments(p, roles=("test",))
     p.add_argument("--image", metavar="FILE", help="segment this one scan (NIfTI, HU) into --save-pred OUT.nii.gz")
     p.add_argument("--save-pred", metavar="PATH",
@@ -378,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compare:
         print(compare_runs(args.compare))
+        if args.figures:
+            runs = read_runs(args.compare)
+            fig_dir = os.path.join(args.compare, "figures")
+            os.makedirs(fig_dir, exist_ok=True)
+            box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
+            written = overlays(args.compare, runs, fig_dir, resolve_device(args.device, p))
+            print(f"figures: {fig_dir}/dice_boxplot.png and {len(written)} overlay(s)")
         return 0
     if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
         p.error("--image needs --save-pred OUT.nii.gz")

@@ -251,3 +251,15 @@ def test_load_checkpoint_foreign_torch_file_exits_2(tmp_path, capsys):
     path = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(2)}, path)
     assert_exit_2(path, capsys)
+
+
+def test_figures_without_matplotlib_say_so_in_one_line(monkeypatch, capsys):
+    import sys
+
+    import eval as ev
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(SystemExit) as e:
+        ev._pyplot()
+    assert e.value.code == 2
+    assert "pip install matplotlib" in capsys.readouterr().err

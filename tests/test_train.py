@@ -390,5 +390,8 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished, skipped") == 7 and "central-2: resuming" in again.stdout
     assert (out / "central-2" / "metrics.json").exists()
-    compare = run("eval.py", "--compare", str(out))
-    assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout
+    compare = run("eval.py", "--compare", str(out), "--figures")
+    assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout, compare.stderr[-2000:]
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["dice_boxplot.png", "overlay_test_000.png", "overlay_test_001.png"]
+    assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
