@@ -498,13 +498,16 @@ def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
     return out
 
 
-def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = False) -> list[Case]:
+def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = False, split: str = "train"
+                  ) -> list[Case]:
     """n preprocessed phantom cases of one site (the test set when site == 'test').
 
-    `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound)."""
+    `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound).
+    `split="val"` draws a site's validation cases: other patients, scanned the same way."""
     cases = []
     for i in range(n):
-        case_seed = int.from_bytes(hashlib.sha256(f"{seed}/{site}/{i}".encode()).digest()[:4], "little")
+        key = f"{seed}/{site}/{i}" if split == "train" else f"{seed}/{site}/{split}/{i}"
+        case_seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
         hu, raw, acq_spacing = phantom_case(case_seed, site)
         hu, raw = resample(hu, raw, acq_spacing, spacing)
         hu, raw = crop_to_body(hu, raw)
@@ -514,8 +517,17 @@ def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = Fal
             label = raw
         else:
             label = site_label(raw, site)
-        cases.append(Case(f"{site}_{i:03d}", hu, label, tuple(spacing)))
+        name = f"{site}_{i:03d}" if split == "train" else f"{site}_{split}_{i:03d}"
+        cases.append(Case(name, hu, label, tuple(spacing)))
     return cases
+
+
+def phantom_validation(sites: tuple[str, ...], n: int, seed: int = 0, spec: PhantomSpec | None = None,
+                       cache_dir: str | None = None) -> dict[str, list[Case]]:
+    """n validation cases per site, labelled as that site labels (for per-round validation)."""
+    spec = spec or PhantomSpec()
+    return {s: _cached(lambda s=s: phantom_cases(s, n, seed, spec.spacing, split="val"), cache_dir,
+                       f"phantom-v2-val-{s}-{n}-{seed}-{spec.spacing}") for s in sites}
 
 
 def phantom_federation(sites: tuple[str, ...], seed: int = 0, spec: PhantomSpec | None = None,
@@ -1134,6 +1146,20 @@ def split_validation(pairs: list[Pair], site: str, val: str, seed: int = 0) -> t
     order = np.random.default_rng(seed).permutation(n)
     held = set(order[:n_val].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def real_validation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,
+                    cache_dir: str | None, workers: int = 1, val_split: str = "original", seed: int = 0,
+                    max_cases: int | None = None) -> dict[str, list[Case]]:
+    """The validation cases each site holds out (the same split as real_federation)."""
+    out = {}
+    for role, source in find_sources(sites, data_root, overrides).items():
+        _, held = split_validation(source.pairs, role, val_split, seed)
+        if not held:
+            raise DataError(f"{role}: --val-split {val_split} holds out no validation case")
+        out[role] = load_source(Source(role, source.layout, source.root, held, source.declared, source.problems),
+                                spacing, cache_dir, workers, max_cases)
+    return out
 
 
 def real_federation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,

@@ -410,6 +410,33 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
     return written
 
 
+def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
+    """Validation Dice per round of each site, one figure per run trained with --val-every."""
+    plt = _pyplot()
+    written = []
+    for name, m in runs.items():
+        rows = m.get("validation") or []
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        rounds = [r["round"] for r in rows]
+        for site in (k for k in rows[0] if k != "round"):
+            ax.plot(rounds, [r[site] for r in rows], marker="o", ms=3, label=site,
+                    color=OVERLAY_COLOURS.get(site))
+        ax.set_xlabel("round")
+        ax.set_ylabel("validation Dice (own site)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"validation_{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def _run_dir(folder: str, name: str) -> str:
     for d in sorted(os.listdir(folder)):
         path = os.path.join(folder, d, "metrics.json")
@@ -478,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(fig_dir, exist_ok=True)
             box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
             written = overlays(args.compare, runs, fig_dir, resolve_device(args.device, p))
-            print(f"figures: {fig_dir}/dice_boxplot.png and {len(written)} overlay(s)")
+            curves = validation_curves(runs, fig_dir)
+            print(f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
+                  f"{len(curves)} validation curve(s)")
         return 0
     if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
         p.error("--image needs --save-pred OUT.nii.gz")

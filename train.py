@@ -48,7 +48,9 @@ from data import (
     SamplerConfig,
     add_source_arguments,
     phantom_federation,
+    phantom_validation,
     real_federation,
+    real_validation,
     source_overrides,
     window,
 )
@@ -193,6 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="differential privacy: clip each client's update to this L2 norm")
     p.add_argument("--dp-noise", type=float, default=0.0,
                    help="differential privacy: Gaussian noise of std DP_NOISE x DP_CLIP on the aggregated update")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="every N rounds (and after the last) score each site's model on that site's "
+                        "validation cases (phantom: 2 extra per site; real data: the --val-split ones); "
+                        "default 0, off")
     p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=True,
                    help="at test time keep each organ's largest connected component(s) (default on)")
     p.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap at test time")
@@ -239,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--val-split {args.val_split}: must be 'original' or a fraction in [0, 1)")
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if args.val_every < 0:
+        p.error("--val-every must be >= 0")
     if not 0 <= args.dropout < 1:
         p.error("--dropout must be in [0, 1)")
     if args.dropout and args.mode in POOLED:
@@ -271,7 +279,7 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "window",
                 "head_window", "weighted", "task_stages", "norm", "seed", "cache", "data_root", "liver", "spleen",
                 "pancreas", "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap",
-                "dropout", "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise")
+                "dropout", "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -289,7 +297,7 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
         if key in given and _norm(mine) != _norm(saved.get(key)):
             p.error(f"--resume {args.resume}: the checkpoint was trained with --{key.replace('_', '-')} "
                     f"{saved.get(key)}, not {mine}")
-        setattr(args, key, saved.get(key))
+        setattr(args, key, saved.get(key, mine))  # a setting newer than the state keeps its default
     if "rounds" in given and args.rounds < saved["rounds"]:
         p.error(f"--resume {args.resume}: --rounds {args.rounds} is fewer than the run's {saved['rounds']}")
     if "rounds" not in given:
@@ -389,6 +397,7 @@ class Run:
     privacy: fl.Privacy | None
     log: list[str]  # absences and refused updates, one line each
     norms: list[dict[str, float]]  # per round: each present client's update norm
+    validation: list[dict]  # {"round": r, site: Dice on that site's validation cases}
 
 
 def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
@@ -424,7 +433,7 @@ def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
     if args.dp_clip is not None:
         privacy = fl.Privacy(args.dp_clip, args.dp_noise, torch.Generator().manual_seed(seed_for(args.seed, "dp")))
     return Run(sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps,
-               torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [])
+               torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [], [])
 
 
 def site_loss(name: str, site: str):
@@ -441,6 +450,37 @@ def pooled_loss(name: str, pooled, sites):
         return LOSSES[name]
     per_site = [site_loss(name, s) for s in sites]
     return lambda logits, target: per_site[(pooled.position[0] - 1) % len(sites)](logits, target)
+
+
+def load_validation(args: argparse.Namespace, spacing, spec: PhantomSpec) -> dict[str, list]:
+    sites = NODE_SITES[args.nodes]
+    if args.real:
+        try:
+            return real_validation(sites, args.data_root, args.overrides, spacing, args.cache, args.workers,
+                                   args.val_split, args.seed, args.max_cases)
+        except DataError as e:
+            fail(str(e))
+    return phantom_validation(sites, min(2, args.max_cases or 2), seed=args.seed, spec=spec, cache_dir=args.cache)
+
+
+def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list]) -> dict[str, float]:
+    """Mean Dice of each site's organ on that site's validation cases, by the model the site
+    holds now (its own binary model, or the one multi-class model), through the site's window."""
+    preset = PRESETS[args.preset]
+    windows = site_windows(run.sites, args.window)
+    out = {}
+    with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
+        for site in run.sites:
+            if args.mode in ("single", "segviz"):
+                state = next(c for c in run.clients if c.name == site).model_state
+                net, organs = segviz.MetaModel(run.unet_cfg, {site: state}, {site: windows[site]}, False), [site]
+            else:
+                net = segviz.MultiClassModel(run.unet_cfg, run.clients[0].model_state, windows[site])
+                organs = run.organs
+            dice = evaluate(net, val_cases[site], organs, preset.patch, independent=len(organs) == 1,
+                            device=args.device)[site]
+            out[site] = round(float(np.mean(dice)), 6)
+    return out
 
 
 def present_clients(run: Run, p: float) -> list[fl.Client]:
@@ -469,6 +509,7 @@ def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -
     blob = {
         "format": STATE_FORMAT, "round": rounds_done, "settings": settings_of(args),
         "unet": run.unet_cfg.to_dict(), "log": list(run.log), "norms": list(run.norms),
+        "validation": list(run.validation),
         "clients": [{"name": c.name, "model_state": c.model_state, "optim_state": c.optim_state,
                      "history": list(c.history)} for c in run.clients],
         "samplers": {s: sm.gen.get_state() for s, sm in run.samplers.items()},
@@ -527,7 +568,8 @@ def restore_state(run: Run, blob: dict, path: str) -> int:
     _set_numpy_rng_state(blob["numpy_rng"])
     _set_python_rng_state(blob["python_rng"])
     run.log[:] = blob["log"]
-    run.norms[:] = blob["norms"]
+    run.norms[:] = blob.get("norms", [])
+    run.validation[:] = blob.get("validation", [])
     return int(blob["round"])
 
 
@@ -583,6 +625,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.max_cases:
         spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=spacing)
     train_cases, test_cases, data_info = load_data(args, spacing, spec)
+    val_cases = load_validation(args, spacing, spec) if args.val_every else {}
     t_data = time.time()
     run = build_run(args, train_cases)
     start = 0
@@ -613,6 +656,10 @@ def train(args: argparse.Namespace) -> dict:
             events += [f"refused {name}: {why}" for name, why in report.refused.items()]
             run.log += [f"round {r + 1}: {e}" for e in events]
             run.norms.append({k: round(v, 6) for k, v in report.norms.items()})
+            if args.val_every and ((r + 1) % args.val_every == 0 or r + 1 == args.rounds):
+                scores = validate(run, args, val_cases)
+                run.validation.append({"round": r + 1, **scores})
+                line += "  | validation " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
             bar.write(line + ("  | " + "; ".join(events) if events else ""))
             save_state(args.out, run, r + 1, args)
     except KeyboardInterrupt:
@@ -660,7 +707,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
                "seconds": round(seconds, 1), "data_seconds": round(data_seconds, 1),
                "train_seconds": round(train_seconds, 1), "config": config,
                "device": str(args.device), "losses": {c.name: c.history for c in clients}, "events": run.log,
-               "update_norms": run.norms}
+               "update_norms": run.norms, "validation": run.validation}
     save_outputs(args.out, {"format": CHECKPOINT_FORMAT, "name": args.name, "mode": args.mode, "nodes": args.nodes,
                             "organs": run.organs, "config": config, "states": states}, metrics)
     print()

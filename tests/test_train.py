@@ -370,8 +370,8 @@ def test_wilcoxon_marks_on_known_inputs():
 
 def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, cache):
     out = tmp_path / "paper"
-    args = ("train.py", "--nodes", "2", "--mode", "all", "--rounds", "1", "--local-steps", "1", "--max-cases", "2",
-            "--cache", str(cache), "--out", str(out))
+    args = ("train.py", "--nodes", "2", "--mode", "all", "--rounds", "2", "--local-steps", "1", "--max-cases", "1",
+            "--val-every", "1", "--cache", str(cache), "--out", str(out))
     first = run(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     names = {"single-2", "central-2", "central-marginal-2", "fedavg-2", "fedavg-marginal-2", "segviz-2",
@@ -393,5 +393,9 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     compare = run("eval.py", "--compare", str(out), "--figures")
     assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout, compare.stderr[-2000:]
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["dice_boxplot.png", "overlay_test_000.png", "overlay_test_001.png"]
+    curves = [f"validation_{n}.png" for n in sorted(names)]
+    assert figures == sorted(["dice_boxplot.png", "overlay_test_000.png", *curves])
+    segviz_val = json.loads((out / "segviz-2" / "metrics.json").read_text())["validation"]
+    assert [r["round"] for r in segviz_val] == [1, 2] and set(segviz_val[0]) == {"round", "liver", "spleen"}
+    assert all(0 <= r[s] <= 1 for r in segviz_val for s in ("liver", "spleen"))
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
