@@ -739,7 +739,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     """Every setup for every --nodes value, one folder each under OUT. A finished run (it has
     metrics.json) is skipped and an unfinished one (state.pt only) resumed, so the command can
     simply be issued again after an interruption."""
-    shared = strip_flags(argv, {"--mode", "--nodes", "--out"})
+    # the user's other flags apply to every run; each setup's own flags come last and win
+    shared = strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn"})
     real = bool(args.data_root or source_overrides(args))
     plan = []
     for nodes in args.nodes:
@@ -759,7 +760,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
             train(parse_args(["--resume", out, *strip_flags(shared, set(), keep_only_device=True)]))
         else:
             print(f"[{i}/{len(plan)}] {name}")
-            train(parse_args([*setup, *shared, "--out", out]))
+            train(parse_args([*shared, *setup, "--out", out]))
     from eval import compare_runs
 
     print(compare_runs(args.out))

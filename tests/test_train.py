@@ -399,3 +399,15 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     assert [r["round"] for r in segviz_val] == [1, 2] and set(segviz_val[0]) == {"round", "liver", "spleen"}
     assert all(0 <= r[s] <= 1 for r in segviz_val for s in ("liver", "spleen"))
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
+
+
+def test_mode_all_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_path):
+    argv = ["--nodes", "2", "3", "--mode", "all", "--loss", "dice", "--fedbn", "--rounds", "1", "--out", "x"]
+    shared = train.strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn"})
+    assert shared == ["--loss", "dice", "--rounds", "1"]
+    marginal = train.parse_args([*shared, "--nodes", "2", "--mode", "fedavg", "--loss", "marginal",
+                                 "--out", str(tmp_path / "a")])
+    assert marginal.loss == "marginal" and marginal.rounds == 1 and marginal.name == "fedavg-marginal-2"
+    plain = train.parse_args([*shared, "--nodes", "2", "--mode", "central", "--out", str(tmp_path / "b")])
+    assert plain.loss == "dice"
+    assert train.strip_flags(["--rounds", "3", "--device", "cpu"], set(), keep_only_device=True) == ["--device", "cpu"]
