@@ -542,11 +542,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_writable(path: str, parser: argparse.ArgumentParser, flag: str) -> None:
-    probe = os.path.abspath(path)
+    """Fail before any work if the folder `path` cannot be created or written; create nothing."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        parser.error(f"{flag} {path}: exists and is not a folder")
+    probe = full
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: not writable")
+        parser.error(f"{flag} {path}: not writable ({probe} does not allow writing)")
 
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:

@@ -54,7 +54,16 @@ from data import (
     source_overrides,
     window,
 )
-from eval import CHECKPOINT_FORMAT, evaluate, fail, format_table, resolve_device, summarise, write_json_atomic
+from eval import (
+    CHECKPOINT_FORMAT,
+    check_writable,
+    evaluate,
+    fail,
+    format_table,
+    resolve_device,
+    summarise,
+    write_json_atomic,
+)
 from unet3d import UNet3D, UNetConfig
 
 MODES = ("single", "central", "fedavg", "segviz", "oracle")
@@ -208,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.resume:
             p.error("--mode all resumes by itself: run the same command again")
         args.out = args.out or os.path.join("runs", "all")
-        check_writable(args.out, p)
+        check_writable(args.out, p, "--out")
         return args
     if args.nodes is not None and len(args.nodes) != 1:
         p.error("several --nodes values need --mode all")
@@ -267,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = run_name(args.mode, args.nodes, args.fedbn, args.loss == "marginal")
     args.name = name
     args.out = args.resume or args.out or os.path.join("runs", name)
-    check_writable(args.out, p)
+    check_writable(args.out, p, "--out")
     return args
 
 
@@ -306,18 +315,6 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
 
 def _norm(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def check_writable(out: str, p: argparse.ArgumentParser) -> None:
-    """Fail before any work if OUT cannot be created or written; create nothing yet."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        p.error(f"--out {out}: exists and is not a folder")
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        p.error(f"--out {out}: not writable ({probe} does not allow writing)")
 
 
 # ---------------------------------------------------------------------------------------
