@@ -1202,6 +1202,10 @@ class SamplerConfig:
     max_scale: float = 0.1
     p_intensity: float = 0.5  # probability of each of scale and shift
     intensity: float = 0.1  # scale factor 1 +- 0.1 and shift +- 0.1 (of the [0, 1] window)
+    p_noise: float = 0.0  # probability of additive Gaussian noise
+    noise_std: float = 0.05  # its standard deviation, drawn up to this (of the [0, 1] window)
+    p_contrast: float = 0.0  # probability of a contrast change about the patch mean
+    contrast: float = 0.25  # factor 1 +- 0.25
     max_candidates: int = 65536  # background centre candidates kept per volume
 
     @property
@@ -1322,7 +1326,9 @@ class PatchSampler:
         flat = (self.offsets[vols, None, None, None]
                 + (ix[:, :, None, None] * sy[:, None, None, None] + iy[:, None, :, None]) * sz[:, None, None, None]
                 + iz[:, None, None, :])
-        return self.img[flat], self.lab[flat]
+        # index_select on the flat index is ~2.5x faster than advanced indexing on CPU
+        idx = flat.reshape(-1)
+        return self.img.index_select(0, idx).view(flat.shape), self.lab.index_select(0, idx).view(flat.shape)
 
     def _spatial(self, img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop the patch out of the context box under a random rotation about z and scaling."""
@@ -1341,12 +1347,23 @@ class PatchSampler:
         rev = [2, 1, 0]
         theta = torch.zeros(b, 3, 4, device=d)
         theta[:, :, :3] = theta_xyz[:, rev][:, :, rev]
-        size = (b, 1, *[int(p) for p in self.patch])
-        grid = F.affine_grid(theta, size, align_corners=False)
+        grid = self._base_grid().bmm(theta.transpose(1, 2)).view(b, *[int(p) for p in self.patch], 3)
         img = F.grid_sample(img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         lab = F.grid_sample(lab[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                             align_corners=False)[:, 0]
         return img, lab.to(torch.uint8)
+
+    def _base_grid(self) -> torch.Tensor:
+        """F.affine_grid's identity grid of one patch, (1, N, 4), built once: the same numbers
+        as affine_grid computes on every call (align_corners=False)."""
+        if getattr(self, "_grid", None) is None:
+            d = self.device
+            axes = [torch.linspace(-1, 1, n, device=d) * (n - 1) / n for n in (int(p) for p in self.patch)]
+            # grid_sample's last axis is (W, H, D) = our (z, y, x)
+            x, y, z = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")
+            base = torch.stack([z, y, x, torch.ones_like(x)], dim=-1)
+            self._grid = base.reshape(1, -1, 4)
+        return self._grid.expand(self.cfg.batch, -1, -1)
 
     def _intensity(self, img: torch.Tensor) -> torch.Tensor:
         cfg, g, d = self.cfg, self.gen, self.device
@@ -1356,7 +1373,17 @@ class PatchSampler:
         f = f * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
         o = (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.intensity
         o = o * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
-        return img * (1 + f) + o
+        img = img * (1 + f) + o
+        if cfg.p_contrast > 0:
+            c = 1 + (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.contrast
+            c = torch.where(torch.rand(shape, generator=g, device=d) < cfg.p_contrast, c, torch.ones_like(c))
+            mean = img.mean(dim=(2, 3, 4), keepdim=True)
+            img = (img - mean) * c + mean
+        if cfg.p_noise > 0:
+            std = torch.rand(shape, generator=g, device=d) * cfg.noise_std
+            std = std * (torch.rand(shape, generator=g, device=d) < cfg.p_noise)
+            img = img + torch.randn(img.shape, generator=g, device=d) * std
+        return img
 
 
 def _pack(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
