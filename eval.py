@@ -38,7 +38,8 @@ def _starts(size: int, roi: int, overlap: float) -> list[int]:
 
 
 def importance_map(roi: Sequence[int], mode: str, device) -> torch.Tensor:
-    """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI."""
+    """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI's
+    sliding_window_inference, floored at 1e-3 as there, so the two blend identically."""
     if mode == "constant":
         return torch.ones(tuple(roi), device=device)
     axes = []
@@ -47,8 +48,8 @@ def importance_map(roi: Sequence[int], mode: str, device) -> torch.Tensor:
         sigma = n * 0.125
         axes.append(torch.exp(-0.5 * ((torch.arange(n, device=device) - c) / sigma) ** 2))
     w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    w = w / w.max()
-    return w.clamp(min=w[w > 0].min())  # no zero weights at the corners
+    # the floor keeps a window's edge from vanishing where it is the only window (volume borders)
+    return w.clamp(min=max(float(w.min()), 1e-3))
 
 
 @torch.no_grad()
@@ -524,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return segment_one(model, ckpt, args, device, largest, independent)
 
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    if not os.access(out_dir, os.W_OK):
-        p.error(f"--out {out_dir}: not writable")
+    check_writable(out_dir, p, "--out")
     test = load_test_set(cfg, args)
     t0 = time.time()
     per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend, largest,
@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,
                "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint),
                "test_cases": [c.name for c in test]}
+    os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     return 0
 

@@ -118,10 +118,10 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
         d = metrics["dice"][organ]
         assert 0.0 <= d["mean"] <= 1.0 and len(d["cases"]) == 2
     assert "liver" in result.stdout and "±" in result.stdout
-    # the checkpoint alone reproduces the evaluation
-    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path))
+    # the checkpoint alone reproduces the evaluation (into a folder that does not exist yet)
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-2000:]
-    re_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    re_metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for organ in metrics["organs"]:
         assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
 
