@@ -181,6 +181,352 @@ def bench_clients(args) -> dict:
     return {"preset": "phantom", "device": "cpu", "rows": rows}
 
 
+# ---------------------------------------------------------------------------------------
+# speed: this project's pipeline side by side with MONAI (the original's toolkit)
+# ---------------------------------------------------------------------------------------
+
+# What each ratio (this project / MONAI, higher is better) should reach (issue 5).
+TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0}
+SIZES = {  # full sizes, and --quick ones for CI
+    "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (48, 48, 32), 2)},
+    "dice": {"full": ((256, 256, 128), 8), "quick": ((96, 96, 64), 4)},
+    "sliding_window": {"full": (512, 512, 200), "quick": (160, 160, 64)},
+}
+
+
+def _monai():
+    """MONAI when installed (requirements-bench.txt), else None: it is a peer, never a dependency."""
+    try:
+        import monai
+    except ImportError:
+        return None
+    return monai
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeats: int, device, warmup: int = 1) -> float:
+    """Median wall time of fn() after warm-up calls (synchronised on a GPU)."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def synthetic_volume(shape, device, seed: int = 0):
+    """A windowed image in [0, 1] with two blob organs, and its 0/1 label: what a sampler sees."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.linspace(-1, 1, n) for n in shape]
+    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+    organ = ((x + 0.3) / 0.35) ** 2 + (y / 0.3) ** 2 + (z / 0.6) ** 2 < 1
+    other = ((x - 0.4) / 0.2) ** 2 + ((y + 0.2) / 0.2) ** 2 + (z / 0.5) ** 2 < 1
+    body = (x / 0.9) ** 2 + (y / 0.75) ** 2 < 1
+    img = 0.2 * body + 0.3 * organ + 0.25 * other + 0.05 * torch.randn(shape, generator=g)
+    return img.clamp(0, 1).to(device), organ.to(torch.uint8).to(device)
+
+
+def speed_sampling(args, monai) -> dict:
+    """Augmented training patches per second: PatchSampler against the original's MONAI chain."""
+    from data import PatchSampler, SamplerConfig
+
+    out = {}
+    for preset, (vol_shape, patch, n) in SIZES["sampling"].items():
+        if args.quick and preset == "paper":
+            vol_shape, patch = (128, 128, 64), (64, 64, 32)
+        img, lab = synthetic_volume(vol_shape, args.device)
+        sampler = PatchSampler([img], [lab], SamplerConfig(patch=patch, volumes_per_batch=1, patches_per_volume=n),
+                               device=args.device, seed=0)
+        ours = median_seconds(sampler.sample, args.repeats * 5, args.device, warmup=2)
+        row = {"volume": list(vol_shape), "patch": list(patch), "patches_per_call": n,
+               "ours_patches_per_s": n / ours}
+        if monai is not None:
+            chain = _monai_train_chain(monai, patch, n)
+            item = {"image": img[None].clone(), "label": lab[None].clone()}
+            set_determinism = monai.utils.set_determinism
+            set_determinism(seed=0)
+            t = median_seconds(lambda chain=chain, item=item: chain(dict(item)), args.repeats, args.device)
+            row["monai_patches_per_s"] = n / t
+            row["ratio"] = t / ours
+            set_determinism(seed=None)
+        out[preset] = row
+    return out
+
+
+def _monai_train_chain(monai, patch, n):
+    """The original SegViz notebooks' augmentation after loading (pos = neg = 1 crops, intensity
+    scale and shift 0.1, a random affine of up to pi/15 about z and 10% scaling)."""
+    import math
+
+    from monai import transforms as T
+
+    return T.Compose([
+        T.RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch, pos=1, neg=1,
+                                 num_samples=n, image_key="image", image_threshold=0),
+        T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        T.RandAffined(keys=["image", "label"], mode=("bilinear", "nearest"), prob=0.5, spatial_size=patch,
+                      rotate_range=(0, 0, math.pi / 15), scale_range=(0.1, 0.1, 0.1)),
+    ])
+
+
+def speed_dice(args, monai) -> dict:
+    """Per-organ Dice of whole label maps (cases per second) against monai.metrics.DiceMetric."""
+    import torch
+
+    import eval as ev
+
+    shape, cases = SIZES["dice"]["quick" if args.quick else "full"]
+    g = torch.Generator().manual_seed(0)
+    truths, preds = [], []
+    for i in range(cases):
+        img, lab = synthetic_volume(shape, "cpu", seed=i)
+        truth = (lab.long() + 2 * (img > 0.6).long()).clamp(max=4)  # 5 classes, some overlap-free organs
+        noise = torch.randint(0, 5, shape, generator=g)
+        flip = torch.rand(shape, generator=g) < 0.05
+        truths.append(truth.to(args.device))
+        preds.append(torch.where(flip, noise, truth).to(args.device))
+    k = 4
+
+    def ours():
+        return [[ev.dice(p == c, t == c) for c in range(1, k + 1)] for p, t in zip(preds, truths)]
+
+    t_ours = median_seconds(ours, args.repeats, args.device)
+    row = {"shape": list(shape), "cases": cases, "classes": k, "ours_cases_per_s": cases / t_ours}
+    if monai is not None:
+        from monai.metrics import DiceMetric
+        from monai.networks.utils import one_hot
+
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+
+        def theirs():
+            metric.reset()
+            for p, t in zip(preds, truths):
+                metric(one_hot(p[None, None], k + 1), one_hot(t[None, None], k + 1))
+            return metric.aggregate()
+
+        t_theirs = median_seconds(theirs, args.repeats, args.device)
+        a = torch.tensor(ours(), dtype=torch.float64)
+        b = theirs().double().cpu()
+        row.update(monai_cases_per_s=cases / t_theirs, ratio=t_theirs / t_ours,
+                   max_abs_difference=float((a - b).abs().max()))
+    return row
+
+
+def speed_sliding_window(args, monai) -> dict:
+    """Whole-volume inference with the phantom preset's network against sliding_window_inference."""
+    import torch
+
+    import eval as ev
+    import train
+    from unet3d import UNet3D, UNetConfig
+
+    preset = train.PRESETS["phantom"]
+    torch.manual_seed(0)
+    net = UNet3D(UNetConfig(out_channels=5, channels=preset.channels)).to(args.device).eval()
+    shape = SIZES["sliding_window"]["quick" if args.quick else "full"]
+    vol = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(args.device)
+    roi, overlap, batch = preset.patch, 0.25, 4
+    row = {"volume": list(shape), "roi": list(roi), "overlap": overlap, "batch": batch}
+    reps = max(1, args.repeats // 3)
+    with torch.no_grad():
+        ours_out = ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch)
+        t_ours = median_seconds(lambda: ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch),
+                                reps, args.device, warmup=0)
+        row["ours_seconds"] = t_ours
+        if monai is not None:
+            from monai.inferers import sliding_window_inference
+
+            def theirs():
+                return sliding_window_inference(vol, roi, batch, net, overlap=overlap, mode="gaussian")
+
+            their_out = theirs()
+            t_theirs = median_seconds(theirs, reps, args.device, warmup=0)
+            row.update(monai_seconds=t_theirs, ratio=t_theirs / t_ours,
+                       max_abs_difference=float((ours_out - torch.as_tensor(their_out)).abs().max()))
+    return row
+
+
+def speed_train_step(args, monai) -> dict:
+    """Voxels per second of one optimiser step at the paper preset (quick: the phantom preset)."""
+    import torch
+
+    import train
+    from unet3d import UNet3D, UNetConfig
+
+    preset = train.PRESETS["phantom" if args.quick else "paper"]
+    batch = preset.volumes_per_batch * preset.patches_per_volume
+    if args.device == "cpu" and not args.quick:
+        batch = 2  # a CPU step of 8 patches of 128 x 128 x 32 takes minutes; the ratio is what matters
+    x = torch.rand((batch, 1, *preset.patch), device=args.device)
+    y = (x[:, 0] > 0.5).long()
+
+    def nets():
+        torch.manual_seed(0)
+        yield "unet3d", UNet3D(UNetConfig(channels=preset.channels))
+        if monai is not None:
+            from monai.networks.nets import UNet
+
+            yield "monai", UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=preset.channels,
+                                strides=(2,) * (len(preset.channels) - 1), num_res_units=2)
+
+    variants = [("fp32", False, False)]
+    if torch.device(args.device).type == "cuda":
+        variants += [("bf16", True, False), ("bf16+channels_last", True, True)]
+    row = {"preset": "phantom" if args.quick else "paper", "batch": batch, "patch": list(preset.patch)}
+    for name, net in nets():
+        net = net.to(args.device)
+        row[f"{name}_parameters"] = sum(p.numel() for p in net.parameters())
+        for label, bf16, cl in variants:
+            m = net.to(memory_format=torch.channels_last_3d) if cl else net
+            xx = x.to(memory_format=torch.channels_last_3d) if cl else x
+            opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+
+            def step(m=m, xx=xx, opt=opt, bf16=bf16):
+                with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = train.dice_ce_loss(m(xx).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            t = median_seconds(step, args.repeats, args.device)
+            row[f"{name}_{label}_voxels_per_s"] = x.numel() / t
+    if monai is not None:
+        row["ratio"] = row["unet3d_fp32_voxels_per_s"] / row["monai_fp32_voxels_per_s"]
+    return row
+
+
+def speed_fl_round(args) -> dict:
+    """One SegViz round of four phantom clients: the aggregation's share of the time, and bytes."""
+    import torch
+
+    import fl
+    import segviz
+    import train
+    from data import SamplerConfig
+    from unet3d import UNet3D, UNetConfig
+
+    preset = train.PRESETS["phantom"]
+    torch.manual_seed(0)
+    model = UNet3D(UNetConfig(channels=preset.channels)).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
+    cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
+                        patches_per_volume=preset.patches_per_volume)
+    clients = []
+    for i in range(4):
+        img, lab = synthetic_volume((110, 86, 86), args.device, seed=i)
+        from data import PatchSampler
+
+        sampler = PatchSampler([img], [lab], cfg, device=args.device, seed=i)
+        clients.append(fl.new_client(f"site{i}", model, optimizer, sampler.sample, train.dice_ce_loss))
+    keys = segviz.shared_keys(clients[0].model_state, "segviz")
+    spent = {"aggregate": 0.0}
+
+    def timed_average(states, weights=None):
+        _sync(args.device)
+        t = time.perf_counter()
+        out = fl.average(states, weights)
+        _sync(args.device)
+        spent["aggregate"] += time.perf_counter() - t
+        return out
+
+    steps = 1 if args.quick else preset.local_steps
+    fl.federated_round(model, optimizer, clients, steps, keys, timed_average)  # warm-up
+    spent["aggregate"] = 0.0
+    rounds = max(1, args.repeats)
+    _sync(args.device)
+    t = time.perf_counter()
+    for _ in range(rounds):
+        fl.federated_round(model, optimizer, clients, steps, keys, timed_average, guard=fl.Guard())
+    _sync(args.device)
+    total = (time.perf_counter() - t) / rounds
+    sent = sum(clients[0].model_state[k].numel() * clients[0].model_state[k].element_size() for k in keys)
+    return {"clients": 4, "local_steps": steps, "seconds_per_round": total,
+            "aggregate_seconds": spent["aggregate"] / rounds, "aggregate_share": spent["aggregate"] / rounds / total,
+            "bytes_up_per_round": 4 * sent, "bytes_down_per_round": 4 * sent}
+
+
+def bench_speed(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.device == "cpu" else None
+    monai = _monai()
+    if monai is None:
+        print("MONAI is not installed (pip install -r requirements-bench.txt): measuring this project alone",
+              file=sys.stderr)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU(s)"
+    out = {"device": args.device, "machine": f"{device_name}, torch {torch.__version__}",
+           "monai": getattr(monai, "__version__", None), "quick": args.quick, "targets": TARGETS}
+    parts = [("sampling", speed_sampling), ("dice", speed_dice), ("sliding_window", speed_sliding_window),
+             ("train_step", speed_train_step)]
+    for name, fn in tqdm_list(parts):
+        out[name] = fn(args, monai)
+    out["fl_round"] = speed_fl_round(args)
+    if args.device == "cuda" and "paper" in out["sampling"]:
+        step_s = out["train_step"]["batch"] * 128 * 128 * 32 / out["train_step"]["unet3d_fp32_voxels_per_s"]
+        sample_s = out["sampling"]["paper"]["patches_per_call"] / out["sampling"]["paper"]["ours_patches_per_s"]
+        out["sampling_share_of_paper_step"] = sample_s / (sample_s + step_s)
+    return out
+
+
+def tqdm_list(items):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="speed", unit="benchmark", disable=None)
+
+
+def speed_table(r: dict) -> str:
+    def ratio(x, target):
+        if "ratio" not in x:
+            return "- | -"
+        return f"{x['ratio']:.2f}x | {'met' if x['ratio'] >= target else 'NOT met'} (target {target:g}x)"
+
+    lines = [f"{r['machine']}, device {r['device']}, MONAI {r['monai'] or 'not installed'}"
+             f"{' (quick sizes)' if r['quick'] else ''}", "",
+             "| benchmark | this project | MONAI | ratio | target |", "|---|---|---|---|---|"]
+    for preset, x in r["sampling"].items():
+        lines.append(f"| sampling, {preset} ({x['patches_per_call']} x {x['patch']} from {x['volume']}) | "
+                     f"{x['ours_patches_per_s']:.1f} patches/s | {x.get('monai_patches_per_s', 0):.1f} patches/s | "
+                     f"{ratio(x, TARGETS['sampling'])} |")
+    x = r["dice"]
+    lines.append(f"| Dice, {x['cases']} cases of {x['shape']}, {x['classes']} organs | "
+                 f"{x['ours_cases_per_s']:.2f} cases/s | {x.get('monai_cases_per_s', 0):.2f} cases/s | "
+                 f"{ratio(x, TARGETS['dice'])} |")
+    x = r["sliding_window"]
+    lines.append(f"| sliding window, {x['volume']}, roi {x['roi']} | {x['ours_seconds']:.1f} s | "
+                 f"{x.get('monai_seconds', 0):.1f} s | {ratio(x, TARGETS['sliding_window'])} |")
+    x = r["train_step"]
+    lines.append(f"| training step, {x['preset']} preset, batch {x['batch']} x {x['patch']} | "
+                 f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s ({x['unet3d_parameters'] / 1e6:.2f} M params) | "
+                 f"{x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
+                 f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | {ratio(x, TARGETS['train_step'])} |")
+    f = r["fl_round"]
+    lines += ["", f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} s, aggregation "
+              f"{f['aggregate_seconds'] * 1e3:.1f} ms ({100 * f['aggregate_share']:.2f}%), "
+              f"{f['bytes_up_per_round'] / 1e6:.2f} MB up and {f['bytes_down_per_round'] / 1e6:.2f} MB down"]
+    for name in ("dice", "sliding_window"):
+        if "max_abs_difference" in r[name]:
+            lines.append(f"{name}: largest difference from MONAI's output {r[name]['max_abs_difference']:.2e}")
+    if "sampling_share_of_paper_step" in r:
+        share = r["sampling_share_of_paper_step"]
+        lines.append(f"sampling's share of a paper-preset training step: {100 * share:.1f}%")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -197,6 +543,12 @@ def main(argv=None) -> int:
     m.add_argument("--rounds", type=int, default=2)
     m.add_argument("--local-steps", type=int, default=2)
     m.add_argument("--out", default="bench.json")
+    sp = sub.add_parser("speed", help="sampler, Dice, sliding window, training step and FL round against MONAI")
+    sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sp.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    sp.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    sp.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    sp.add_argument("--out", default="bench.json")
     k = sub.add_parser("_clients")
     k.add_argument("n", type=int)
     k.add_argument("rounds", type=int)
@@ -215,6 +567,16 @@ def main(argv=None) -> int:
     if args.what == "preprocess":
         result = bench_preprocess(args)
         print(report(result))
+    elif args.what == "speed":
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                p.error("--device cuda: no CUDA device is visible to PyTorch")
+        result = bench_speed(args)
+        print(speed_table(result))
+        merge_json(args.out, f"speed_{args.device}{'_quick' if args.quick else ''}", result)
+        return 0
     elif args.what == "exchange":
         result = bench_exchange(args)
         print(exchange_table(result))
