@@ -237,6 +237,30 @@ def add_noise(state: State, std: float, generator: torch.Generator) -> State:
 # ---------------------------------------------------------------------------------------
 
 
+def combine_updates(sent: Sequence[State], reference: State, aggregate: Aggregate = average,
+                    weights: Sequence[float] | None = None, guard: Guard | None = None,
+                    privacy: Privacy | None = None) -> tuple[State, list[float], dict[int, str]]:
+    """The new shared weights from the states the clients sent (each holding only the shared
+    keys), with each update's norm and the refused ones (index -> why).
+
+    `reference` is last round's shared state, what every client started from. Refused updates
+    are left out; if every update is refused, the result is the reference. Used by
+    `federated_round` here and by a server that receives the states over a network.
+    """
+    norms = [update_norm(s, reference) for s in sent]
+    refused = screen(sent, norms, guard) if guard is not None else {}
+    accepted = [i for i in range(len(sent)) if i not in refused]
+    if not accepted:
+        return reference, norms, refused
+    states = [sent[i] for i in accepted]
+    if privacy is not None:
+        states = [clip_update(s, reference, privacy.clip) for s in states]
+    merged = aggregate(states, [weights[i] for i in accepted] if weights is not None else None)
+    if privacy is not None:
+        merged = add_noise(merged, privacy.noise * privacy.clip, privacy.generator)
+    return merged, norms, refused
+
+
 @dataclass
 class RoundReport:
     losses: dict[str, float]  # mean local loss of each client that trained
@@ -265,20 +289,10 @@ def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients:
     if not shared_keys or not present:
         return report
     sent = [{k: c.model_state[k] for k in shared_keys} for c in present]
-    norms = [update_norm(s, reference) for s in sent]
+    merged, norms, refused = combine_updates(sent, reference, aggregate,
+                                             [c.weight for c in present] if weighted else None, guard, privacy)
     report.norms = {c.name: n for c, n in zip(present, norms)}
-    refused = screen(sent, norms, guard) if guard is not None else {}
     report.refused = {present[i].name: why for i, why in refused.items()}
-    accepted = [i for i in range(len(present)) if i not in refused]
-    if not accepted:
-        merged = reference
-    else:
-        states = [sent[i] for i in accepted]
-        if privacy is not None:
-            states = [clip_update(s, reference, privacy.clip) for s in states]
-        merged = aggregate(states, [present[i].weight for i in accepted] if weighted else None)
-        if privacy is not None:
-            merged = add_noise(merged, privacy.noise * privacy.clip, privacy.generator)
     for c in clients:
         for k in shared_keys:
             c.model_state[k] = merged[k].clone()

@@ -168,6 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="site", choices=("site", "test"),
                    help="window each binary head sees at test time: its own site's (default) or the test set's")
+    p.add_argument("--noise-aug", type=float, default=0.0, metavar="P",
+                   help="probability of additive Gaussian noise (std up to 0.05 of the window) per patch; "
+                        "default 0 (off)")
+    p.add_argument("--contrast-aug", type=float, default=0.0, metavar="P",
+                   help="probability of a contrast change about the patch mean per patch; default 0 (off)")
+    p.add_argument("--contrast-range", type=float, default=0.25, metavar="R",
+                   help="contrast factor drawn from 1 +- R (default 0.25)")
     p.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
     p.add_argument("--task-stages", type=int, default=1, help="decoder stages in the task block (default 1)")
     p.add_argument("--norm", default="instance", choices=("instance", "batch"), help="normalisation layers")
@@ -233,6 +240,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rounds and --local-steps must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
+    if not (0 <= args.noise_aug <= 1 and 0 <= args.contrast_aug <= 1):
+        p.error("--noise-aug and --contrast-aug are probabilities in [0, 1]")
+    if not 0 <= args.contrast_range < 1:
+        p.error("--contrast-range must be in [0, 1)")
     if args.max_cases is not None and args.max_cases < 1:
         p.error("--max-cases must be at least 1")
     if args.fedbn and args.mode != "segviz":
@@ -286,7 +297,8 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
 RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "window",
-                "head_window", "weighted", "task_stages", "norm", "seed", "cache", "data_root", "liver", "spleen",
+                "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages", "norm",
+                "seed", "cache", "data_root", "liver", "spleen",
                 "pancreas", "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap",
                 "dropout", "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
 
@@ -397,19 +409,25 @@ class Run:
     validation: list[dict]  # {"round": r, site: Dice on that site's validation cases}
 
 
-def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
-    """The federation at round 0: sites, samplers, one live model, clients as plain data."""
+def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] | None = None) -> Run:
+    """The federation at round 0: sites, samplers, one live model, clients as plain data.
+
+    `only`: build samplers and clients for these sites alone (a Flower SuperNode holds one
+    site's data, the Flower server none); the model, organs and shared keys stay the whole
+    federation's."""
     preset = PRESETS[args.preset]
     sites = NODE_SITES[args.nodes]
+    local = sites if only is None else tuple(only)
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
     windows = site_windows(sites, args.window)
     binary = args.mode in ("single", "segviz")
     unet_cfg = UNetConfig(out_channels=2 if binary else len(organs) + 1, channels=preset.channels,
                           norm=args.norm, task_stages=args.task_stages)
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
-                                patches_per_volume=preset.patches_per_volume)
+                                patches_per_volume=preset.patches_per_volume, p_noise=args.noise_aug,
+                                p_contrast=args.contrast_aug, contrast=args.contrast_range)
     samplers = {s: make_sampler(train_cases[s], windows[s], binary, sampler_cfg, args.device,
-                                seed_for(args.seed, s), len(organs)) for s in sites}
+                                seed_for(args.seed, s), len(organs)) for s in local}
     # channels-last 3D convolutions are ~12% faster on CPU (oneDNN) and the layout Tensor Cores want
     model = UNet3D(unet_cfg).to(args.device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -423,9 +441,9 @@ def build_run(args: argparse.Namespace, train_cases: dict) -> Run:
         local_steps, keys = args.local_steps * len(sites), []
     else:
         clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample), site_loss(args.loss, s),
-                                 weight=len(train_cases[s]), store=store) for s in sites]
+                                 weight=len(train_cases[s]), store=store) for s in local]
         local_steps = args.local_steps
-        keys = segviz.shared_keys(clients[0].model_state, args.mode, args.fedbn)
+        keys = segviz.shared_keys(model.state_dict(), args.mode, args.fedbn)
     privacy = None
     if args.dp_clip is not None:
         privacy = fl.Privacy(args.dp_clip, args.dp_noise, torch.Generator().manual_seed(seed_for(args.seed, "dp")))
@@ -612,15 +630,21 @@ def load_data(args: argparse.Namespace, spacing, spec: PhantomSpec):
     return train_cases, test_cases, {"source": "phantom"}
 
 
+def data_spec(args: argparse.Namespace) -> tuple[tuple[float, float, float], PhantomSpec]:
+    """The working voxel spacing and the phantom's size (cases per site) of a run."""
+    spacing = tuple(args.spacing) if args.spacing else REAL_SPACING if args.real else PRESETS[args.preset].spacing
+    spec = PhantomSpec(spacing=spacing)
+    if args.max_cases:
+        spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=spacing)
+    return spacing, spec
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run one training setup end to end; returns the metrics dict (also written to OUT)."""
     t_start = time.time()
     torch.manual_seed(args.seed)
     preset = PRESETS[args.preset]
-    spacing = tuple(args.spacing) if args.spacing else REAL_SPACING if args.real else preset.spacing
-    spec = PhantomSpec(spacing=spacing)
-    if args.max_cases:
-        spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=spacing)
+    spacing, spec = data_spec(args)
     train_cases, test_cases, data_info = load_data(args, spacing, spec)
     val_cases = load_validation(args, spacing, spec) if args.val_every else {}
     t_data = time.time()
@@ -692,6 +716,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
         "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "schedule": args.schedule,
         "loss": args.loss, "window": args.window, "head_window": args.head_window, "weighted": args.weighted,
+        "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch),
         "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing), "data": data_info,
         "max_cases": args.max_cases, "windows": {k: list(v) for k, v in windows.items()},
