@@ -351,8 +351,12 @@ def speed_sliding_window(args, monai) -> dict:
         if monai is not None:
             from monai.inferers import sliding_window_inference
 
+            # the same blending weights (MONAI floors its own Gaussian at 1e-3, eval.py does not)
+            weights = ev.importance_map(roi, "gaussian", vol.device)
+
             def theirs():
-                return sliding_window_inference(vol, roi, batch, net, overlap=overlap, mode="gaussian")
+                return sliding_window_inference(vol, roi, batch, net, overlap=overlap, mode="gaussian",
+                                                roi_weight_map=weights)
 
             their_out = theirs()
             t_theirs = median_seconds(theirs, reps, args.device, warmup=0)
