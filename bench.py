@@ -342,11 +342,18 @@ def speed_sliding_window(args, monai) -> dict:
     vol = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(args.device)
     roi, overlap, batch = preset.patch, 0.25, 4
     row = {"volume": list(shape), "roi": list(roi), "overlap": overlap, "batch": batch}
-    reps = max(1, args.repeats // 3)
+    outputs = {}
+
+    def once(name, fn):
+        """One timed call (a whole volume is long enough to time once), its output kept."""
+        _sync(args.device)
+        t = time.perf_counter()
+        outputs[name] = fn()
+        _sync(args.device)
+        return time.perf_counter() - t
+
     with torch.no_grad():
-        ours_out = ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch)
-        t_ours = median_seconds(lambda: ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch),
-                                reps, args.device, warmup=0)
+        t_ours = once("ours", lambda: ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch))
         row["ours_seconds"] = t_ours
         if monai is not None:
             from monai.inferers import sliding_window_inference
@@ -358,10 +365,9 @@ def speed_sliding_window(args, monai) -> dict:
                 return sliding_window_inference(vol, roi, batch, net, overlap=overlap, mode="gaussian",
                                                 roi_weight_map=weights)
 
-            their_out = theirs()
-            t_theirs = median_seconds(theirs, reps, args.device, warmup=0)
+            t_theirs = once("monai", theirs)
             row.update(monai_seconds=t_theirs, ratio=t_theirs / t_ours,
-                       max_abs_difference=float((ours_out - torch.as_tensor(their_out)).abs().max()))
+                       max_abs_difference=float((outputs["ours"] - torch.as_tensor(outputs["monai"])).abs().max()))
     return row
 
 
