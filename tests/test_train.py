@@ -270,8 +270,10 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
     import signal
 
     out = tmp_path / "run"
+    # a suite started in the background (`cmd &`) inherits an ignored SIGINT; give the run the default back
     proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--cache", str(cache), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_round(out / "state.pt", proc, 2)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
