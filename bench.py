@@ -427,7 +427,7 @@ def speed_fl_round(args) -> dict:
     import fl
     import segviz
     import train
-    from data import SamplerConfig
+    from data import PatchSampler, SamplerConfig
     from unet3d import UNet3D, UNetConfig
 
     preset = train.PRESETS["phantom"]
@@ -439,8 +439,6 @@ def speed_fl_round(args) -> dict:
     clients = []
     for i in range(4):
         img, lab = synthetic_volume((110, 86, 86), args.device, seed=i)
-        from data import PatchSampler
-
         sampler = PatchSampler([img], [lab], cfg, device=args.device, seed=i)
         clients.append(fl.new_client(f"site{i}", model, optimizer, sampler.sample, train.dice_ce_loss))
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
@@ -473,7 +471,8 @@ def speed_fl_round(args) -> dict:
 def bench_speed(args) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads) if args.device == "cpu" else None
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     monai = _monai()
     if monai is None:
         print("MONAI is not installed (pip install -r requirements-bench.txt): measuring this project alone",

@@ -1241,6 +1241,7 @@ class PatchSampler:
         ctx = ctx + (ctx - patch) % 2
         self.ctx = ctx.to(self.device)
         self.patch = patch.to(self.device)
+        self.grid = _identity_grid(cfg.patch, self.device)
 
         flat_img, flat_lab, shapes, offsets, fg, bg = [], [], [], [], [], []
         offset = 0
@@ -1347,23 +1348,11 @@ class PatchSampler:
         rev = [2, 1, 0]
         theta = torch.zeros(b, 3, 4, device=d)
         theta[:, :, :3] = theta_xyz[:, rev][:, :, rev]
-        grid = self._base_grid().bmm(theta.transpose(1, 2)).view(b, *[int(p) for p in self.patch], 3)
+        grid = self.grid.expand(b, -1, -1).bmm(theta.transpose(1, 2)).view(b, *cfg.patch, 3)
         img = F.grid_sample(img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         lab = F.grid_sample(lab[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                             align_corners=False)[:, 0]
         return img, lab.to(torch.uint8)
-
-    def _base_grid(self) -> torch.Tensor:
-        """F.affine_grid's identity grid of one patch, (1, N, 4), built once: the same numbers
-        as affine_grid computes on every call (align_corners=False)."""
-        if getattr(self, "_grid", None) is None:
-            d = self.device
-            axes = [torch.linspace(-1, 1, n, device=d) * (n - 1) / n for n in (int(p) for p in self.patch)]
-            # grid_sample's last axis is (W, H, D) = our (z, y, x)
-            x, y, z = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")
-            base = torch.stack([z, y, x, torch.ones_like(x)], dim=-1)
-            self._grid = base.reshape(1, -1, 4)
-        return self._grid.expand(self.cfg.batch, -1, -1)
 
     def _intensity(self, img: torch.Tensor) -> torch.Tensor:
         cfg, g, d = self.cfg, self.gen, self.device
@@ -1384,6 +1373,15 @@ class PatchSampler:
             std = std * (torch.rand(shape, generator=g, device=d) < cfg.p_noise)
             img = img + torch.randn(img.shape, generator=g, device=d) * std
         return img
+
+
+def _identity_grid(patch, device) -> torch.Tensor:
+    """F.affine_grid's identity grid of one patch as (1, N, 4), built once per sampler: the
+    same numbers affine_grid would compute on every batch (align_corners=False)."""
+    axes = [torch.linspace(-1, 1, n, device=device) * (n - 1) / n for n in patch]
+    x, y, z = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")
+    # grid_sample's last axis is (W, H, D) = our (z, y, x)
+    return torch.stack([z, y, x, torch.ones_like(x)], dim=-1).reshape(1, -1, 4)
 
 
 def _pack(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

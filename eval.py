@@ -206,6 +206,18 @@ def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple
     return "\n".join(lines)
 
 
+def save_torch_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json_atomic(path: str, obj) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from data import (
     real_federation,
     split_validation,
 )
-from eval import write_json_atomic
+from eval import save_torch_atomic, write_json_atomic
 
 State = fl.State
 FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central/oracle pool every site's images)
@@ -242,7 +241,7 @@ def keep_state(site: Site, context: Context, round_: int, tag: str, counted: int
     os.makedirs(site.folder, exist_ok=True)
     blob = {"format": "segviz-flower-node/1", "site": site.name, "tag": tag, "round": round_,
             "settings": settings_key(site.args), "local": local, "rest": rest}
-    atomic_save(blob, state_file(site, tag, round_))
+    save_torch_atomic(blob, state_file(site, tag, round_))
     # rounds trained after `counted` and before this one never reached the server: rolled back.
     # Of the rest keep this round's file and the newest earlier one (the state to go back to if
     # this round's reply is lost too)
@@ -299,7 +298,7 @@ def save_site_model(site: Site) -> str:
     """keep-heads-local: this site's binary model (shared representation + its own head)."""
     path = os.path.join(site.folder, f"{site.name}-model.pt")
     windows = train.site_windows(site.run.sites, site.args.window)
-    atomic_save({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.args.mode,
+    save_torch_atomic({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.args.mode,
                  "fedbn": site.args.fedbn, "unet": site.run.unet_cfg.to_dict(), "window": list(windows[site.name]),
                  "shared_keys": list(site.run.keys), "state": dict(site.client.model_state)}, path)
     return path
@@ -594,24 +593,12 @@ def collect(grid: Grid, co: Coordinator) -> None:
         c.model_state = {k: c.model_state[k] if k in co.run.keys else local[k] for k in c.model_state}
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_server(co: Coordinator, rounds_done: int) -> None:
     """The server's state after a round (what a resumed run needs from the server; each node
     keeps its own) and the journal of what it received (flower.json)."""
     run = co.run
     os.makedirs(co.opts.out, exist_ok=True)
-    atomic_save({"format": SERVER_FORMAT, "round": rounds_done, "tag": co.tag, "settings": settings_key(co.args),
+    save_torch_atomic({"format": SERVER_FORMAT, "round": rounds_done, "tag": co.tag, "settings": settings_key(co.args),
                  "shared": co.shared, "weights": {c.name: c.weight for c in run.clients},
                  "history": {c.name: list(c.history) for c in run.clients}, "counted": dict(co.counted),
                  "log": list(run.log), "norms": list(run.norms), "journal": co.journal,
@@ -659,7 +646,7 @@ def server_test_set(args: argparse.Namespace, spacing, spec: PhantomSpec) -> tup
 def keep_representation(co: Coordinator) -> None:
     """keep-heads-local: the server's result is the shared representation alone."""
     path = os.path.join(co.opts.out, "representation.pt")
-    atomic_save({"format": "segviz-flower-representation/1", "mode": co.args.mode, "fedbn": co.args.fedbn,
+    save_torch_atomic({"format": "segviz-flower-representation/1", "mode": co.args.mode, "fedbn": co.args.fedbn,
                  "unet": co.run.unet_cfg.to_dict(), "shared_keys": list(co.run.keys), "state": co.shared}, path)
     heads = co.journal["final"]["heads"]
     print(f"shared representation: {path}; each site kept its head on its node: "

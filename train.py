@@ -24,7 +24,6 @@ import hashlib
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from eval import (
     fail,
     format_table,
     resolve_device,
+    save_torch_atomic,
     summarise,
     write_json_atomic,
 )
@@ -534,14 +534,7 @@ def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -
         "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state(),
     }
     os.makedirs(out, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-state-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, os.path.join(out, STATE_FILE))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_torch_atomic(blob, os.path.join(out, STATE_FILE))
 
 
 def load_state(path: str) -> dict:
@@ -745,10 +738,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
 def save_outputs(out: str, checkpoint: dict, metrics: dict) -> None:
     """Write model.pt and metrics.json atomically (temporary file, then rename)."""
     os.makedirs(out, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, os.path.join(out, "model.pt"))
+    save_torch_atomic(checkpoint, os.path.join(out, "model.pt"))
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
 
 
