@@ -303,7 +303,7 @@ def speed_dice(args, monai) -> dict:
     k = 4
 
     def ours():
-        return [[ev.dice(p == c, t == c) for c in range(1, k + 1)] for p, t in zip(preds, truths)]
+        return [ev.label_dice(p, t, k) for p, t in zip(preds, truths)]
 
     t_ours = median_seconds(ours, args.repeats, args.device)
     row = {"shape": list(shape), "cases": cases, "classes": k, "ours_cases_per_s": cases / t_ours}
@@ -468,6 +468,9 @@ def speed_fl_round(args) -> dict:
             "bytes_up_per_round": 4 * sent, "bytes_down_per_round": 4 * sent}
 
 
+SPEED_PARTS = ("sampling", "dice", "sliding_window", "train_step", "fl_round")
+
+
 def bench_speed(args) -> dict:
     import torch
 
@@ -481,11 +484,10 @@ def bench_speed(args) -> dict:
     out = {"device": args.device, "machine": f"{device_name}, torch {torch.__version__}",
            "monai": getattr(monai, "__version__", None), "quick": args.quick, "targets": TARGETS}
     parts = [("sampling", speed_sampling), ("dice", speed_dice), ("sliding_window", speed_sliding_window),
-             ("train_step", speed_train_step)]
-    for name, fn in tqdm_list(parts):
+             ("train_step", speed_train_step), ("fl_round", lambda a, _: speed_fl_round(a))]
+    for name, fn in tqdm_list([(n, f) for n, f in parts if not args.only or n in args.only]):
         out[name] = fn(args, monai)
-    out["fl_round"] = speed_fl_round(args)
-    if args.device == "cuda" and "paper" in out["sampling"]:
+    if args.device == "cuda" and "paper" in out.get("sampling", {}) and "train_step" in out:
         step_s = out["train_step"]["batch"] * 128 * 128 * 32 / out["train_step"]["unet3d_fp32_voxels_per_s"]
         sample_s = out["sampling"]["paper"]["patches_per_call"] / out["sampling"]["paper"]["ours_patches_per_s"]
         out["sampling_share_of_paper_step"] = sample_s / (sample_s + step_s)
@@ -507,28 +509,32 @@ def speed_table(r: dict) -> str:
     lines = [f"{r['machine']}, device {r['device']}, MONAI {r['monai'] or 'not installed'}"
              f"{' (quick sizes)' if r['quick'] else ''}", "",
              "| benchmark | this project | MONAI | ratio | target |", "|---|---|---|---|---|"]
-    for preset, x in r["sampling"].items():
+    for preset, x in r.get("sampling", {}).items():
         lines.append(f"| sampling, {preset} ({x['patches_per_call']} x {x['patch']} from {x['volume']}) | "
                      f"{x['ours_patches_per_s']:.1f} patches/s | {x.get('monai_patches_per_s', 0):.1f} patches/s | "
                      f"{ratio(x, TARGETS['sampling'])} |")
-    x = r["dice"]
-    lines.append(f"| Dice, {x['cases']} cases of {x['shape']}, {x['classes']} organs | "
-                 f"{x['ours_cases_per_s']:.2f} cases/s | {x.get('monai_cases_per_s', 0):.2f} cases/s | "
-                 f"{ratio(x, TARGETS['dice'])} |")
-    x = r["sliding_window"]
-    lines.append(f"| sliding window, {x['volume']}, roi {x['roi']} | {x['ours_seconds']:.1f} s | "
-                 f"{x.get('monai_seconds', 0):.1f} s | {ratio(x, TARGETS['sliding_window'])} |")
-    x = r["train_step"]
-    lines.append(f"| training step, {x['preset']} preset, batch {x['batch']} x {x['patch']} | "
-                 f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s ({x['unet3d_parameters'] / 1e6:.2f} M params) | "
-                 f"{x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
-                 f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | {ratio(x, TARGETS['train_step'])} |")
-    f = r["fl_round"]
-    lines += ["", f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} s, aggregation "
-              f"{f['aggregate_seconds'] * 1e3:.1f} ms ({100 * f['aggregate_share']:.2f}%), "
-              f"{f['bytes_up_per_round'] / 1e6:.2f} MB up and {f['bytes_down_per_round'] / 1e6:.2f} MB down"]
+    if "dice" in r:
+        x = r["dice"]
+        lines.append(f"| Dice, {x['cases']} cases of {x['shape']}, {x['classes']} organs | "
+                     f"{x['ours_cases_per_s']:.2f} cases/s | {x.get('monai_cases_per_s', 0):.2f} cases/s | "
+                     f"{ratio(x, TARGETS['dice'])} |")
+    if "sliding_window" in r:
+        x = r["sliding_window"]
+        lines.append(f"| sliding window, {x['volume']}, roi {x['roi']} | {x['ours_seconds']:.1f} s | "
+                     f"{x.get('monai_seconds', 0):.1f} s | {ratio(x, TARGETS['sliding_window'])} |")
+    if "train_step" in r:
+        x = r["train_step"]
+        lines.append(f"| training step, {x['preset']} preset, batch {x['batch']} x {x['patch']} | "
+                     f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s ({x['unet3d_parameters'] / 1e6:.2f} M "
+                     f"params) | {x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
+                     f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | {ratio(x, TARGETS['train_step'])} |")
+    if "fl_round" in r:
+        f = r["fl_round"]
+        lines += ["", f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} s, "
+                  f"aggregation {f['aggregate_seconds'] * 1e3:.1f} ms ({100 * f['aggregate_share']:.2f}%), "
+                  f"{f['bytes_up_per_round'] / 1e6:.2f} MB up and {f['bytes_down_per_round'] / 1e6:.2f} MB down"]
     for name in ("dice", "sliding_window"):
-        if "max_abs_difference" in r[name]:
+        if "max_abs_difference" in r.get(name, {}):
             lines.append(f"{name}: largest difference from MONAI's output {r[name]['max_abs_difference']:.2e}")
     if "sampling_share_of_paper_step" in r:
         share = r["sampling_share_of_paper_step"]
@@ -558,6 +564,9 @@ def main(argv=None) -> int:
     sp.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     sp.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     sp.add_argument("--out", default="bench.json")
+    sp.add_argument("--only", nargs="+", choices=SPEED_PARTS, metavar="PART",
+                    help=f"measure only these ({', '.join(SPEED_PARTS)}); the others keep their earlier "
+                         "entry in --out")
     k = sub.add_parser("_clients")
     k.add_argument("n", type=int)
     k.add_argument("rounds", type=int)
@@ -582,9 +591,12 @@ def main(argv=None) -> int:
 
             if not torch.cuda.is_available():
                 p.error("--device cuda: no CUDA device is visible to PyTorch")
+        key = f"speed_{args.device}{'_quick' if args.quick else ''}"
         result = bench_speed(args)
+        if args.only:  # a partial run updates the parts it measured
+            result = {**read_json(args.out).get(key, {}), **result}
         print(speed_table(result))
-        merge_json(args.out, f"speed_{args.device}{'_quick' if args.quick else ''}", result)
+        merge_json(args.out, key, result)
         return 0
     elif args.what == "exchange":
         result = bench_exchange(args)
@@ -617,15 +629,19 @@ def clients_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        return {}
+
+
 def merge_json(path: str, key: str, value) -> None:
     """Keep every benchmark's latest result in one bench.json."""
-    data = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except ValueError:
-            data = {}
+    data = read_json(path)
     data[key] = value
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -104,6 +104,24 @@ def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return 2.0 * int((p & t).sum()) / (ps + ts)
 
 
+def label_dice(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> list[float]:
+    """Dice of labels 1..classes between two integer label maps, from one confusion count.
+
+    One pass over the voxels instead of one per organ (what `dice` on each organ's masks
+    does); the same values, with the same empty-mask rule.
+    """
+    n = classes + 1
+    if int(pred.max()) >= n or int(truth.max()) >= n:
+        raise ValueError(f"label_dice: labels must lie in 0..{classes}")
+    # uint8 halves the memory traffic of int16 and is the fastest bincount input
+    dtype = torch.uint8 if n * n <= 256 else torch.int64
+    joint = pred.reshape(-1).to(dtype) * n + truth.reshape(-1).to(dtype)
+    confusion = torch.bincount(joint, minlength=n * n).reshape(n, n).cpu()
+    hits, predicted, true = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    return [1.0 if predicted[c] + true[c] == 0 else 2.0 * int(hits[c]) / int(predicted[c] + true[c])
+            for c in range(1, n)]
+
+
 def organ_masks(scores: torch.Tensor, organs: Sequence[str], independent: bool) -> dict[str, torch.Tensor]:
     """Masks per organ from (1 + K, ...) scores: one merged label map (argmax), or for
     independent binary models each organ's own probability above 0.5."""
@@ -176,8 +194,13 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
         masks = predict_masks(model, case, organs, roi, independent, device, overlap, blend, largest)
         label = case.label.to(device)
-        for organ in organs:
-            result[organ].append(dice(masks[organ], label == ORGAN_ID[organ]))
+        if independent:  # binary models' masks may overlap: one organ at a time
+            scores = [dice(masks[organ], label == ORGAN_ID[organ]) for organ in organs]
+        else:
+            by_id = label_dice(label_map(masks), label, max(ORGAN_ID.values()))
+            scores = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
+        for organ, value in zip(organs, scores):
+            result[organ].append(value)
         if save_pred:
             save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
     return result

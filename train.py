@@ -98,16 +98,18 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Soft Dice on the softmax output, per sample and class (background included), averaged."""
-    return _soft_dice(torch.softmax(logits, dim=1), target, eps)
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+    """Soft Dice on the softmax output per class (background included), averaged over classes,
+    and over samples unless `batch_dice` pools the whole batch into one Dice per class."""
+    return _soft_dice(torch.softmax(logits, dim=1), target, batch_dice)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return dice_loss(logits, target) + F.cross_entropy(logits, target)
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+    return dice_loss(logits, target, batch_dice) + F.cross_entropy(logits, target)
 
 
-def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
+def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int],
+                  batch_dice: bool = False) -> torch.Tensor:
     """Dice + cross-entropy over background and the `labelled` classes only, with the
     probabilities of every class the site did not label merged into background (Shi et al.
     2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
@@ -118,12 +120,16 @@ def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence
     index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
     index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
     t = index[target]
-    return _soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
+    return _soft_dice(merged.exp(), t, batch_dice) + F.nll_loss(merged, t)
 
 
-def _soft_dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def _soft_dice(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
+               eps: float = 1e-5) -> torch.Tensor:
+    # Per sample, a patch without the organ (half of them, by the pos/neg sampler) scores
+    # ~1 whatever it predicts, so it teaches nothing; pooled over the batch, its false
+    # positives count against the organ's Dice (nnU-Net's "batch Dice").
     onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = tuple(range(2, probs.dim()))
+    dims = (0, *range(2, probs.dim())) if batch_dice else tuple(range(2, probs.dim()))
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
@@ -164,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", default="dicece", choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original; "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
+    p.add_argument("--dice-over", default="sample", choices=("sample", "batch"),
+                   help="soft Dice per patch, averaged (default, as the original), or pooled over the batch")
     p.add_argument("--window", default="site", choices=("site", "common"),
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="site", choices=("site", "test"),
@@ -296,7 +304,7 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "window",
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "dice_over", "window",
                 "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages", "norm",
                 "seed", "cache", "data_root", "liver", "spleen",
                 "pancreas", "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap",
@@ -436,11 +444,12 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     store = fl.choose_store(torch.device(args.device), len(sites), fl.state_bytes(model))
     if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
-        loss = pooled_loss(args.loss, pooled, sites)
+        loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
         clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss, store=store)]
         local_steps, keys = args.local_steps * len(sites), []
     else:
-        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample), site_loss(args.loss, s),
+        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample),
+                                 site_loss(args.loss, s, args.dice_over == "batch"),
                                  weight=len(train_cases[s]), store=store) for s in local]
         local_steps = args.local_steps
         keys = segviz.shared_keys(model.state_dict(), args.mode, args.fedbn)
@@ -451,19 +460,19 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
                torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [], [])
 
 
-def site_loss(name: str, site: str):
+def site_loss(name: str, site: str, batch_dice: bool = False):
     """The loss of one site's batches; the marginal loss knows which organ the site labelled."""
     if name == "marginal":
-        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]])
-    return LOSSES[name]
+        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]], batch_dice=batch_dice)
+    return functools.partial(LOSSES[name], batch_dice=batch_dice)
 
 
-def pooled_loss(name: str, pooled, sites):
+def pooled_loss(name: str, pooled, sites, batch_dice: bool = False):
     """The pooled model's loss: each batch comes from one site in turn (round_robin), so the
     marginal loss reads which site the batch just drawn came from."""
     if name != "marginal":
-        return LOSSES[name]
-    per_site = [site_loss(name, s) for s in sites]
+        return functools.partial(LOSSES[name], batch_dice=batch_dice)
+    per_site = [site_loss(name, s, batch_dice) for s in sites]
     return lambda logits, target: per_site[(pooled.position[0] - 1) % len(sites)](logits, target)
 
 

@@ -7,6 +7,7 @@ from eval import (
     CHECKPOINT_FORMAT,
     dice,
     format_table,
+    label_dice,
     load_checkpoint,
     organ_masks,
     sliding_window,
@@ -66,6 +67,29 @@ def test_dice_treats_nonzero_values_as_foreground():
 
 def identity(x):
     return x
+
+
+def test_label_dice_equals_dice_of_each_organs_masks():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 5, (20, 18, 16), generator=g)
+    noise = torch.randint(0, 5, truth.shape, generator=g)
+    pred = torch.where(torch.rand(truth.shape, generator=g) < 0.3, noise, truth)
+    pred[pred == 3] = 0  # organ 3 never predicted: Dice 0 against a present truth
+    truth[truth == 4] = 0
+    pred[pred == 4] = 0  # organ 4 absent in both: Dice 1
+    expected = [dice(pred == c, truth == c) for c in range(1, 5)]
+    assert label_dice(pred, truth, 4) == pytest.approx(expected, abs=0)
+    assert expected[2] == 0.0 and expected[3] == 1.0 and 0 < expected[0] < 1
+
+
+def test_label_dice_beyond_uint8_range_and_bad_labels():
+    truth = torch.arange(40).reshape(2, 4, 5) % 20
+    pred = truth.clone()
+    pred[0, 0, :3] = 0
+    expected = [dice(pred == c, truth == c) for c in range(1, 20)]
+    assert label_dice(pred, truth, 19) == pytest.approx(expected, abs=0)
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        label_dice(pred, truth, 4)
 
 
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])

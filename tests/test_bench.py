@@ -1,0 +1,28 @@
+"""Tests of bench.py's speed command: a partial run updates only what it measured."""
+
+import json
+
+import bench
+
+
+def test_speed_only_dice_keeps_the_other_parts_of_the_entry(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    sampling = {"phantom": {"patches_per_call": 2, "patch": [48, 48, 32], "volume": [9, 9, 9],
+                            "ours_patches_per_s": 5.0, "ratio": 1.5}}
+    earlier = {"speed_cpu_quick": {"sampling": sampling, "dice": {"ratio": 0.1}}, "exchange": {"kept": True}}
+    out.write_text(json.dumps(earlier))
+    assert bench.main(["speed", "--quick", "--only", "dice", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["exchange"] == {"kept": True}
+    entry = data["speed_cpu_quick"]
+    assert entry["sampling"] == sampling  # not measured this time: kept
+    assert entry["dice"]["cases"] == 4 and entry["dice"]["ours_cases_per_s"] > 0
+    assert entry["dice"].get("ratio") != 0.1  # measured again (no ratio at all without MONAI)
+    assert "Dice, 4 cases" in capsys.readouterr().out
+
+
+def test_speed_table_prints_only_the_parts_it_has():
+    partial = {"machine": "m", "device": "cpu", "monai": None, "quick": True,
+               "dice": {"cases": 2, "shape": [8, 8, 8], "classes": 4, "ours_cases_per_s": 3.0}}
+    table = bench.speed_table(partial)
+    assert "Dice, 2 cases" in table and "sampling" not in table and "FL round" not in table
