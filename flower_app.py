@@ -69,7 +69,7 @@ FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central
 # same name (`rounds` -> --rounds), so a flag added to train.py needs one line in pyproject.toml
 SERVER_KEYS = {"out", "cache", "device", "test-data", "keep-heads-local", "resume", "timeout", "wait-for-nodes"}
 # TOML has no null: 0 stands for "not given" (the preset's learning rate, every case, no limit)
-ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "dp-clip"}
+ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "dp-clip", "channels"}  # and "" for channels
 NEGATABLE = {"largest"}  # on by default in train.py: false must be said (--no-largest)
 # settings that may differ between the machines of one run (paths) or grow on resume
 MACHINE_SETTINGS = {"cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test", "rounds"}

@@ -152,6 +152,17 @@ def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
 # ---------------------------------------------------------------------------------------
 
 
+def channel_list(text: str) -> tuple[int, ...]:
+    """--channels 8,16,32,64: one positive width per level, at least two levels."""
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least two levels, each at least 1 channel wide")
+    return widths
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, nargs="+", default=None, choices=(1, 2, 3, 4),
@@ -185,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="contrast factor drawn from 1 +- R (default 0.25)")
     p.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
     p.add_argument("--task-stages", type=int, default=1, help="decoder stages in the task block (default 1)")
+    p.add_argument("--channels", type=channel_list, default=None, metavar="C,C,...",
+                   help="U-Net widths, one per resolution level, e.g. 8,16,32,64,128 (default: the preset's; "
+                        "phantom 8,16,32,64)")
     p.add_argument("--norm", default="instance", choices=("instance", "batch"), help="normalisation layers")
     p.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
@@ -258,8 +272,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fedbn applies to --mode segviz only")
     if args.loss == "marginal" and args.mode not in ("central", "fedavg"):
         p.error("--loss marginal applies to --mode central and fedavg (multi-class models on partial labels)")
-    if not 0 <= args.task_stages < len(preset.channels):
-        p.error(f"--task-stages must be in 0..{len(preset.channels) - 1} for the {args.preset} preset")
+    args.channels = preset.channels if args.channels is None else args.channels
+    if any(size % 2 ** (len(args.channels) - 1) for size in preset.patch):
+        p.error(f"--channels {','.join(map(str, args.channels))}: {len(args.channels)} levels need patch sides "
+                f"divisible by {2 ** (len(args.channels) - 1)}; the {args.preset} preset's patch is {preset.patch}")
+    if not 0 <= args.task_stages < len(args.channels):
+        p.error(f"--task-stages must be in 0..{len(args.channels) - 1} for {len(args.channels)} levels")
     if not 0 <= args.eval_overlap < 1:
         p.error("--eval-overlap must be in [0, 1)")
     if args.spacing is not None and min(args.spacing) <= 0:
@@ -304,11 +322,11 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "dice_over", "window",
-                "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages", "norm",
-                "seed", "cache", "data_root", "liver", "spleen",
-                "pancreas", "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap",
-                "dropout", "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "dice_over",
+                "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
+                "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
+                "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
+                "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -429,7 +447,7 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
     windows = site_windows(sites, args.window)
     binary = args.mode in ("single", "segviz")
-    unet_cfg = UNetConfig(out_channels=2 if binary else len(organs) + 1, channels=preset.channels,
+    unet_cfg = UNetConfig(out_channels=2 if binary else len(organs) + 1, channels=tuple(args.channels),
                           norm=args.norm, task_stages=args.task_stages)
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                                 patches_per_volume=preset.patches_per_volume, p_noise=args.noise_aug,
@@ -717,7 +735,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
         "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "schedule": args.schedule,
-        "loss": args.loss, "window": args.window, "head_window": args.head_window, "weighted": args.weighted,
+        "loss": args.loss, "dice_over": args.dice_over, "window": args.window, "head_window": args.head_window,
+        "weighted": args.weighted,
         "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch),
         "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing), "data": data_info,

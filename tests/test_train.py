@@ -25,6 +25,10 @@ def run(*args, cwd=ROOT):
     (["--device", "tpu"], "--device tpu"),
     (["--mode", "fedavg", "--fedbn"], "--fedbn"),
     (["--rounds", "0"], "--rounds"),
+    (["--channels", "8,x"], "comma-separated"),
+    (["--channels", "8"], "at least two levels"),
+    (["--channels", "8,16,32,64,128,256"], "divisible by 32"),
+    (["--channels", "8,16", "--task-stages", "2"], "--task-stages"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -143,6 +147,20 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
     re_metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for organ in metrics["organs"]:
         assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
+
+
+def test_channels_and_batch_dice_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
+    out = tmp_path / "run"
+    result = tiny("segviz", out, cache, "--channels", "4,8,16,32,64", "--dice-over", "batch")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["config"]["unet"]["channels"] == [4, 8, 16, 32, 64]
+    assert ckpt["config"]["dice_over"] == "batch"
+    widths = {v.shape[0] for k, v in ckpt["states"]["liver"].items() if k.startswith("rep.") and k.endswith(".weight")
+              and v.dim() == 5}
+    assert {4, 8, 16, 32, 64} <= widths
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_same_seed_gives_bitwise_the_same_model(tmp_path, cache):
