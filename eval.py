@@ -111,7 +111,7 @@ def label_dice(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> list[fl
     does); the same values, with the same empty-mask rule.
     """
     n = classes + 1
-    if int(pred.max()) >= n or int(truth.max()) >= n:
+    if min(int(pred.min()), int(truth.min())) < 0 or max(int(pred.max()), int(truth.max())) >= n:
         raise ValueError(f"label_dice: labels must lie in 0..{classes}")
     # uint8 halves the memory traffic of int16 and is the fastest bincount input
     dtype = torch.uint8 if n * n <= 256 else torch.int64

@@ -68,8 +68,9 @@ FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central
 # keys of the run config that are the server's own; every other key is a train.py flag of the
 # same name (`rounds` -> --rounds), so a flag added to train.py needs one line in pyproject.toml
 SERVER_KEYS = {"out", "cache", "device", "test-data", "keep-heads-local", "resume", "timeout", "wait-for-nodes"}
-# TOML has no null: 0 stands for "not given" (the preset's learning rate, every case, no limit)
-ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "dp-clip", "channels"}  # and "" for channels
+# TOML has no null: 0 (and "" for channels) stands for "not given", so train.py's default
+# applies (the preset's learning rate and widths, every case, no limit)
+ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "dp-clip", "channels"}
 NEGATABLE = {"largest"}  # on by default in train.py: false must be said (--no-largest)
 # settings that may differ between the machines of one run (paths) or grow on resume
 MACHINE_SETTINGS = {"cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test", "rounds"}
@@ -100,11 +101,20 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def later_defaults(args: argparse.Namespace) -> dict:
+    return {"dice_over": "sample", "channels": list(train.PRESETS[args.preset].channels)}
+
+
 def settings_key(args: argparse.Namespace) -> str:
     """A fingerprint of what defines the training (not paths or devices): the server and every
     node must agree on it, and a resumed run must match the state it resumes."""
     settings = {k: v for k, v in train.settings_of(args).items() if k not in MACHINE_SETTINGS}
     settings["real"] = args.real
+    # settings added after a state file was written are left out while at their default, so
+    # that a run started before they existed still resumes
+    for key, default in later_defaults(args).items():
+        if settings.get(key) == default:
+            del settings[key]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

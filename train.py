@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +105,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = Fal
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+    """Soft Dice (as `dice_loss`) plus voxel-wise cross-entropy."""
     return dice_loss(logits, target, batch_dice) + F.cross_entropy(logits, target)
 
 
@@ -125,9 +126,10 @@ def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence
 
 def _soft_dice(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
                eps: float = 1e-5) -> torch.Tensor:
-    # Per sample, a patch without the organ (half of them, by the pos/neg sampler) scores
-    # ~1 whatever it predicts, so it teaches nothing; pooled over the batch, its false
-    # positives count against the organ's Dice (nnU-Net's "batch Dice").
+    # Per sample, a patch that holds none of the organ (many of the background-centred half)
+    # has an organ loss of ~1 for any prediction but a near-perfect zero, so its gradient is
+    # ~0 and its false positives go unpunished by the Dice term; pooled over the batch they
+    # count against the organ's Dice (nnU-Net's "batch Dice").
     onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0, *range(2, probs.dim())) if batch_dice else tuple(range(2, probs.dim()))
     inter = (probs * onehot).sum(dims)
@@ -341,10 +343,14 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
         p.error(f"--resume {args.resume} writes to its own folder; drop --out {args.out}")
     for key in RUN_SETTINGS:
         mine = getattr(args, key)
-        if key in given and _norm(mine) != _norm(saved.get(key)):
+        # a setting newer than the state was, for that run, at its default
+        theirs = saved.get(key, p.get_default(key))
+        if key == "channels" and theirs is None:
+            theirs = PRESETS[saved.get("preset", "phantom")].channels
+        if key in given and _norm(mine) != _norm(theirs):
             p.error(f"--resume {args.resume}: the checkpoint was trained with --{key.replace('_', '-')} "
-                    f"{saved.get(key)}, not {mine}")
-        setattr(args, key, saved.get(key, mine))  # a setting newer than the state keeps its default
+                    f"{theirs}, not {mine}")
+        setattr(args, key, theirs)
     if "rounds" in given and args.rounds < saved["rounds"]:
         p.error(f"--resume {args.resume}: --rounds {args.rounds} is fewer than the run's {saved['rounds']}")
     if "rounds" not in given:
@@ -478,14 +484,17 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
                torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [], [])
 
 
-def site_loss(name: str, site: str, batch_dice: bool = False):
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def site_loss(name: str, site: str, batch_dice: bool = False) -> Loss:
     """The loss of one site's batches; the marginal loss knows which organ the site labelled."""
     if name == "marginal":
         return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]], batch_dice=batch_dice)
     return functools.partial(LOSSES[name], batch_dice=batch_dice)
 
 
-def pooled_loss(name: str, pooled, sites, batch_dice: bool = False):
+def pooled_loss(name: str, pooled: Callable, sites: Sequence[str], batch_dice: bool = False) -> Loss:
     """The pooled model's loss: each batch comes from one site in turn (round_robin), so the
     marginal loss reads which site the batch just drawn came from."""
     if name != "marginal":

@@ -18,6 +18,7 @@ def test_speed_only_dice_keeps_the_other_parts_of_the_entry(tmp_path, capsys):
     assert entry["sampling"] == sampling  # not measured this time: kept
     assert entry["dice"]["cases"] == 4 and entry["dice"]["ours_cases_per_s"] > 0
     assert entry["dice"].get("ratio") != 0.1  # measured again (no ratio at all without MONAI)
+    assert entry["dice"]["machine"] == entry["machine"]  # each part says where it was measured
     assert "Dice, 4 cases" in capsys.readouterr().out
 
 
@@ -26,3 +27,11 @@ def test_speed_table_prints_only_the_parts_it_has():
                "dice": {"cases": 2, "shape": [8, 8, 8], "classes": 4, "ours_cases_per_s": 3.0}}
     table = bench.speed_table(partial)
     assert "Dice, 2 cases" in table and "sampling" not in table and "FL round" not in table
+
+
+def test_a_partial_run_of_sampling_prints_its_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["speed", "--quick", "--only", "sampling", "--repeats", "1", "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["speed_cpu_quick"]
+    assert entry["sampling"]["machine"] and entry["sampling"]["phantom"]["ours_patches_per_s"] > 0
+    assert "sampling, phantom" in capsys.readouterr().out

@@ -90,6 +90,38 @@ def test_label_dice_beyond_uint8_range_and_bad_labels():
     assert label_dice(pred, truth, 19) == pytest.approx(expected, abs=0)
     with pytest.raises(ValueError, match=r"0\.\.4"):
         label_dice(pred, truth, 4)
+    with pytest.raises(ValueError, match=r"0\.\.19"):
+        label_dice(pred - 1, truth, 19)
+
+
+class FixedScores(torch.nn.Module):
+    """A 'model' whose scores put a fixed label map on every window it is shown."""
+
+    def __init__(self, labels: torch.Tensor, classes: int):
+        super().__init__()
+        self.scores = torch.nn.functional.one_hot(labels.long(), classes).movedim(-1, 0)[None].float()
+
+    def forward(self, x):  # windows of the whole volume: the volume is the ROI here
+        return self.scores.expand(x.shape[0], -1, -1, -1, -1)
+
+
+def test_evaluate_scores_each_organ_against_its_own_truth():
+    from data import ORGAN_ID, Case
+    from eval import evaluate
+
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randint(0, 5, (16, 16, 16), generator=g, dtype=torch.uint8)
+    pred = truth.clone()
+    pred[:8][pred[:8] == ORGAN_ID["spleen"]] = 0  # spleen loses half, liver keeps all
+    pred[truth == ORGAN_ID["pancreas"]] = ORGAN_ID["kidneys"]  # pancreas read as kidney
+    case = Case("c", torch.zeros(16, 16, 16), truth, (1.0, 1.0, 1.0))
+    organs = ["liver", "spleen", "pancreas", "kidneys"]
+    # model channels: background, then the organs in `organs` order (= ORGAN_ID here)
+    got = evaluate(FixedScores(pred, 5), [case], organs, (16, 16, 16))
+    for organ in organs:
+        expected = dice(pred == ORGAN_ID[organ], truth == ORGAN_ID[organ])
+        assert got[organ] == [pytest.approx(expected, abs=1e-12)], organ
+    assert got["liver"] == [1.0] and got["pancreas"] == [0.0] and 0 < got["spleen"][0] < 1
 
 
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])

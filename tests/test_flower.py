@@ -83,6 +83,23 @@ def test_the_app_defaults_are_train_py_defaults(tmp_path):
     assert train.settings_of(args) == train.settings_of(plain)
 
 
+def test_channels_pass_through_and_empty_means_the_presets():
+    assert "--channels" not in flower_app.train_argv({"channels": ""})
+    assert flower_app.train_argv({"channels": "8,16,32,64,128"}) == ["--channels", "8,16,32,64,128"]
+
+
+def test_a_state_from_before_the_newer_settings_still_matches(tmp_path, monkeypatch):
+    cfg = {**app_config(), "out": str(tmp_path / "run")}
+    args = flower_app.server_args(cfg, flower_app.options(cfg))
+    now = flower_app.settings_key(args)
+    older = tuple(k for k in train.RUN_SETTINGS if k not in ("dice_over", "channels"))
+    monkeypatch.setattr(train, "RUN_SETTINGS", older)
+    assert flower_app.settings_key(args) == now  # what a state file written before them holds
+    monkeypatch.undo()
+    args.dice_over = "batch"
+    assert flower_app.settings_key(args) != now
+
+
 def test_modes_that_pool_data_are_refused(tmp_path):
     cfg = {**app_config(), "mode": "central", "out": str(tmp_path / "run")}
     with pytest.raises(ValueError, match="cannot run over Flower"):
