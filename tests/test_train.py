@@ -163,6 +163,17 @@ def test_channels_and_batch_dice_reach_the_trained_model_and_its_checkpoint(tmp_
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_trains_evaluates_and_reloads_on_the_gpu(tmp_path, cache):
+    out = tmp_path / "run"
+    result = tiny("segviz", out, cache, "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "cuda" in result.stdout and len(metrics["dice"]["liver"]["cases"]) == 2
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--device", "cuda", "--out", str(tmp_path / "e"))
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def test_same_seed_gives_bitwise_the_same_model(tmp_path, cache):
     a, b = tmp_path / "a", tmp_path / "b"
     assert tiny("segviz", a, cache, "--seed", "3").returncode == 0

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every CUDA check in one go, for a session lent a GPU for a few minutes (about 8 minutes here).
+# Writes to $OUT (default ./gpu_out): environment, CUDA tests, bench.py speed --device cuda
+# against MONAI, and the default SegViz run on the GPU with its time.
+# Packages the GPU machine lacks travel as wheels in .whl/ (nibabel, monai): see README "GPU".
+set -uo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+log "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$OUT/summary.txt"
+
+log "CUDA tests (tests that name cuda)"
+timeout 120 python3 -m pytest -q -k cuda tests/ 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+
+log "bench.py speed --device cuda (MONAI $(python3 -c 'import monai; print(monai.__version__)' 2>/dev/null || echo missing))"
+timeout 200 python3 bench.py speed --device cuda --repeats 3 --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+echo "exit $?" >> "$OUT/bench.txt"
+tail -15 "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+
+log "python train.py --nodes 4 --mode segviz --device cuda (the default run, on the GPU)"
+start=$(date +%s)
+timeout 240 python3 train.py --nodes 4 --mode segviz --device cuda --out /tmp/segviz-cuda \
+  --cache /tmp/segviz-cache > "$OUT/segviz_cuda.txt" 2>&1
+echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/segviz_cuda.txt"
+cp /tmp/segviz-cuda/metrics.json "$OUT/segviz_cuda_metrics.json" 2>/dev/null
+grep -v "^round" "$OUT/segviz_cuda.txt" | tail -8 | tee -a "$OUT/summary.txt"
