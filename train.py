@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -439,6 +439,10 @@ class Run:
     log: list[str]  # absences and refused updates, one line each
     norms: list[dict[str, float]]  # per round: each present client's update norm
     validation: list[dict]  # {"round": r, site: Dice on that site's validation cases}
+    # training time of the processes before a resume, so a run's seconds are its whole cost
+    earlier_train_seconds: float = 0.0
+    starts: int = 1
+    started: float = field(default_factory=time.time)
 
 
 def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] | None = None) -> Run:
@@ -568,6 +572,7 @@ def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -
         "dropout_rng": run.dropout_rng.get_state(),
         "dp_rng": run.privacy.generator.get_state() if run.privacy else None,
         "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state(),
+        "train_seconds": run.earlier_train_seconds + time.time() - run.started, "starts": run.starts,
     }
     os.makedirs(out, exist_ok=True)
     save_torch_atomic(blob, os.path.join(out, STATE_FILE))
@@ -614,6 +619,8 @@ def restore_state(run: Run, blob: dict, path: str) -> int:
     run.log[:] = blob["log"]
     run.norms[:] = blob.get("norms", [])
     run.validation[:] = blob.get("validation", [])
+    run.earlier_train_seconds = float(blob.get("train_seconds", 0.0))  # states before it existed: 0
+    run.starts = int(blob.get("starts", 1)) + 1
     return int(blob["round"])
 
 
@@ -686,6 +693,7 @@ def train(args: argparse.Namespace) -> dict:
 
     guard = fl.Guard(args.max_update_norm, args.norm_factor or None)
     aggregate = fl.AGGREGATORS[args.aggregate]
+    run.started = t_data  # this process's training time starts with building the run
     total = args.rounds * run.local_steps * len(run.clients)
     print(f"{args.name}: {len(run.sites)} site(s) {', '.join(run.sites)} | {args.rounds} rounds x "
           f"{args.local_steps} local steps | batch {run.samplers[run.sites[0]].cfg.batch} x {preset.patch} | "
@@ -739,7 +747,10 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
                         device=args.device, overlap=args.eval_overlap, largest=args.largest)
     summary = summarise(per_case)
     t_end = time.time()
-    seconds, data_seconds, train_seconds = t_end - t_start, t_data - t_start, t_trained - t_data
+    # a resumed run counts the training time of its earlier processes too (not their data loading)
+    train_seconds = run.earlier_train_seconds + t_trained - t_data
+    data_seconds = t_data - t_start
+    seconds = t_end - t_start + run.earlier_train_seconds
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
@@ -757,7 +768,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     }
     metrics = {"mode": args.mode, "nodes": args.nodes, "organs": run.organs, "dice": summary,
                "seconds": round(seconds, 1), "data_seconds": round(data_seconds, 1),
-               "train_seconds": round(train_seconds, 1), "config": config,
+               "train_seconds": round(train_seconds, 1), "starts": run.starts, "config": config,
                "device": str(args.device), "losses": {c.name: c.history for c in clients}, "events": run.log,
                "update_norms": run.norms, "validation": run.validation}
     save_outputs(args.out, {"format": CHECKPOINT_FORMAT, "name": args.name, "mode": args.mode, "nodes": args.nodes,
@@ -766,7 +777,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     print(format_table({args.name: summary}, run.organs))
     if run.log:
         print(f"{len(run.log)} event(s): " + "; ".join(run.log[-5:]) + (" ..." if len(run.log) > 5 else ""))
-    print(f"\n{args.name}: {seconds:.0f} s in all ({data_seconds:.0f} s data, {train_seconds:.0f} s training, "
+    resumed = f", over {run.starts} starts" if run.starts > 1 else ""
+    print(f"\n{args.name}: {seconds:.0f} s in all ({data_seconds:.0f} s data, {train_seconds:.0f} s training{resumed}, "
           f"{t_end - t_trained:.0f} s test) on {args.device}; "
           f"checkpoint {os.path.join(args.out, 'model.pt')}")
     return metrics

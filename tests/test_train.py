@@ -330,8 +330,9 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
     else:
         assert proc.returncode == 130 and "--resume" in err
     assert not (out / "model.pt").exists()
-    stopped_at = torch.load(out / "state.pt", weights_only=True)["round"]
-    assert 2 <= stopped_at < 12
+    state = torch.load(out / "state.pt", weights_only=True)
+    stopped_at, earlier_seconds = state["round"], state["train_seconds"]
+    assert 2 <= stopped_at < 12 and earlier_seconds > 0
 
     resumed = run("train.py", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -344,6 +345,9 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
     ma = json.loads((uninterrupted / "metrics.json").read_text())
     mb = json.loads((out / "metrics.json").read_text())
     assert ma["losses"] == mb["losses"] and ma["events"] == mb["events"]
+    # the resumed run's time includes the training done before the interruption
+    assert ma["starts"] == 1 and mb["starts"] == 2 and mb["train_seconds"] > earlier_seconds
+    assert "over 2 starts" in resumed.stdout
 
 
 def test_dropout_runs_to_the_end_and_logs_every_absence(uninterrupted):
