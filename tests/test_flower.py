@@ -230,7 +230,14 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         # the nodes and the server read when the run starts
         settings = ["--nodes", "2", "--mode", "segviz", "--rounds", "2", "--local-steps", "1", "--max-cases", "1",
                     "--seed", "3", "--out", str(tmp_path / "ref"), "--cache", str(cache)]
-        reference = train.train(train.parse_args(settings))
+        # the nodes train on one thread (OMP_NUM_THREADS=1); so does the reference, whatever
+        # thread count earlier tests left this process with, so that the weights match
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            reference = train.train(train.parse_args(settings))
+        finally:
+            torch.set_num_threads(threads)
         wait_for_port(link, deadline)
         run_config = (f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seed=3 out='{out}' "
                       f"cache='{cache}' timeout=120 wait-for-nodes=60")
