@@ -385,18 +385,25 @@ def _pyplot():
 
 
 def box_plot(runs: dict[str, dict], path: str) -> None:
-    """Dice per organ (one panel each) and setup (one box each), as the poster shows it."""
+    """Dice per test case as the poster shows it: one panel per organ (columns) and number of
+    nodes (rows), one box per setup."""
     plt = _pyplot()
     organs = [o for o in ORGAN_ID if any(o in m["dice"] for m in runs.values())]
-    fig, axes = plt.subplots(1, len(organs), figsize=(3.2 * len(organs), 4.2), squeeze=False)
-    for ax, organ in zip(axes[0], organs):
-        names = [n for n, m in runs.items() if organ in m["dice"]]
-        ax.boxplot([runs[n]["dice"][organ]["cases"] for n in names], showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
-        ax.set_title(organ)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("Dice per test case")
+    node_counts = sorted({m["nodes"] for m in runs.values()})
+    fig, axes = plt.subplots(len(node_counts), len(organs), figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
+                             squeeze=False)
+    for row, nodes in zip(axes, node_counts):
+        for ax, organ in zip(row, organs):
+            names = [n for n, m in runs.items() if m["nodes"] == nodes and organ in m["dice"]]
+            if not names:  # e.g. kidneys with two nodes: no site labelled them
+                ax.set_axis_off()
+                continue
+            ax.boxplot([runs[n]["dice"][organ]["cases"] for n in names], showmeans=True)
+            ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
+            ax.set_title(f"{organ}, {nodes} node(s)" if len(node_counts) > 1 else organ)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(axis="y", alpha=0.3)
+        row[0].set_ylabel("Dice per test case")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -510,8 +517,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="write DIR/results.md and results.json: every run's Dice with Wilcoxon tests "
                            "against SegViz")
     p.add_argument("--figures", action="store_true",
-                   help="with --compare: DIR/figures/dice_boxplot.png and one overlay per test case "
-                        "(needs matplotlib; re-runs every model on the test set)")
+                   help="with --compare: DIR/figures/dice_boxplot.png (a row per number of nodes), one overlay "
+                        "per test case of the setups with the most nodes, and validation curves of runs "
+                        "trained with --val-every (needs matplotlib; re-runs those models on the test set)")
     add_source_arguments(p, roles=("test",))
     p.add_argument("--image", metavar="FILE", help="segment this one scan (NIfTI, HU) into --save-pred OUT.nii.gz")
     p.add_argument("--save-pred", metavar="PATH",
@@ -543,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
             fig_dir = os.path.join(args.compare, "figures")
             os.makedirs(fig_dir, exist_ok=True)
             box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
-            written = overlays(args.compare, runs, fig_dir, resolve_device(args.device, p))
+            # overlays of the largest federation only: one panel per setup stays readable
+            most = max(m["nodes"] for m in runs.values())
+            shown = {n: m for n, m in runs.items() if m["nodes"] == most}
+            written = overlays(args.compare, shown, fig_dir, resolve_device(args.device, p))
             curves = validation_curves(runs, fig_dir)
             print(f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
                   f"{len(curves)} validation curve(s)")

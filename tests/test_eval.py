@@ -319,3 +319,30 @@ def test_figures_without_matplotlib_say_so_in_one_line(monkeypatch, capsys):
         ev._pyplot()
     assert e.value.code == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+
+def png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eval import box_plot
+
+    def metrics(nodes, organs, level):
+        return {"nodes": nodes, "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs}}
+
+    two = {"segviz-2": metrics(2, ["liver", "spleen"], 0.8), "single-2": metrics(2, ["liver", "spleen"], 0.6)}
+    three = {"segviz-3": metrics(3, ["liver", "spleen", "pancreas"], 0.7)}
+    box_plot(two, tmp_path / "one.png")
+    box_plot({**two, **three}, tmp_path / "two.png")
+    (w1, h1), (w2, h2) = png_size(tmp_path / "one.png"), png_size(tmp_path / "two.png")
+    # a pancreas column appears with the three-node runs, and a second row of panels
+    assert w2 == pytest.approx(w1 * 3 / 2, rel=0.02) and h2 == pytest.approx(2 * h1, rel=0.02)
