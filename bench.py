@@ -652,10 +652,9 @@ def merge_json(path: str, key: str, value) -> None:
     """Keep every benchmark's latest result in one bench.json."""
     data = read_json(path)
     data[key] = value
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    from eval import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import json
 import math
 import os
 import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +50,20 @@ def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
     """Clip HU to [lo, hi] and scale to [0, 1]."""
     lo, hi = lo_hi
     return ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def write_atomic(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: a reader
+    (or a run resumed after a kill) never sees half a file, and a failed write leaves none.
+    `suffix` ends the temporary name, for writers that pick the format by it (nibabel)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -559,10 +575,8 @@ def _cached(make, cache_dir: str | None, key: str):
             pass  # a damaged cache entry is rebuilt
     cases = make()
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save([{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)}
-                for c in cases], tmp)
-    os.replace(tmp, path)
+    blob = [{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)} for c in cases]
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
     return cases
 
 
@@ -1029,16 +1043,8 @@ def save_label_nifti(label: np.ndarray, geometry: dict, path: str) -> None:
     img = nib.Nifti1Image(label.astype(np.uint8), affine, header)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}{suffix}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.endswith(".gz") else ".nii")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1070,11 +1076,10 @@ def preprocess_pair(pair: Pair, source: Source, spacing) -> Case:
 
 
 def _save_case(case: Case, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
     hu = case.hu.round().clamp(-32768, 32767).to(torch.int16)  # whole HU are plenty; half the disk
-    torch.save({"name": case.name, "hu": hu, "label": case.label, "spacing": list(case.spacing),
-                "geometry": case.geometry}, tmp)
-    os.replace(tmp, path)
+    blob = {"name": case.name, "hu": hu, "label": case.label, "spacing": list(case.spacing),
+            "geometry": case.geometry}
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
 
 def _load_case(path: str) -> Case:

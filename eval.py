@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import ORGAN_ID, Case, window
+from data import ORGAN_ID, Case, window, write_atomic
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 
@@ -230,23 +229,19 @@ def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple
 
 
 def save_torch_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,9 +356,7 @@ def compare_runs(folder: str) -> str:
     lines.append("Marks: each setup against SegViz with the same nodes, two-sided Wilcoxon signed-rank test "
                  "over the test cases' Dice (** p < 0.01, * p < 0.05, ns not significant).")
     text = "\n".join(lines)
-    with open(os.path.join(folder, "results.md.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(os.path.join(folder, "results.md.tmp"), os.path.join(folder, "results.md"))
+    write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
     write_json_atomic(os.path.join(folder, "results.json"), result)
     return text
 

@@ -475,3 +475,24 @@ def test_resample_labels_take_only_input_values(raw_test):
     hu, lab, spacing = raw_test
     _, out = data.resample(hu, lab, spacing, SPACING)
     assert set(out.unique().tolist()) <= set(lab.unique().tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# Writing files
+# ---------------------------------------------------------------------------------------
+
+
+def test_write_atomic_replaces_whole_files_and_a_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "state.pt"
+    data.write_atomic(str(path), lambda tmp: torch.save({"round": 1}, tmp))
+    assert torch.load(path, weights_only=True) == {"round": 1}
+
+    def dies_half_way(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        data.write_atomic(str(path), dies_half_way)
+    assert torch.load(path, weights_only=True) == {"round": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
