@@ -125,7 +125,7 @@ def bench_exchange(args) -> dict:
         for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
                             ("segviz", True)):
             binary = mode in ("single", "segviz")
-            cfg = UNetConfig(out_channels=2 if binary else 5, channels=preset.channels)
+            cfg = UNetConfig(classes=2 if binary else 5, channels=preset.channels)
             state = UNet3D(cfg).state_dict()
             keys = segviz.shared_keys(state, mode, fedbn) if mode != "central" else []
             sent = sum(state[k].numel() * state[k].element_size() for k in keys)
@@ -337,7 +337,7 @@ def speed_sliding_window(args, monai) -> dict:
 
     preset = train.PRESETS["phantom"]
     torch.manual_seed(0)
-    net = UNet3D(UNetConfig(out_channels=5, channels=preset.channels)).to(args.device).eval()
+    net = UNet3D(UNetConfig(classes=5, channels=preset.channels)).to(args.device).eval()
     shape = SIZES["sliding_window"]["quick" if args.quick else "full"]
     vol = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(args.device)
     roi, overlap, batch = preset.patch, 0.25, 4
@@ -391,7 +391,7 @@ def speed_train_step(args, monai) -> dict:
         if monai is not None:
             from monai.networks.nets import UNet
 
-            yield "monai", UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=preset.channels,
+            yield "monai", UNet(spatial_dims=3, in_channels=1, classes=2, channels=preset.channels,
                                 strides=(2,) * (len(preset.channels) - 1), num_res_units=2)
 
     variants = [("fp32", False, False)]

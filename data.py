@@ -40,9 +40,11 @@ ORGAN_ID = {name: i + 1 for i, name in enumerate(ORGANS)}  # ids of the multi-or
 NODE_SITES = {1: ("liver",), 2: ("liver", "spleen"), 3: ("liver", "spleen", "pancreas"),
               4: ("liver", "spleen", "pancreas", "kidneys")}
 
-# Intensity windows of the original SegViz code, in HU, each scaled to [0, 1].
+# Intensity windows of the original SegViz code, in HU, each scaled to [0, 1]: one per site's
+# binary model, and "pooled" for its multi-class central model. "test" is a common abdominal
+# window (for --window common and --head-window test).
 WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.0, 199.0),
-           "kidneys": (-79.0, 304.0), "test": (-175.0, 250.0)}
+           "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0), "test": (-175.0, 250.0)}
 COMMON_WINDOW = WINDOWS["test"]  # `--window common`: every site and head uses this one
 
 

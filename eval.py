@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data import ORGAN_ID, Case, window, write_atomic
+from segviz import MetaModel, merge
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 
@@ -121,13 +122,22 @@ def label_dice(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> list[fl
             for c in range(1, n)]
 
 
-def organ_masks(scores: torch.Tensor, organs: Sequence[str], independent: bool) -> dict[str, torch.Tensor]:
-    """Masks per organ from (1 + K, ...) scores: one merged label map (argmax), or for
-    independent binary models each organ's own probability above 0.5."""
-    if independent:
-        return {o: scores[k + 1] > 0.5 for k, o in enumerate(organs)}
-    labels = scores.argmax(dim=0)
+def organ_masks(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
+    """Masks per organ from a model's blended output.
+
+    "classes": (1 + K) class probabilities of a multi-class model, argmax. "merged": (K) organ
+    probabilities of binary heads merged into one label map (`segviz.merge`, then argmax).
+    "heads": each head alone, its organ's probability above 0.5 (masks may overlap).
+    """
+    if scoring == "heads":
+        return {o: scores[k] > 0.5 for k, o in enumerate(organs)}
+    labels = (merge(scores) if scoring == "merged" else scores).argmax(dim=0)
     return {o: labels == k + 1 for k, o in enumerate(organs)}
+
+
+def scorings(model: torch.nn.Module) -> tuple[str, ...]:
+    """How a model's output can be read: binary heads both merged and alone, else by class."""
+    return ("merged", "heads") if isinstance(model, MetaModel) else ("classes",)
 
 
 # How many connected components of each organ anatomy allows (kidneys: left and right).
@@ -146,16 +156,24 @@ def keep_largest_components(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.isin(labels, keep)).to(mask.device)
 
 
+def predict_scores(model: torch.nn.Module, case: Case, roi: Sequence[int], device="cpu", overlap: float = 0.25,
+                   blend: str = "gaussian") -> torch.Tensor:
+    """The model's output over the whole case, blended across sliding windows: (C, X, Y, Z)."""
+    return sliding_window(model, case.hu.to(device)[None, None], roi, overlap, blend)[0]
+
+
 def predict_masks(model: torch.nn.Module, case: Case, organs: Sequence[str], roi: Sequence[int],
-                  independent: bool = False, device="cpu", overlap: float = 0.25, blend: str = "gaussian",
+                  scoring: str | None = None, device="cpu", overlap: float = 0.25, blend: str = "gaussian",
                   largest: bool = False) -> dict[str, torch.Tensor]:
-    """Each organ's predicted mask on the case's working grid."""
-    hu = case.hu.to(device)[None, None]
-    scores = sliding_window(model, hu, roi, overlap, blend)[0]
-    masks = organ_masks(scores, organs, independent)
-    if largest:
-        masks = {o: keep_largest_components(m, COMPONENTS[o]) for o, m in masks.items()}
-    return masks
+    """Each organ's predicted mask on the case's working grid (scoring: the model's first)."""
+    scores = predict_scores(model, case, roi, device, overlap, blend)
+    return clean_masks(organ_masks(scores, organs, scoring or scorings(model)[0]), largest)
+
+
+def clean_masks(masks: dict[str, torch.Tensor], largest: bool) -> dict[str, torch.Tensor]:
+    if not largest:
+        return masks
+    return {o: keep_largest_components(m, COMPONENTS[o]) for o, m in masks.items()}
 
 
 def label_map(masks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,27 +199,32 @@ def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> No
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
-             independent: bool = False, device="cpu", overlap: float = 0.25,
-             blend: str = "gaussian", largest: bool = False, save_pred: str | None = None) -> dict[str, list[float]]:
-    """Dice per organ per test case of a HU-in, (1 + K)-scores-out model.
+             device="cpu", overlap: float = 0.25, blend: str = "gaussian", largest: bool = False,
+             save_pred: str | None = None, primary: str | None = None) -> dict[str, dict[str, list[float]]]:
+    """Dice per organ per test case of a HU-in model, for each way its output can be scored
+    (`scorings`): {scoring: {organ: [Dice per case]}}, from one inference per case.
 
     With `largest`, each organ's mask keeps only its largest connected component(s) first.
-    With `save_pred`, each case's label map is also written there as <case>.nii.gz.
+    With `save_pred`, each case's label map (`primary` scoring) is written there as <case>.nii.gz.
     """
     model = model.to(device).eval()
-    result = {o: [] for o in organs}
+    kinds = scorings(model)
+    primary = primary or kinds[0]
+    result = {k: {o: [] for o in organs} for k in kinds}
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
-        masks = predict_masks(model, case, organs, roi, independent, device, overlap, blend, largest)
+        scores = predict_scores(model, case, roi, device, overlap, blend)
         label = case.label.to(device)
-        if independent:  # binary models' masks may overlap: one organ at a time
-            scores = [dice(masks[organ], label == ORGAN_ID[organ]) for organ in organs]
-        else:
-            by_id = label_dice(label_map(masks), label, max(ORGAN_ID.values()))
-            scores = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
-        for organ, value in zip(organs, scores):
-            result[organ].append(value)
-        if save_pred:
-            save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
+        for kind in kinds:
+            masks = clean_masks(organ_masks(scores, organs, kind), largest)
+            if kind == "heads":  # binary heads' masks may overlap: one organ at a time
+                values = [dice(masks[organ], label == ORGAN_ID[organ]) for organ in organs]
+            else:
+                by_id = label_dice(label_map(masks), label, max(ORGAN_ID.values()))
+                values = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
+            for organ, value in zip(organs, values):
+                result[kind][organ].append(value)
+            if save_pred and kind == primary:
+                save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
     return result
 
 
@@ -268,9 +291,15 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[torch.nn.Module, bool]:
-    """The HU-in scores-out model of a checkpoint and whether organs are scored independently."""
-    from segviz import MetaModel, MultiClassModel
+def primary_scoring(mode: str) -> str:
+    """The scoring a mode's table reports first: single-site models each on their own organ
+    (the paper's A), the SegViz meta-model's merged label map, multi-class models by class."""
+    return {"single": "heads", "segviz": "merged"}.get(mode, "classes")
+
+
+def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.nn.Module:
+    """The HU-in model of a checkpoint."""
+    from segviz import MultiClassModel
     from unet3d import UNetConfig
 
     cfg = ckpt["config"]
@@ -279,9 +308,8 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> tuple[t
     if mode in ("segviz", "single"):
         which = head_window or cfg.get("head_window", "site")
         windows = {site: cfg["windows"]["test" if which == "test" else site] for site in ckpt["states"]}
-        shared = mode == "segviz" and not cfg["fedbn"]
-        return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=shared), mode == "single"
-    return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"]), False
+        return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=cfg["shared_rep"])
+    return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"])
 
 
 def run_label(m: dict) -> str:
@@ -291,28 +319,36 @@ def run_label(m: dict) -> str:
             f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
 
 
-def read_runs(folder: str) -> dict[str, dict]:
-    """The metrics.json of every finished run under `folder`, by run name."""
-    runs = {}
+def read_runs(folder: str) -> dict[str, list[dict]]:
+    """Every finished training run under `folder` (DIR/metrics.json, DIR/*/metrics.json or
+    DIR/*/*/metrics.json), by setup name, its seeds in order. Each metrics dict gains "dir"."""
     if not os.path.isdir(folder):
         fail(f"{folder}: no such folder")
+    runs: dict[str, list[dict]] = {}
+    paths = [os.path.join(folder, "metrics.json")]
     for d in sorted(os.listdir(folder)):
-        path = os.path.join(folder, d, "metrics.json")
+        paths.append(os.path.join(folder, d, "metrics.json"))
+        if os.path.isdir(os.path.join(folder, d)):
+            paths += [os.path.join(folder, d, e, "metrics.json") for e in sorted(os.listdir(os.path.join(folder, d)))]
+    for path in paths:
         if not os.path.isfile(path):
             continue
         try:
             with open(path) as f:
                 m = json.load(f)
-            runs[run_label(m)] = m
+            if "checkpoint" in m:  # a re-evaluation written by eval.py, not a training run
+                continue
+            runs.setdefault(run_label(m), []).append({**m, "dir": os.path.dirname(path)})
         except (OSError, ValueError, KeyError) as e:
             fail(f"{path}: not a metrics file written by train.py ({e})")
     if not runs:
         fail(f"{folder}: no run folder with a metrics.json")
-    return runs
+    return {name: sorted(ms, key=lambda m: m.get("seed", m.get("config", {}).get("seed", 0)))
+            for name, ms in runs.items()}
 
 
 def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
-    """Two-sided Wilcoxon signed-rank test of paired per-case Dice; p and the poster's mark
+    """Two-sided Wilcoxon signed-rank test of paired Dice values; p and the poster's mark
     (** p < 0.01, * p < 0.05, ns otherwise). Identical samples give p = 1."""
     from scipy.stats import wilcoxon
 
@@ -323,38 +359,63 @@ def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
     return p, "**" if p < 0.01 else "*" if p < 0.05 else "ns"
 
 
+def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """One row per setup and scoring: "segviz-4" (its merged label map) and "segviz-4 (heads)",
+    "single-4" (each head alone) and "single-4 (merged)"; each row's {organ: summary} per seed."""
+    rows = {}
+    for name, seeds in runs.items():
+        by = [m.get("dice_by_scoring") or {m.get("scoring", "classes"): m["dice"]} for m in seeds]
+        primary = seeds[0].get("scoring", next(iter(by[0])))
+        for scoring in sorted(by[0], key=lambda k: k != primary):
+            rows[name if scoring == primary else f"{name} ({scoring})"] = [b[scoring] for b in by]
+    return rows
+
+
+def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
+    """Mean ± std over seeds of each seed's mean Dice, and every (seed, case) value."""
+    if any(organ not in d for d in per_seed):
+        return None
+    means = np.array([d[organ]["mean"] for d in per_seed])
+    return {"mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+            "seeds": [round(float(v), 6) for v in means], "cases": [list(d[organ]["cases"]) for d in per_seed]}
+
+
 def compare_runs(folder: str) -> str:
-    """results.md and results.json under `folder`: mean ± std per organ and setup, and each
-    setup against SegViz with the same number of nodes (Wilcoxon over the test cases)."""
+    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds,
+    and each setup against SegViz with the same number of nodes (Wilcoxon over matched
+    (seed, test case) pairs)."""
     runs = read_runs(folder)
+    rows = scored_rows(runs)
+    nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
     result, lines = {}, []
-    for nodes in sorted({m["nodes"] for m in runs.values()}):
-        group = {name: m for name, m in runs.items() if m["nodes"] == nodes}
-        organs = max((m["organs"] for m in group.values()), key=len)
-        ref = group.get(f"segviz-{nodes}")
-        lines += [f"### {nodes} node(s)", "", "| setup | " + " | ".join(organs) + " |",
-                  "|---|" + "---|" * len(organs)]
-        for name, m in group.items():
-            result[name] = {}
-            cells = []
+    for nodes in sorted(set(nodes_of.values())):
+        group = [row for row in rows if nodes_of[row] == nodes]
+        organs = max((runs[row.split(" ")[0]][0]["organs"] for row in group), key=len)
+        ref = rows.get(f"segviz-{nodes}")
+        n_seeds = sorted({len(rows[row]) for row in group})
+        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", "",
+                  "| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+        for row in group:
+            result[row], cells = {}, []
             for organ in organs:
-                d = m["dice"].get(organ)
-                if d is None:
+                entry = across_seeds(rows[row], organ)
+                if entry is None:
                     cells.append("—")
                     continue
-                entry = {"mean": d["mean"], "std": d["std"], "cases": d["cases"]}
                 mark = ""
-                paired = (ref is not None and name != f"segviz-{nodes}" and organ in ref["dice"]
-                          and len(ref["dice"][organ]["cases"]) == len(d["cases"]))
-                if paired:
-                    p, mark = significance(d["cases"], ref["dice"][organ]["cases"])
-                    entry.update(p_vs_segviz=p, mark=mark)
-                result[name][organ] = entry
-                cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" {mark}" if mark else ""))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                if ref is not None and row != f"segviz-{nodes}" and len(ref) == len(rows[row]):
+                    mine, theirs = ([v for case in across_seeds(r, organ)["cases"] for v in case]
+                                    for r in (rows[row], ref))
+                    if len(mine) == len(theirs):
+                        p, mark = significance(mine, theirs)
+                        entry.update(p_vs_segviz=p, mark=mark)
+                result[row][organ] = entry
+                cells.append(f"{entry['mean']:.3f} ± {entry['std']:.3f}" + (f" {mark}" if mark else ""))
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Marks: each setup against SegViz with the same nodes, two-sided Wilcoxon signed-rank test "
-                 "over the test cases' Dice (** p < 0.01, * p < 0.05, ns not significant).")
+    lines.append("Cells: mean ± std over seeds of each seed's mean Dice over the test cases. Marks: each row "
+                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test over matched "
+                 "(seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant).")
     text = "\n".join(lines)
     write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
     write_json_atomic(os.path.join(folder, "results.json"), result)
@@ -381,17 +442,18 @@ def box_plot(runs: dict[str, dict], path: str) -> None:
     """Dice per test case as the poster shows it: one panel per organ (columns) and number of
     nodes (rows), one box per setup."""
     plt = _pyplot()
-    organs = [o for o in ORGAN_ID if any(o in m["dice"] for m in runs.values())]
-    node_counts = sorted({m["nodes"] for m in runs.values()})
+    organs = [o for o in ORGAN_ID if any(o in ms[0]["dice"] for ms in runs.values())]
+    node_counts = sorted({ms[0]["nodes"] for ms in runs.values()})
     fig, axes = plt.subplots(len(node_counts), len(organs), figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
                              squeeze=False)
     for row, nodes in zip(axes, node_counts):
         for ax, organ in zip(row, organs):
-            names = [n for n, m in runs.items() if m["nodes"] == nodes and organ in m["dice"]]
+            names = [n for n, ms in runs.items() if ms[0]["nodes"] == nodes and organ in ms[0]["dice"]]
             if not names:  # e.g. kidneys with two nodes: no site labelled them
                 ax.set_axis_off()
                 continue
-            ax.boxplot([runs[n]["dice"][organ]["cases"] for n in names], showmeans=True)
+            # every (seed, test case) Dice of a setup in one box
+            ax.boxplot([[v for m in runs[n] for v in m["dice"][organ]["cases"]] for n in names], showmeans=True)
             ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
             ax.set_title(f"{organ}, {nodes} node(s)" if len(node_counts) > 1 else organ)
             ax.set_ylim(-0.02, 1.02)
@@ -410,15 +472,15 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
     """One axial and one coronal slice per test case (through the organs' centre): the truth
     and each setup's prediction over the CT. Each run's model is rebuilt from its checkpoint."""
     plt = _pyplot()
-    first = next(iter(runs.values()))
+    first = next(iter(runs.values()))[0]
     test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
         "cache_dir"), workers=1))
     predictions = {}
     for name in runs:
-        ckpt = load_checkpoint(os.path.join(folder, _run_dir(folder, name), "model.pt"))
-        model, independent = model_from_checkpoint(ckpt)
-        model = model.to(device).eval()
-        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], ckpt["config"]["patch"], independent,
+        ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
+        model = model_from_checkpoint(ckpt).to(device).eval()
+        scoring = primary_scoring(ckpt["mode"])
+        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], ckpt["config"]["patch"], scoring,
                                                      device, largest=ckpt["config"].get("largest", False))).cpu()
                              for c in test]
     os.makedirs(out_dir, exist_ok=True)
@@ -453,7 +515,8 @@ def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
     """Validation Dice per round of each site, one figure per run trained with --val-every."""
     plt = _pyplot()
     written = []
-    for name, m in runs.items():
+    for name, ms in runs.items():
+        m = ms[0]
         rows = m.get("validation") or []
         if not rows:
             continue
@@ -476,23 +539,14 @@ def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
     return written
 
 
-def _run_dir(folder: str, name: str) -> str:
-    for d in sorted(os.listdir(folder)):
-        path = os.path.join(folder, d, "metrics.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                if run_label(json.load(f)) == name:
-                    return d
-    raise KeyError(name)
-
-
 def table_of_runs(folder: str) -> str:
     """The Dice table (plus wall time) of every finished run in a folder."""
     runs = read_runs(folder)
-    table = format_table({name: m["dice"] for name, m in runs.items()}).splitlines()
+    flat = [(f"{name} seed {m.get('seed', 0)}", m) for name, ms in runs.items() for m in ms]
+    table = format_table({label: m["dice"] for label, m in flat}).splitlines()
     table[0] += " seconds |"
     table[1] += "---------|"
-    for i, m in enumerate(runs.values()):
+    for i, (_, m) in enumerate(flat):
         table[i + 2] += f" {m['seconds']:>7.0f} |"
     return "\n".join(table)
 
@@ -545,8 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(fig_dir, exist_ok=True)
             box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
             # overlays of the largest federation only: one panel per setup stays readable
-            most = max(m["nodes"] for m in runs.values())
-            shown = {n: m for n, m in runs.items() if m["nodes"] == most}
+            most = max(ms[0]["nodes"] for ms in runs.values())
+            shown = {n: ms for n, ms in runs.items() if ms[0]["nodes"] == most}
             written = overlays(args.compare, shown, fig_dir, resolve_device(args.device, p))
             curves = validation_curves(runs, fig_dir)
             print(f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
@@ -557,22 +611,24 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device, p)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
-    model, independent = model_from_checkpoint(ckpt, args.head_window)
+    model = model_from_checkpoint(ckpt, args.head_window)
+    primary = primary_scoring(ckpt["mode"])
     organs = ckpt["organs"]
     largest = cfg.get("largest", False) if args.largest is None else args.largest
     if args.save_pred:
         target = os.path.dirname(os.path.abspath(args.save_pred)) if args.image else args.save_pred
         check_writable(target, p, "--save-pred")
     if args.image:
-        return segment_one(model, ckpt, args, device, largest, independent)
+        return segment_one(model, ckpt, args, device, largest, primary)
 
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     check_writable(out_dir, p, "--out")
     test = load_test_set(cfg, args)
     t0 = time.time()
-    per_case = evaluate(model, test, organs, cfg["patch"], independent, device, args.overlap, args.blend, largest,
-                        save_pred=args.save_pred)
-    summary = summarise(per_case)
+    per_case = evaluate(model, test, organs, cfg["patch"], device, args.overlap, args.blend, largest,
+                        save_pred=args.save_pred, primary=primary)
+    summary = summarise(per_case[primary])
     print(format_table({ckpt["name"]: summary}, organs))
     if args.save_pred:
         print(f"{len(test)} label map(s) written to {args.save_pred}")
@@ -626,7 +682,7 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
         fail(str(e))
 
 
-def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bool, independent: bool) -> int:
+def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bool, scoring: str) -> int:
     """--image FILE --save-pred OUT.nii.gz: one scan in, one label map on its own grid out."""
     from data import DataError, preprocess_arrays, read_nifti
 
@@ -640,7 +696,7 @@ def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bo
                              os.path.basename(args.image), os.path.abspath(args.image))
     del image
     model = model.to(device).eval()
-    masks = predict_masks(model, case, ckpt["organs"], ckpt["config"]["patch"], independent, device,
+    masks = predict_masks(model, case, ckpt["organs"], ckpt["config"]["patch"], scoring, device,
                           args.overlap, args.blend, largest)
     save_prediction(masks, case, args.save_pred)
     voxel_ml = float(np.prod(case.spacing)) / 1000

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -270,12 +270,13 @@ class RoundReport:
 
 
 def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients: Sequence[Client],
-                    local_steps: int, shared_keys: Sequence[str], aggregate: Aggregate = average,
+                    local_steps: int | Mapping[str, int], shared_keys: Sequence[str], aggregate: Aggregate = average,
                     weighted: bool = False, progress: Callable[[], None] | None = None,
                     lr: float | None = None, present: Sequence[Client] | None = None,
                     guard: Guard | None = None, privacy: Privacy | None = None) -> RoundReport:
     """One round: local training at the clients present, then aggregation of the shared keys.
 
+    `local_steps`: optimiser steps of every client, or of each client by name.
     The aggregation function receives, per accepted client, a dict holding only `shared_keys`;
     its result is copied into every client's weights (absent clients receive it when they
     return; they have not trained meanwhile). Every client starts a round with the same shared
@@ -284,7 +285,8 @@ def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients:
     """
     present = list(clients) if present is None else list(present)
     reference = {k: clients[0].model_state[k].clone() for k in shared_keys}
-    losses = {c.name: local_train(model, optimizer, c, local_steps, progress, lr) for c in present}
+    steps = local_steps if isinstance(local_steps, Mapping) else dict.fromkeys((c.name for c in clients), local_steps)
+    losses = {c.name: local_train(model, optimizer, c, steps[c.name], progress, lr) for c in present}
     report = RoundReport(losses, [c.name for c in clients if all(c is not p for p in present)], {}, {})
     if not shared_keys or not present:
         return report

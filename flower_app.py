@@ -307,7 +307,7 @@ def receive_shared(site: Site, record: ArrayRecord) -> None:
 def save_site_model(site: Site) -> str:
     """keep-heads-local: this site's binary model (shared representation + its own head)."""
     path = os.path.join(site.folder, f"{site.name}-model.pt")
-    windows = train.site_windows(site.run.sites, site.args.window)
+    windows = train.site_windows(site.run.sites, site.args.window, site.args.mode)
     save_torch_atomic({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.args.mode,
                  "fedbn": site.args.fedbn, "unet": site.run.unet_cfg.to_dict(), "window": list(windows[site.name]),
                  "shared_keys": list(site.run.keys), "state": dict(site.client.model_state)}, path)
@@ -338,7 +338,8 @@ def train_round(msg: Message, context: Context) -> Message:
     site = open_site(context)
     restore_state(site, context, counted, tag)
     receive_shared(site, msg.content["shared"])
-    loss = fl.local_train(site.run.model, site.run.optimizer, site.client, site.run.local_steps, lr=float(cfg["lr"]))
+    loss = fl.local_train(site.run.model, site.run.optimizer, site.client, site.run.local_steps[site.name],
+                          lr=float(cfg["lr"]))
     keep_state(site, context, round_, tag, counted)
     sent = {k: site.client.model_state[k] for k in site.run.keys}
     return Message(RecordDict({"shared": to_record(sent), "metrics": MetricRecord({"loss": loss})}), reply_to=msg)

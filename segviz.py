@@ -11,7 +11,7 @@ The idea in three steps (Kanhere et al., SegViz):
    statistics.
 3. The meta-model is the shared representation with every site's head on top: one forward
    pass of the representation, one head per organ, and the organ probabilities merged into a
-   single label map.
+   single label map (`merge`).
 
 Baselines use the same machinery with other key sets: conventional FL (`fedavg`) shares every
 key; single-site models (`single`) share none. This file is the only place that knows which
@@ -38,8 +38,13 @@ def is_norm_key(key: str) -> bool:
     return any(part.startswith("norm") for part in key.split("."))
 
 
-def shared_keys(state: Mapping[str, torch.Tensor], mode: str, fedbn: bool = False) -> list[str]:
-    """The state-dict keys a site sends for averaging in each training mode."""
+def shared_keys(state: Mapping[str, torch.Tensor], mode: str, fedbn: bool = False,
+                parameters: set[str] | None = None) -> list[str]:
+    """The state-dict keys a site sends for averaging in each training mode.
+
+    `parameters`: share only these keys (the model's parameter names), so buffers such as
+    BatchNorm's running statistics stay local, as in the original, which averaged
+    `named_parameters()`."""
     if mode == "single":
         return []
     if mode == "fedavg":
@@ -50,6 +55,8 @@ def shared_keys(state: Mapping[str, torch.Tensor], mode: str, fedbn: bool = Fals
         raise ValueError(f"no federated aggregation in mode {mode!r}")
     if fedbn:
         keys = [k for k in keys if not is_norm_key(k)]
+    if parameters is not None:
+        keys = [k for k in keys if k in parameters]
     return keys
 
 
@@ -66,13 +73,14 @@ class MetaModel(nn.Module):
     """Binary site models merged into one multi-organ segmenter.
 
     Input: CT patches in HU (B, 1, X, Y, Z). Each organ's model sees the patch through the
-    intensity window it was trained with. Output: (B, 1 + K, X, Y, Z) scores whose argmax is
-    the merged label map: channel k is organ k's foreground probability, channel 0 is
-    1 - max_k p_k, so a voxel goes to the most probable organ if that probability exceeds 0.5.
+    intensity window it was trained with. Output: (B, K, X, Y, Z), channel k organ k's
+    foreground probability. Blend these over sliding windows first, then `merge` them into
+    one label map.
 
     With `shared_rep`, all sites hold the same representation (plain SegViz): it runs once per
-    distinct window and each head reuses its features. Otherwise (FedBN, or independent
-    single-site models) every site's model runs whole.
+    distinct window and each head reuses its features. Otherwise (FedBN, independent
+    single-site models, or sites whose normalisation statistics stayed local) every site's
+    model runs whole.
     """
 
     def __init__(self, cfg: UNetConfig, site_states: Mapping[str, State], windows: Mapping[str, tuple],
@@ -93,7 +101,7 @@ class MetaModel(nn.Module):
                     if not torch.equal(v, reps[0][k]):
                         raise ValueError(f"sites disagree on shared key {k}; not a SegViz meta-model")
 
-    def organ_probabilities(self, hu: torch.Tensor) -> torch.Tensor:
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
         """(B, K, ...) foreground probability of each organ from its own head."""
         probs = []
         cache: dict[tuple, tuple] = {}
@@ -111,14 +119,21 @@ class MetaModel(nn.Module):
             probs.append(torch.softmax(logits, dim=1)[:, 1])
         return torch.stack(probs, dim=1)
 
-    def forward(self, hu: torch.Tensor) -> torch.Tensor:
-        p = self.organ_probabilities(hu)
-        background = 1 - p.max(dim=1, keepdim=True).values
-        return torch.cat([background, p], dim=1)
+
+def merge(organ_probs: torch.Tensor) -> torch.Tensor:
+    """(K, ...) blended organ probabilities -> (1 + K, ...) scores whose argmax is the label map.
+
+    Background is what no organ claims, 1 - max_k p_k, so a voxel goes to the most probable
+    organ when that probability exceeds 0.5. Derived after blending: taken per sliding window
+    and then averaged, a voxel where windows disagree could go to an organ that none of them
+    gave more than a half.
+    """
+    background = 1 - organ_probs.max(dim=0, keepdim=True).values
+    return torch.cat([background, organ_probs], dim=0)
 
 
 class MultiClassModel(nn.Module):
-    """A (1 + K)-class network (central, fedavg) behind the same HU-in, scores-out interface."""
+    """A (1 + K)-class network (central, fedavg) behind the same HU-in interface: its softmax."""
 
     def __init__(self, cfg: UNetConfig, state: State, window_hu: tuple):
         super().__init__()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import math
 import os
 import random
 import sys
@@ -59,6 +60,7 @@ from eval import (
     evaluate,
     fail,
     format_table,
+    primary_scoring,
     resolve_device,
     save_torch_atomic,
     summarise,
@@ -72,24 +74,40 @@ POOLED = ("central", "oracle")  # one model trained on every site's data
 
 @dataclass(frozen=True)
 class Preset:
+    """A training recipe: the network, the patches, the budget and how the model is scored."""
+
     channels: tuple[int, ...]
+    norm: str
     patch: tuple[int, int, int]
     volumes_per_batch: int
     patches_per_volume: int
+    p_affine: float  # probability of the random rotation/scaling of a patch
+    p_intensity: float  # probability of each of the intensity scale and shift
     rounds: int
-    local_steps: int
+    local_steps: int  # optimiser steps per site per round; 0: `local_epochs` of the site's data
+    local_epochs: int
     lr: float
+    loss: str
     spacing: tuple[float, float, float]
+    share_buffers: bool  # average normalisation statistics too (False: parameters only, as the original)
+    keep: str  # "last" model, or the "best" on validation Dice
+    finetune_epochs: int  # head-only training after federation (task block alone, representation frozen)
+    roi: tuple[int, int, int] | None  # sliding window at test time (None: the patch)
+    blend: str
+    largest: bool  # keep each organ's largest connected component(s) at test time
 
 
 PRESETS = {
-    # sized for a 2-core laptop CPU: about seven minutes of training for four sites
-    "phantom": Preset(channels=(8, 16, 32, 64), patch=(48, 48, 32), volumes_per_batch=2, patches_per_volume=1,
-                      rounds=100, local_steps=4, lr=3e-3, spacing=(3.0, 3.0, 3.0)),
-    # the original's model and patches (MONAI UNet channels 16..256, 128x128x32, 4 patches x 2
-    # volumes per step, 50 rounds); local steps stand in for its 10 local epochs
-    "paper": Preset(channels=(16, 32, 64, 128, 256), patch=(128, 128, 32), volumes_per_batch=2,
-                    patches_per_volume=4, rounds=50, local_steps=100, lr=1e-4, spacing=(1.5, 1.5, 2.0)),
+    # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
+    "phantom": Preset(channels=(8, 16, 32, 64), norm="instance", patch=(48, 48, 32), volumes_per_batch=2,
+                      patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, local_steps=4,
+                      local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0), share_buffers=True,
+                      keep="last", finetune_epochs=0, roi=None, blend="gaussian", largest=True),
+    # the original's recipe, item by item (docs/paper-preset.md)
+    "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32), volumes_per_batch=2,
+                    patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50, local_steps=0,
+                    local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0), share_buffers=False,
+                    keep="best", finetune_epochs=150, roi=(160, 160, 160), blend="constant", largest=False),
 }
 
 
@@ -180,8 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"),
                    help="learning rate over rounds: constant, as the original (default); poly decays it to 0 "
                         "as nnU-Net does")
-    p.add_argument("--loss", default="dicece", choices=tuple(LOSSES),
-                   help="dicece: Dice + cross-entropy (default, faster to converge); dice: as the original; "
+    p.add_argument("--loss", default=None, choices=tuple(LOSSES),
+                   help="dicece: Dice + cross-entropy; dice: Dice alone, as the original (default: the preset's); "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
     p.add_argument("--dice-over", default="sample", choices=("sample", "batch"),
                    help="soft Dice per patch, averaged (default, as the original), or pooled over the batch")
@@ -201,8 +219,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=channel_list, default=None, metavar="C,C,...",
                    help="U-Net widths, one per resolution level, e.g. 8,16,32,64,128 (default: the preset's; "
                         "phantom 8,16,32,64)")
-    p.add_argument("--norm", default="instance", choices=("instance", "batch"), help="normalisation layers")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling (default 0)")
+    p.add_argument("--norm", default=None, choices=("instance", "batch"),
+                   help="normalisation layers (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
+                   help="seeds of data, weights and sampling: one run each, in OUT/seed-S when there are several, "
+                        "then the mean ± std across them (default 0)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="after federation, epochs of head-only training per site (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>-<nodes>)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
@@ -239,9 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every N rounds (and after the last) score each site's model on that site's "
                         "validation cases (phantom: 2 extra per site; real data: the --val-split ones); "
                         "default 0, off")
-    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=True,
-                   help="at test time keep each organ's largest connected component(s) (default on)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="at test time keep each organ's largest connected component(s) (default: the preset's)")
     p.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap at test time")
+    p.add_argument("--no-test", action="store_true",
+                   help="train (and validate) only: the test set is not read (choosing settings on validation)")
     args = p.parse_args(argv)
     if args.mode == "all":
         args.nodes = sorted(set(args.nodes or [2, 3, 4]))
@@ -253,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes is not None and len(args.nodes) != 1:
         p.error("several --nodes values need --mode all")
     args.nodes = 4 if args.nodes is None else args.nodes[0]
+    args.seed = args.seeds[0]
     if args.resume:
         adopt_saved_settings(args, p, explicit_flags(sys.argv[1:] if argv is None else argv))
 
@@ -260,7 +286,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = preset.rounds if args.rounds is None else args.rounds
     args.local_steps = preset.local_steps if args.local_steps is None else args.local_steps
     args.lr = preset.lr if args.lr is None else args.lr
-    if args.rounds < 1 or args.local_steps < 1:
+    for key in ("loss", "norm", "largest", "finetune_epochs"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset, key))
+    if args.finetune_epochs < 0:
+        p.error("--finetune-epochs must be >= 0")
+    if args.rounds < 1 or args.local_steps < 0 or (args.local_steps == 0 and not preset.local_epochs):
         p.error("--rounds and --local-steps must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
@@ -324,7 +355,8 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "local_steps", "lr", "schedule", "loss", "dice_over",
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "schedule", "loss",
+                "dice_over",
                 "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
                 "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
                 "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
@@ -347,6 +379,9 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
         theirs = saved.get(key, p.get_default(key))
         if key == "channels" and theirs is None:
             theirs = PRESETS[saved.get("preset", "phantom")].channels
+        if key == "seed":
+            given = given | {"seed"} if "seeds" in given else given
+            mine = args.seeds[0]
         if key in given and _norm(mine) != _norm(theirs):
             p.error(f"--resume {args.resume}: the checkpoint was trained with --{key.replace('_', '-')} "
                     f"{theirs}, not {mine}")
@@ -355,6 +390,7 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
         p.error(f"--resume {args.resume}: --rounds {args.rounds} is fewer than the run's {saved['rounds']}")
     if "rounds" not in given:
         args.rounds = saved["rounds"]
+    args.seeds = [args.seed]
 
 
 def _norm(value):
@@ -370,10 +406,16 @@ def seed_for(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def site_windows(sites, which: str) -> dict[str, tuple[float, float]]:
-    chosen = {s: WINDOWS[s] if which == "site" else COMMON_WINDOW for s in sites}
-    chosen["test"] = WINDOWS["test"] if which == "site" else COMMON_WINDOW
-    return chosen
+def site_windows(sites, which: str, mode: str = "segviz") -> dict[str, tuple[float, float]]:
+    """The HU window of each site's training images and of the test images.
+
+    Binary site models see their own site's window. A multi-class model sees one window
+    everywhere, in training and at test: the original's central model used -200..304 HU."""
+    if which == "common":
+        return {**dict.fromkeys(sites, COMMON_WINDOW), "test": COMMON_WINDOW}
+    if mode not in ("single", "segviz"):
+        return {**dict.fromkeys(sites, WINDOWS["pooled"]), "test": WINDOWS["pooled"]}
+    return {**{s: WINDOWS[s] for s in sites}, "test": WINDOWS["test"]}
 
 
 def head_windows(windows: dict, sites, which: str) -> dict[str, tuple[float, float]]:
@@ -433,12 +475,13 @@ class Run:
     samplers: dict[str, PatchSampler]
     pooled: object | None  # central's round-robin batch source (its position is state)
     keys: list[str]  # the shared state-dict keys
-    local_steps: int
+    local_steps: dict[str, int]  # optimiser steps per round of each client
     dropout_rng: torch.Generator
     privacy: fl.Privacy | None
     log: list[str]  # absences and refused updates, one line each
     norms: list[dict[str, float]]  # per round: each present client's update norm
     validation: list[dict]  # {"round": r, site: Dice on that site's validation cases}
+    best: dict | None = None  # keep="best": {"round", "score", "states"} of the best validation so far
     # training time of the processes before a resume, so a run's seconds are its whole cost
     earlier_train_seconds: float = 0.0
     starts: int = 1
@@ -455,12 +498,13 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     sites = NODE_SITES[args.nodes]
     local = sites if only is None else tuple(only)
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
-    windows = site_windows(sites, args.window)
+    windows = site_windows(sites, args.window, args.mode)
     binary = args.mode in ("single", "segviz")
-    unet_cfg = UNetConfig(out_channels=2 if binary else len(organs) + 1, channels=tuple(args.channels),
+    unet_cfg = UNetConfig(classes=2 if binary else len(organs) + 1, channels=tuple(args.channels),
                           norm=args.norm, task_stages=args.task_stages)
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
-                                patches_per_volume=preset.patches_per_volume, p_noise=args.noise_aug,
+                                patches_per_volume=preset.patches_per_volume, p_spatial=preset.p_affine,
+                                p_intensity=preset.p_intensity, p_noise=args.noise_aug,
                                 p_contrast=args.contrast_aug, contrast=args.contrast_range)
     samplers = {s: make_sampler(train_cases[s], windows[s], binary, sampler_cfg, args.device,
                                 seed_for(args.seed, s), len(organs)) for s in local}
@@ -474,18 +518,28 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
         pooled = round_robin([samplers[s] for s in sites])
         loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
         clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss, store=store)]
-        local_steps, keys = args.local_steps * len(sites), []
+        local_steps, keys = {"pooled": sum(steps_per_round(args, train_cases[s]) for s in sites)}, []
     else:
         clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample),
                                  site_loss(args.loss, s, args.dice_over == "batch"),
                                  weight=len(train_cases[s]), store=store) for s in local]
-        local_steps = args.local_steps
-        keys = segviz.shared_keys(model.state_dict(), args.mode, args.fedbn)
+        local_steps = {s: steps_per_round(args, train_cases[s]) for s in local}
+        # the original averaged named_parameters(): normalisation statistics (buffers) stayed local
+        parameters = None if preset.share_buffers else {k for k, _ in model.named_parameters()}
+        keys = segviz.shared_keys(model.state_dict(), args.mode, args.fedbn, parameters)
     privacy = None
     if args.dp_clip is not None:
         privacy = fl.Privacy(args.dp_clip, args.dp_noise, torch.Generator().manual_seed(seed_for(args.seed, "dp")))
     return Run(sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps,
                torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [], [])
+
+
+def steps_per_round(args: argparse.Namespace, cases: list) -> int:
+    """A site's local work per round: --local-steps, or the preset's epochs of the site's own
+    data, an epoch being one pass of batches over its cases (as the original's 10 epochs)."""
+    if args.local_steps:
+        return args.local_steps
+    return PRESETS[args.preset].local_epochs * math.ceil(len(cases) / PRESETS[args.preset].volumes_per_batch)
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -515,27 +569,63 @@ def load_validation(args: argparse.Namespace, spacing, spec: PhantomSpec) -> dic
                                    args.val_split, args.seed, args.max_cases)
         except DataError as e:
             fail(str(e))
-    return phantom_validation(sites, min(2, args.max_cases or 2), seed=args.seed, spec=spec, cache_dir=args.cache)
+    return phantom_validation(sites, min(4, args.max_cases or 4), seed=args.seed, spec=spec, cache_dir=args.cache)
 
 
-def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list]) -> dict[str, float]:
+def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
+             sites: Sequence[str] | None = None) -> dict[str, float]:
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
-    preset = PRESETS[args.preset]
-    windows = site_windows(run.sites, args.window)
+    windows = site_windows(run.sites, args.window, args.mode)
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
-        for site in run.sites:
+        for site in sites or run.sites:
             if args.mode in ("single", "segviz"):
                 state = next(c for c in run.clients if c.name == site).model_state
                 net, organs = segviz.MetaModel(run.unet_cfg, {site: state}, {site: windows[site]}, False), [site]
             else:
                 net = segviz.MultiClassModel(run.unet_cfg, run.clients[0].model_state, windows[site])
                 organs = run.organs
-            dice = evaluate(net, val_cases[site], organs, preset.patch, independent=len(organs) == 1,
-                            device=args.device)[site]
-            out[site] = round(float(np.mean(dice)), 6)
+            dice = evaluate(net, val_cases[site], organs, test_roi(args), args.device, args.eval_overlap,
+                            PRESETS[args.preset].blend, args.largest)
+            scoring = "heads" if len(organs) == 1 else "classes"
+            out[site] = round(float(np.mean(dice[scoring][site])), 6)
     return out
+
+
+def test_roi(args: argparse.Namespace) -> tuple[int, int, int]:
+    preset = PRESETS[args.preset]
+    return preset.roi or preset.patch
+
+
+def keep_if_best(run: Run, scores: dict[str, float], rounds_done: int) -> None:
+    """keep="best": remember every client's state at the round of the best mean validation Dice."""
+    score = float(np.mean(list(scores.values())))
+    if run.best is None or score > run.best["score"]:
+        run.best = {"round": rounds_done, "score": score,
+                    "states": {c.name: {k: v.clone() for k, v in c.model_state.items()} for c in run.clients}}
+
+
+def finetune_heads(run: Run, args: argparse.Namespace, val_cases: dict[str, list], epochs: int) -> None:
+    """After federation, each site trains its task block alone (representation frozen) for
+    `epochs` of its data, keeping the head of its best validation Dice, as the original's last
+    stage. The frozen representation's weights do not move: Adam skips parameters without a
+    gradient, and only task parameters get one."""
+    for name, p in run.model.named_parameters():
+        p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
+    per_epoch = {c.name: math.ceil(len(run.samplers[c.name]) / PRESETS[args.preset].volumes_per_batch)
+                 for c in run.clients}
+    for client in tqdm(run.clients, desc="fine-tune heads", disable=None):
+        best = (validate(run, args, val_cases, [client.name])[client.name], client.model_state)
+        for _ in range(epochs):
+            fl.local_train(run.model, run.optimizer, client, per_epoch[client.name])
+            score = validate(run, args, val_cases, [client.name])[client.name]
+            if score > best[0]:
+                best = (score, client.model_state)
+        client.model_state = best[1]
+        run.log.append(f"fine-tuned {client.name}'s head: best validation Dice {best[0]:.3f}")
+    for p in run.model.parameters():
+        p.requires_grad_(True)
 
 
 def present_clients(run: Run, p: float) -> list[fl.Client]:
@@ -573,6 +663,7 @@ def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -
         "dp_rng": run.privacy.generator.get_state() if run.privacy else None,
         "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state(),
         "train_seconds": run.earlier_train_seconds + time.time() - run.started, "starts": run.starts,
+        "best": run.best,
     }
     os.makedirs(out, exist_ok=True)
     save_torch_atomic(blob, os.path.join(out, STATE_FILE))
@@ -619,6 +710,7 @@ def restore_state(run: Run, blob: dict, path: str) -> int:
     run.log[:] = blob["log"]
     run.norms[:] = blob.get("norms", [])
     run.validation[:] = blob.get("validation", [])
+    run.best = blob.get("best")
     run.earlier_train_seconds = float(blob.get("train_seconds", 0.0))  # states before it existed: 0
     run.starts = int(blob.get("starts", 1)) + 1
     return int(blob["round"])
@@ -682,7 +774,7 @@ def train(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     spacing, spec = data_spec(args)
     train_cases, test_cases, data_info = load_data(args, spacing, spec)
-    val_cases = load_validation(args, spacing, spec) if args.val_every else {}
+    val_cases = load_validation(args, spacing, spec) if validates(args) else {}
     t_data = time.time()
     run = build_run(args, train_cases)
     start = 0
@@ -694,11 +786,12 @@ def train(args: argparse.Namespace) -> dict:
     guard = fl.Guard(args.max_update_norm, args.norm_factor or None)
     aggregate = fl.AGGREGATORS[args.aggregate]
     run.started = t_data  # this process's training time starts with building the run
-    total = args.rounds * run.local_steps * len(run.clients)
-    print(f"{args.name}: {len(run.sites)} site(s) {', '.join(run.sites)} | {args.rounds} rounds x "
-          f"{args.local_steps} local steps | batch {run.samplers[run.sites[0]].cfg.batch} x {preset.patch} | "
-          f"{exchange_summary(run)} | device {args.device}")
-    bar = tqdm(total=total, initial=start * run.local_steps * len(run.clients), desc="train", unit="step",
+    every = args.val_every or (1 if preset.keep == "best" else 0)
+    steps = sum(run.local_steps.values())
+    print(f"{args.name} seed {args.seed}: {len(run.sites)} site(s) {', '.join(run.sites)} | {args.rounds} rounds x "
+          f"{'/'.join(map(str, run.local_steps.values()))} local steps | batch "
+          f"{run.samplers[run.sites[0]].cfg.batch} x {preset.patch} | {exchange_summary(run)} | device {args.device}")
+    bar = tqdm(total=args.rounds * steps, initial=start * steps, desc="train", unit="step",
                disable=None, dynamic_ncols=True)
     try:
         for r in range(start, args.rounds):
@@ -707,16 +800,18 @@ def train(args: argparse.Namespace) -> dict:
                                         weighted=args.weighted, progress=bar.update,
                                         lr=round_lr(args.lr, r, args.rounds, args.schedule), present=present,
                                         guard=guard, privacy=run.privacy)
-            bar.update(run.local_steps * len(report.absent))
+            bar.update(sum(run.local_steps[name] for name in report.absent))
             line = f"round {r + 1:>3}/{args.rounds}  loss " + "  ".join(
                 f"{k} {v:.3f}" for k, v in report.losses.items())
             events = [f"absent: {', '.join(report.absent)}"] if report.absent else []
             events += [f"refused {name}: {why}" for name, why in report.refused.items()]
             run.log += [f"round {r + 1}: {e}" for e in events]
             run.norms.append({k: round(v, 6) for k, v in report.norms.items()})
-            if args.val_every and ((r + 1) % args.val_every == 0 or r + 1 == args.rounds):
+            if every and ((r + 1) % every == 0 or r + 1 == args.rounds):
                 scores = validate(run, args, val_cases)
                 run.validation.append({"round": r + 1, **scores})
+                if preset.keep == "best":
+                    keep_if_best(run, scores, r + 1)
                 line += "  | validation " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
             bar.write(line + ("  | " + "; ".join(events) if events else ""))
             save_state(args.out, run, r + 1, args)
@@ -726,26 +821,43 @@ def train(args: argparse.Namespace) -> dict:
               f"python train.py --resume {args.out}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
+    if run.best is not None:
+        for c in run.clients:
+            c.model_state = run.best["states"][c.name]
+        run.log.append(f"kept the model of round {run.best['round']} (best mean validation Dice "
+                       f"{run.best['score']:.3f})")
+    if args.finetune_epochs and args.mode in ("single", "segviz"):
+        finetune_heads(run, args, val_cases, args.finetune_epochs)
     t_trained = time.time()
     return finish(args, run, test_cases, spec, spacing, data_info, (t_start, t_data, t_trained))
+
+
+def validates(args: argparse.Namespace) -> bool:
+    """Whether the run reads its validation cases: curves, model selection, head fine-tuning."""
+    preset = PRESETS[args.preset]
+    return bool(args.val_every or preset.keep == "best" or args.finetune_epochs)
 
 
 def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     """Assemble the final model, test it, write model.pt and metrics.json."""
     t_start, t_data, t_trained = times
     preset = PRESETS[args.preset]
-    windows = site_windows(run.sites, args.window)
+    windows = site_windows(run.sites, args.window, args.mode)
     clients = run.clients
+    # one representation pass serves every head only where the sites share all of it
+    rep_keys = [k for k in clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
+    shared_rep = args.mode == "segviz" and set(rep_keys) <= set(run.keys)
     if args.mode in ("single", "segviz"):
         states = {c.name: c.model_state for c in clients}
-        net = segviz.MetaModel(run.unet_cfg, states, head_windows(windows, run.sites, args.head_window),
-                               shared_rep=args.mode == "segviz" and not args.fedbn)
+        net = segviz.MetaModel(run.unet_cfg, states, head_windows(windows, run.sites, args.head_window), shared_rep)
     else:
         states = {"global": clients[0].model_state}
         net = segviz.MultiClassModel(run.unet_cfg, states["global"], windows["test"])
-    per_case = evaluate(net, test_cases, run.organs, preset.patch, independent=args.mode == "single",
-                        device=args.device, overlap=args.eval_overlap, largest=args.largest)
-    summary = summarise(per_case)
+    primary = primary_scoring(args.mode)
+    per_case = {} if args.no_test else evaluate(net, test_cases, run.organs, test_roi(args), args.device,
+                                                 args.eval_overlap, preset.blend, args.largest, primary=primary)
+    by_scoring = {k: summarise(v) for k, v in per_case.items()}
+    summary = by_scoring.get(primary, {})
     t_end = time.time()
     # a resumed run counts the training time of its earlier processes too (not their data loading)
     train_seconds = run.earlier_train_seconds + t_trained - t_data
@@ -754,19 +866,20 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
-        "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr, "schedule": args.schedule,
+        "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr, "schedule": args.schedule,
         "loss": args.loss, "dice_over": args.dice_over, "window": args.window, "head_window": args.head_window,
-        "weighted": args.weighted,
+        "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
         "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
-        "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch),
-        "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing), "data": data_info,
-        "max_cases": args.max_cases, "windows": {k: list(v) for k, v in windows.items()},
+        "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch), "roi": list(test_roi(args)),
+        "blend": preset.blend, "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing),
+        "data": data_info, "max_cases": args.max_cases, "windows": {k: list(v) for k, v in windows.items()},
         "phantom_cases": dict(spec.cases), "cache_dir": args.cache, "shared_keys": len(run.keys),
         "eval_overlap": args.eval_overlap, "largest": args.largest, "dropout": args.dropout,
         "aggregate": args.aggregate, "max_update_norm": args.max_update_norm, "norm_factor": args.norm_factor,
         "dp_clip": args.dp_clip, "dp_noise": args.dp_noise,
     }
-    metrics = {"mode": args.mode, "nodes": args.nodes, "organs": run.organs, "dice": summary,
+    metrics = {"mode": args.mode, "nodes": args.nodes, "seed": args.seed, "organs": run.organs, "dice": summary,
+               "scoring": primary, "dice_by_scoring": by_scoring,
                "seconds": round(seconds, 1), "data_seconds": round(data_seconds, 1),
                "train_seconds": round(train_seconds, 1), "starts": run.starts, "config": config,
                "device": str(args.device), "losses": {c.name: c.history for c in clients}, "events": run.log,
@@ -774,12 +887,17 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     save_outputs(args.out, {"format": CHECKPOINT_FORMAT, "name": args.name, "mode": args.mode, "nodes": args.nodes,
                             "organs": run.organs, "config": config, "states": states}, metrics)
     print()
-    print(format_table({args.name: summary}, run.organs))
+    if by_scoring:
+        print(format_table({f"{args.name} ({k})" if len(by_scoring) > 1 else args.name: v
+                            for k, v in by_scoring.items()}, run.organs))
+    if run.validation:
+        print("validation Dice (own site's cases, last check): " + "  ".join(
+            f"{k} {v:.3f}" for k, v in run.validation[-1].items() if k != "round"))
     if run.log:
         print(f"{len(run.log)} event(s): " + "; ".join(run.log[-5:]) + (" ..." if len(run.log) > 5 else ""))
     resumed = f", over {run.starts} starts" if run.starts > 1 else ""
-    print(f"\n{args.name}: {seconds:.0f} s in all ({data_seconds:.0f} s data, {train_seconds:.0f} s training{resumed}, "
-          f"{t_end - t_trained:.0f} s test) on {args.device}; "
+    print(f"\n{args.name} seed {args.seed}: {seconds:.0f} s in all ({data_seconds:.0f} s data, {train_seconds:.0f} s "
+          f"training{resumed}, {t_end - t_trained:.0f} s test) on {args.device}; "
           f"checkpoint {os.path.join(args.out, 'model.pt')}")
     return metrics
 
@@ -797,11 +915,11 @@ ALL_SETUPS = (("single", []), ("central", []), ("central", ["--loss", "marginal"
 
 
 def run_all(args: argparse.Namespace, argv: list[str]) -> int:
-    """Every setup for every --nodes value, one folder each under OUT. A finished run (it has
-    metrics.json) is skipped and an unfinished one (state.pt only) resumed, so the command can
-    simply be issued again after an interruption."""
+    """Every setup for every --nodes value and seed, in OUT/<setup>/seed-S. A finished run (it
+    has metrics.json) is skipped and an unfinished one (state.pt only) resumed, so the command
+    can simply be issued again after an interruption."""
     # the user's other flags apply to every run; each setup's own flags come last and win
-    shared = strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn"})
+    shared = strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn", "--seeds"})
     real = bool(args.data_root or source_overrides(args))
     plan = []
     for nodes in args.nodes:
@@ -809,19 +927,21 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
             if (mode == "oracle" and real) or (mode != "single" and nodes == 1):
                 continue
             name = run_name(mode, nodes, "--fedbn" in extra, "marginal" in extra)
-            plan.append((name, ["--nodes", str(nodes), "--mode", mode, *extra]))
+            plan += [(name, seed, ["--nodes", str(nodes), "--mode", mode, *extra]) for seed in args.seeds]
     print(f"--mode all: {len(plan)} runs under {args.out}")
-    for i, (name, setup) in enumerate(plan, 1):
-        out = os.path.join(args.out, name)
+    for i, (name, seed, setup) in enumerate(plan, 1):
+        out = seed_folder(os.path.join(args.out, name), seed) if len(args.seeds) > 1 else os.path.join(args.out, name)
         if os.path.exists(os.path.join(out, "metrics.json")):
-            print(f"[{i}/{len(plan)}] {name}: finished, skipped")
+            print(f"[{i}/{len(plan)}] {name} seed {seed}: finished, skipped")
             continue
         if os.path.exists(os.path.join(out, STATE_FILE)):
-            print(f"[{i}/{len(plan)}] {name}: resuming")
+            print(f"[{i}/{len(plan)}] {name} seed {seed}: resuming")
             train(parse_args(["--resume", out, *strip_flags(shared, set(), keep_only_device=True)]))
         else:
-            print(f"[{i}/{len(plan)}] {name}")
-            train(parse_args([*shared, *setup, "--out", out]))
+            print(f"[{i}/{len(plan)}] {name} seed {seed}")
+            run_args = parse_args([*shared, *setup, "--seeds", str(seed), "--out", os.path.join(args.out, name)])
+            run_args.out = out
+            train(run_args)
     from eval import compare_runs
 
     print(compare_runs(args.out))
@@ -842,13 +962,41 @@ def strip_flags(argv: list[str], drop: set[str], keep_only_device: bool = False)
     return out
 
 
+def seed_summary(results: dict[int, dict]) -> str:
+    """Each seed's mean Dice per organ, then the mean ± std across seeds (of those means)."""
+    first = next(iter(results.values()))
+    organs = first["organs"]
+    rows = {f"seed {seed}": {o: {"mean": m["dice"][o]["mean"], "std": m["dice"][o]["std"]} for o in organs}
+            for seed, m in results.items()}
+    across = {}
+    for o in organs:
+        means = np.array([m["dice"][o]["mean"] for m in results.values()])
+        across[o] = {"mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0}
+    rows[f"mean of {len(results)} seeds"] = across
+    return format_table(rows, organs)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.mode == "all":
         return run_all(args, argv)
-    train(args)
+    if args.resume:
+        train(args)
+        return 0
+    results = {}
+    for seed in args.seeds:
+        out = seed_folder(args.out, seed) if len(args.seeds) > 1 else args.out
+        results[seed] = train(argparse.Namespace(**{**vars(args), "seed": seed, "out": out}))
+    if len(results) > 1 and not args.no_test:
+        print(f"\n{args.name}, {len(results)} seeds (within a seed: mean ± std over test cases; last row: mean ± "
+              f"std over seeds of each seed's mean)")
+        print(seed_summary(results))
     return 0
+
+
+def seed_folder(out: str, seed: int) -> str:
+    return os.path.join(out, f"seed-{seed}")
 
 
 if __name__ == "__main__":

@@ -1,163 +1,165 @@
-"""A hand-written 3D U-Net whose weights split into a shared representation and a task head.
+"""The original SegViz network, written by hand: MONAI's residual `UNet`, split in two.
 
-Every parameter and buffer lives under one of two prefixes of the state dict:
+The original code trained MONAI's `UNet(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+num_res_units=2, norm=BATCH)`. This file builds the same topology in plain `torch.nn` (a test
+copies MONAI's weights in and checks equal outputs), with every parameter and buffer under one
+of two prefixes of the state dict:
 
-    rep.*   the representation block: the whole encoder, the bottleneck and the first
-            decoder stages. In SegViz this is what the sites average.
-    task.*  the task block: the last `task_stages` decoder stages and the output
-            convolution. In SegViz it never leaves its site.
+    rep.*   the representation block: the encoder, the bottom unit and the deeper up layers.
+            In SegViz this is what the sites average.
+    task.*  the task block: the last `task_stages` up layers. With the default (1) that is
+            exactly the original's local part, MONAI's top up layer `model.2`. It never
+            leaves its site.
 
-The default (`task_stages=1`) mirrors the original SegViz code, which kept the last
-up-block of MONAI's UNet (`model.2`) local. The module knows nothing of federation;
-it only exposes `features` (the representation's output) and `head` (the task block)
-so that a meta-model can run one representation under several heads.
+Each level halves the resolution with a residual unit whose first convolution strides, so
+nothing but the top up layer runs at full resolution. On the way up, a level concatenates its
+skip with the deeper output, then upsamples with a transposed convolution and refines with a
+one-convolution residual unit. The top up layer ends in a bare convolution: its output is the
+logits.
+
+The module knows nothing of federation; `features` (the representation's output and the skips
+the head still needs) and `head` let a meta-model run one representation under several heads.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 1
-    out_channels: int = 2
-    channels: tuple[int, ...] = (8, 16, 32, 64)  # one entry per resolution level
-    norm: str = "instance"  # "instance" (default: small batches of patches) or "batch"
-    act: str = "leakyrelu"  # or "prelu"
-    down: str = "stride"  # "stride" (strided conv) or "pool" (max pooling)
-    up: str = "transpose"  # "transpose" (transposed conv) or "interp" (trilinear + conv)
-    task_stages: int = 1  # decoder stages (counted from the output) kept in the task block
+    classes: int = 2  # output channels: 2 for a binary site head, 1 + K for a K-organ model
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # one width per level, the last is the bottom
+    strides: tuple[int, ...] | None = None  # one per level but the bottom; None: all 2
+    res_units: int = 2  # convolutions per down (and bottom) residual unit
+    norm: str = "batch"  # "batch" (as the original) or "instance" (affine)
+    task_stages: int = 1  # up layers, counted from the output, kept in the task block
 
     def __post_init__(self) -> None:
         levels = len(self.channels)
         if levels < 2:
             raise ValueError("channels needs at least two levels")
-        if not 0 <= self.task_stages <= levels - 1:
-            raise ValueError(f"task_stages must be in 0..{levels - 1} for {levels} levels")
-        for name, value, allowed in (
-            ("norm", self.norm, ("instance", "batch")),
-            ("act", self.act, ("leakyrelu", "prelu")),
-            ("down", self.down, ("stride", "pool")),
-            ("up", self.up, ("transpose", "interp")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.strides is None:
+            object.__setattr__(self, "strides", (2,) * (levels - 1))
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "strides", tuple(self.strides))
+        if len(self.strides) != levels - 1:
+            raise ValueError(f"{levels} channel levels need {levels - 1} strides, got {len(self.strides)}")
+        if not 1 <= self.task_stages <= levels - 1:
+            raise ValueError(f"task_stages must be in 1..{levels - 1} for {levels} levels")
+        if self.res_units < 1:
+            raise ValueError("res_units must be at least 1")
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"norm must be 'batch' or 'instance', got {self.norm!r}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "channels": list(self.channels)}
+        return {**asdict(self), "channels": list(self.channels), "strides": list(self.strides)}
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        return cls(**{**d, "channels": tuple(d["channels"])})
+        return cls(**{**d, "channels": tuple(d["channels"]), "strides": tuple(d["strides"])})
 
 
-def _norm(kind: str, ch: int) -> nn.Module:
-    # affine instance norm: its scale and shift are what FedBN keeps local
-    if kind == "instance":
-        return nn.InstanceNorm3d(ch, affine=True)
-    return nn.BatchNorm3d(ch)
+def conv_unit(cin: int, cout: int, stride: int, norm: str, transposed: bool = False,
+              conv_only: bool = False) -> nn.Sequential:
+    """A 3x3x3 convolution (transposed: upsampling by `stride`), then norm and PReLU."""
+    if transposed:
+        conv = nn.ConvTranspose3d(cin, cout, 3, stride=stride, padding=1, output_padding=stride - 1)
+    else:
+        conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    if conv_only:
+        return nn.Sequential(OrderedDict(conv=conv))
+    # affine instance norm, unlike MONAI's default: FedBN then has a scale and shift to keep local
+    norm_layer = nn.BatchNorm3d(cout) if norm == "batch" else nn.InstanceNorm3d(cout, affine=True)
+    return nn.Sequential(OrderedDict(conv=conv, norm=norm_layer, act=nn.PReLU()))
 
 
-def _act(kind: str, ch: int) -> nn.Module:
-    return nn.PReLU(ch) if kind == "prelu" else nn.LeakyReLU(0.01, inplace=True)
+class ResidualUnit(nn.Module):
+    """`subunits` conv units, the first of which may stride, plus a projected shortcut."""
 
-
-class ConvBlock(nn.Module):
-    """Two 3x3x3 convolutions, each followed by norm and activation; the first may stride."""
-
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int, subunits: int, norm: str, last_conv_only: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = _norm(cfg.norm, cout)
-        self.act1 = _act(cfg.act, cout)
-        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = _norm(cfg.norm, cout)
-        self.act2 = _act(cfg.act, cout)
+        self.units = nn.Sequential(*(
+            conv_unit(cin if i == 0 else cout, cout, stride if i == 0 else 1, norm,
+                      conv_only=last_conv_only and i == subunits - 1)
+            for i in range(subunits)))
+        if stride != 1:  # the shortcut strides with the same 3x3x3 kernel
+            self.residual = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+        elif cin != cout:  # only the width changes: a 1x1x1 projection
+            self.residual = nn.Conv3d(cin, cout, 1)
+        else:
+            self.residual = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.norm1(self.conv1(x)))
-        return self.act2(self.norm2(self.conv2(x)))
+        return self.units(x) + self.residual(x)
 
 
-class DownStage(nn.Module):
-    """Halve the resolution (strided conv or max pool), then a conv block."""
+class UpLayer(nn.Module):
+    """[skip, deeper] -> transposed convolution (upsampling) -> one-convolution residual unit."""
 
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, top: bool):
         super().__init__()
-        self.pool = nn.MaxPool3d(2) if cfg.down == "pool" else nn.Identity()
-        self.block = ConvBlock(cin, cout, cfg, stride=2 if cfg.down == "stride" else 1)
+        self.up = conv_unit(cin, cout, stride, norm, transposed=True)
+        self.unit = ResidualUnit(cout, cout, 1, 1, norm, last_conv_only=top)  # top: bare logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.pool(x))
-
-
-class UpStage(nn.Module):
-    """Double the resolution, concatenate the skip connection, then a conv block."""
-
-    def __init__(self, cin: int, cskip: int, cout: int, cfg: UNetConfig):
-        super().__init__()
-        self.mode = cfg.up
-        if cfg.up == "transpose":
-            self.up = nn.ConvTranspose3d(cin, cout, 2, stride=2)
-        else:
-            self.up = nn.Conv3d(cin, cout, 1)
-        self.block = ConvBlock(cout + cskip, cout, cfg)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if self.mode == "interp":
-            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            x = self.up(x)
-        else:
-            x = self.up(x)
-        return self.block(torch.cat([x, skip], dim=1))
+    def forward(self, skip: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
+        return self.unit(self.up(torch.cat([skip, deeper], dim=1)))
 
 
 class UNet3D(nn.Module):
-    """Encoder-decoder with skips. Input sizes must be divisible by 2**(levels-1)."""
+    """MONAI's residual UNet topology. Input sides must be divisible by `divisor`."""
 
     def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
         cfg = cfg or UNetConfig()
         self.cfg = cfg
-        ch = cfg.channels
-        levels = len(ch)
-        # decoder stage i maps level i+1 back to level i; stages are listed output-last
-        decoder = [UpStage(ch[i + 1], ch[i], ch[i], cfg) for i in reversed(range(levels - 1))]
-        n_shared = len(decoder) - cfg.task_stages
+        ch, st, top = cfg.channels, cfg.strides, len(cfg.channels) - 2  # `top`: the deepest strided level
+
+        def up_layer(level: int) -> UpLayer:
+            # level `top` meets the bottom unit's output; the others meet the level below's up layer
+            cin = ch[level] + (ch[level + 1] if level == top else ch[level])
+            cout = cfg.classes if level == 0 else ch[level - 1]
+            return UpLayer(cin, cout, st[level], cfg.norm, top=level == 0)
 
         self.rep = nn.Module()
-        self.rep.stem = ConvBlock(cfg.in_channels, ch[0], cfg)
-        self.rep.down = nn.ModuleList(DownStage(ch[i], ch[i + 1], cfg) for i in range(levels - 1))
-        self.rep.up = nn.ModuleList(decoder[:n_shared])
+        self.rep.down = nn.ModuleList(
+            ResidualUnit(cfg.in_channels if i == 0 else ch[i - 1], ch[i], st[i], cfg.res_units, cfg.norm)
+            for i in range(top + 1))
+        self.rep.bottom = ResidualUnit(ch[top], ch[top + 1], 1, cfg.res_units, cfg.norm)
+        # up layers are listed deepest first, the order they run in
+        self.rep.up = nn.ModuleList(up_layer(i) for i in reversed(range(cfg.task_stages, top + 1)))
         self.task = nn.Module()
-        self.task.up = nn.ModuleList(decoder[n_shared:])
-        self.task.out = nn.Conv3d(ch[0], cfg.out_channels, 1)
+        self.task.up = nn.ModuleList(up_layer(i) for i in reversed(range(cfg.task_stages)))
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The representation block: returns its output and the skips the head still needs."""
-        skips = [self.rep.stem(x)]
-        for stage in self.rep.down:
-            skips.append(stage(skips[-1]))
-        h = skips.pop()
-        for stage in self.rep.up:
-            h = stage(h, skips.pop())
+        """The representation block: its output and the skips the task block still needs."""
+        skips = []
+        for down in self.rep.down:
+            x = down(x)
+            skips.append(x)
+        h = self.rep.bottom(x)
+        for up in self.rep.up:
+            h = up(skips.pop(), h)
         return h, skips
 
     def head(self, h: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """The task block: the remaining decoder stages and the output convolution (logits)."""
+        """The task block: the remaining up layers, ending in the logits."""
         skips = list(skips)
-        for stage in self.task.up:
-            h = stage(h, skips.pop())
-        return self.task.out(h)
+        for up in self.task.up:
+            h = up(skips.pop(), h)
+        return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.features(x))
 
     @property
     def divisor(self) -> int:
-        return 2 ** (len(self.cfg.channels) - 1)
+        d = 1
+        for s in self.cfg.strides:
+            d *= s
+        return d

@@ -117,7 +117,7 @@ def test_evaluate_scores_each_organ_against_its_own_truth():
     case = Case("c", torch.zeros(16, 16, 16), truth, (1.0, 1.0, 1.0))
     organs = ["liver", "spleen", "pancreas", "kidneys"]
     # model channels: background, then the organs in `organs` order (= ORGAN_ID here)
-    got = evaluate(FixedScores(pred, 5), [case], organs, (16, 16, 16))
+    got = evaluate(FixedScores(pred, 5), [case], organs, (16, 16, 16))["classes"]
     for organ in organs:
         expected = dice(pred == ORGAN_ID[organ], truth == ORGAN_ID[organ])
         assert got[organ] == [pytest.approx(expected, abs=1e-12)], organ
@@ -197,32 +197,103 @@ def test_sliding_window_output_channels_follow_the_model():
 # ---------------------------------------------------------------------------------------
 
 
-def scores_where_modes_disagree():
-    # (background, liver, spleen) scores at three voxels:
-    #   voxel 0: background wins the argmax, yet both organs are above 0.5 on their own
-    #   voxel 1: liver wins the argmax, yet no organ reaches 0.5
-    #   voxel 2: spleen wins both ways (background low, so channel k + 1, not k, must be read)
-    s = torch.tensor([[0.9, 0.1, 0.2], [0.6, 0.45, 0.3], [0.7, 0.3, 0.8]])
-    return s.view(3, 3, 1, 1)
+def organ_probs_where_scorings_disagree():
+    # (liver, spleen) probabilities of two binary heads at three voxels:
+    #   voxel 0: both organs above 0.5 alone; merged, the more probable (spleen) wins
+    #   voxel 1: no organ reaches 0.5: merged and alone, background
+    #   voxel 2: spleen wins both ways (channel k is organs[k]: no background channel to skip)
+    p = torch.tensor([[0.6, 0.45, 0.3], [0.9, 0.2, 0.8]])
+    return p.view(2, 3, 1, 1)
 
 
-def test_organ_masks_argmax_gives_one_label_per_voxel():
-    masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=False)
-    assert masks["liver"].flatten().tolist() == [False, True, False]
-    assert masks["spleen"].flatten().tolist() == [False, False, True]
+def test_organ_masks_merged_gives_one_label_per_voxel():
+    masks = organ_masks(organ_probs_where_scorings_disagree(), ("liver", "spleen"), "merged")
+    assert masks["liver"].flatten().tolist() == [False, False, False]
+    assert masks["spleen"].flatten().tolist() == [True, False, True]
 
 
-def test_organ_masks_independent_thresholds_each_organ_at_half():
-    masks = organ_masks(scores_where_modes_disagree(), ("liver", "spleen"), independent=True)
+def test_organ_masks_heads_threshold_each_organ_at_half():
+    masks = organ_masks(organ_probs_where_scorings_disagree(), ("liver", "spleen"), "heads")
     assert masks["liver"].flatten().tolist() == [True, False, False]
     assert masks["spleen"].flatten().tolist() == [True, False, True]
 
 
-def test_organ_masks_follow_the_order_of_organs():
-    # channel k + 1 belongs to organs[k], whatever the organs are called
-    s = torch.tensor([0.0, 0.2, 0.9]).view(3, 1, 1, 1)
-    masks = organ_masks(s, ("kidneys", "pancreas"), independent=False)
-    assert not masks["kidneys"].any() and masks["pancreas"].all()
+def test_organ_masks_classes_take_the_argmax_with_background_first():
+    # (background, kidneys, pancreas): channel k + 1 belongs to organs[k], whatever they are called
+    s = torch.tensor([[0.5, 0.1], [0.2, 0.8], [0.3, 0.1]]).view(3, 2, 1, 1)
+    masks = organ_masks(s, ("kidneys", "pancreas"), "classes")
+    assert masks["kidneys"].flatten().tolist() == [False, True]
+    assert masks["pancreas"].flatten().tolist() == [False, False]
+
+
+def test_windows_that_disagree_are_blended_before_background_is_derived():
+    # Two sliding windows see the same voxel: the left one calls it liver (0.8), the right one
+    # spleen (0.8). Blended, each organ has 0.4: no organ claims the voxel, so it is background.
+    # Deriving background per window (0.2 in both) and then blending would give it to an organ.
+    from eval import predict_masks
+    from segviz import MetaModel
+
+    class Disagreeing(MetaModel):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+
+        def forward(self, hu):  # organ probabilities by where each window sits (read from its HU)
+            right = hu[:, 0, -1, 0, 0] > 0.5
+            p = torch.stack([torch.where(right, 0.0, 0.8), torch.where(right, 0.8, 0.0)], dim=1)
+            return p.view(-1, 2, 1, 1, 1).expand(-1, 2, *hu.shape[2:]).clone()
+
+    from data import Case
+
+    hu = torch.zeros(3, 1, 1)
+    hu[2:] = 1.0  # the window at x 0..1 is "left", the one at x 1..2 "right"; voxel 1 is in both
+    case = Case("c", hu, torch.zeros(3, 1, 1, dtype=torch.uint8), (1.0, 1.0, 1.0))
+    masks = predict_masks(Disagreeing(), case, ("liver", "spleen"), (2, 1, 1), "merged", overlap=0.5,
+                          blend="constant")
+    assert masks["liver"].flatten().tolist() == [True, False, False]
+    assert masks["spleen"].flatten().tolist() == [False, False, True]
+    # the old rule, per window then blended, gave the disputed voxel to an organ
+    old_background = torch.tensor([0.2, 0.2, 0.2])  # 1 - max per window, the same in both
+    old = torch.stack([old_background, torch.tensor([0.8, 0.4, 0.0]), torch.tensor([0.0, 0.4, 0.8])])
+    assert old.argmax(0).tolist()[1] != 0
+
+
+def test_keep_largest_components_keeps_the_largest_not_the_smallest():
+    from eval import keep_largest_components
+
+    m = torch.zeros(20, 8, 8, dtype=torch.bool)
+    m[0:2, :2, :2] = True  # 8 voxels
+    m[5:11, :4, :4] = True  # 96 voxels: the largest
+    m[14:17, :3, :3] = True  # 27 voxels
+    one = keep_largest_components(m, 1)
+    assert int(one.sum()) == 96 and one[5:11, :4, :4].all()
+    two = keep_largest_components(m, 2)  # the kidneys' rule: the two largest
+    assert int(two.sum()) == 96 + 27 and not two[0:2].any()
+    assert torch.equal(keep_largest_components(m, 3), m)
+
+
+def test_evaluate_scores_binary_heads_both_merged_and_alone():
+    from data import ORGAN_ID, Case
+    from eval import evaluate
+    from segviz import MetaModel
+
+    class Fixed(MetaModel):
+        def __init__(self, probs):
+            torch.nn.Module.__init__(self)
+            self.probs = probs
+
+        def forward(self, x):
+            return self.probs.expand(x.shape[0], -1, -1, -1, -1)
+
+    truth = torch.zeros(4, 1, 1, dtype=torch.uint8)
+    truth[0] = ORGAN_ID["liver"]
+    truth[1] = ORGAN_ID["spleen"]
+    # voxel 1 is spleen; the liver head says 0.7 there, the spleen head 0.9: alone, the liver
+    # head has a false positive; merged, spleen wins the voxel and liver is perfect
+    probs = torch.tensor([[0.9, 0.7, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1]]).view(1, 2, 4, 1, 1)
+    case = Case("c", torch.zeros(4, 1, 1), truth, (1.0, 1.0, 1.0))
+    got = evaluate(Fixed(probs), [case], ["liver", "spleen"], (4, 1, 1))
+    assert got["merged"] == {"liver": [1.0], "spleen": [1.0]}
+    assert got["heads"]["liver"] == [pytest.approx(2 / 3)] and got["heads"]["spleen"] == [1.0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +408,7 @@ def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
     from eval import box_plot
 
     def metrics(nodes, organs, level):
-        return {"nodes": nodes, "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs}}
+        return [{"nodes": nodes, "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs}}]
 
     two = {"segviz-2": metrics(2, ["liver", "spleen"], 0.8), "single-2": metrics(2, ["liver", "spleen"], 0.6)}
     three = {"segviz-3": metrics(3, ["liver", "spleen", "pancreas"], 0.7)}
@@ -346,3 +417,42 @@ def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
     (w1, h1), (w2, h2) = png_size(tmp_path / "one.png"), png_size(tmp_path / "two.png")
     # a pancreas column appears with the three-node runs, and a second row of panels
     assert w2 == pytest.approx(w1 * 3 / 2, rel=0.02) and h2 == pytest.approx(2 * h1, rel=0.02)
+
+
+def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None):
+    import json
+    import os
+
+    from eval import summarise
+
+    d = os.path.join(folder, f"{mode}-{nodes}", f"seed-{seed}")
+    os.makedirs(d)
+    m = {"mode": mode, "nodes": nodes, "seed": seed, "organs": list(cases_by_organ),
+         "dice": summarise(cases_by_organ), "scoring": scoring, "config": {"fedbn": False, "loss": "dice"}}
+    if by_scoring:
+        m["dice_by_scoring"] = {k: summarise(v) for k, v in by_scoring.items()}
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_compare_reports_mean_and_std_over_seeds_and_tests_matched_pairs(tmp_path):
+    import json
+
+    from eval import compare_runs
+
+    seg = {0: [0.8, 0.9], 1: [0.6, 0.7], 2: [0.7, 0.8]}  # per-seed means 0.85, 0.65, 0.75
+    for seed, cases in seg.items():
+        merged = {"liver": cases}
+        heads = {"liver": [c - 0.1 for c in cases]}
+        write_run(tmp_path, "segviz", 2, seed, merged, "merged", {"merged": merged, "heads": heads})
+        write_run(tmp_path, "central", 2, seed, {"liver": [c - 0.3 for c in cases]})
+    (tmp_path / "segviz-2" / "seed-0" / "eval").mkdir()
+    (tmp_path / "segviz-2" / "seed-0" / "eval" / "metrics.json").write_text('{"checkpoint": "x"}')
+    text = compare_runs(str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
+    assert result["segviz-2"]["liver"]["std"] == pytest.approx(0.1)  # sample std of 0.85, 0.65, 0.75
+    assert result["segviz-2 (heads)"]["liver"]["mean"] == pytest.approx(0.65)
+    # six matched (seed, case) pairs, every one 0.3 lower: the signed-rank test's smallest p for n = 6
+    assert result["central-2"]["liver"]["p_vs_segviz"] == pytest.approx(0.03125)
+    assert "0.750 ± 0.100" in text and "3 seed(s)" in text

@@ -38,7 +38,7 @@ def app_config() -> dict:
 
 def test_state_dict_roundtrips_exactly_through_an_array_record():
     torch.manual_seed(0)
-    model = UNet3D(UNetConfig(out_channels=2, channels=(4, 8), task_stages=1))
+    model = UNet3D(UNetConfig(classes=2, channels=(4, 8), task_stages=1))
     model = model.to(memory_format=torch.channels_last_3d)  # the layout train.py trains in
     state = {**model.state_dict(), "step": torch.tensor(3.0), "count": torch.tensor([7], dtype=torch.long),
              "double": torch.randn(2, 3, dtype=torch.float64)}

@@ -8,7 +8,7 @@ import segviz
 from train import dice_loss
 from unet3d import UNet3D, UNetConfig
 
-CFG = UNetConfig(channels=(4, 8, 16), out_channels=2)
+CFG = UNetConfig(channels=(4, 8, 16), classes=2)
 SITES = ("liver", "spleen", "pancreas")
 
 
@@ -118,15 +118,17 @@ def test_meta_model_gives_each_organ_its_own_sites_prediction(fedbn):
     meta = segviz.MetaModel(CFG, states, windows, shared_rep=not fedbn).eval()
     hu = torch.rand(2, 1, 8, 8, 8) * 400 - 150
     with torch.no_grad():
-        scores = meta(hu)
+        probs = meta(hu)
         x = ((hu + 100) / 300).clamp(0, 1)
         for k, site in enumerate(SITES):
             own = UNet3D(CFG).eval()
             own.load_state_dict(states[site])
             expected = torch.softmax(own(x), dim=1)[:, 1]
-            torch.testing.assert_close(scores[:, k + 1], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(probs[:, k], expected, rtol=1e-5, atol=1e-6)
     # background is what no organ claims, so argmax picks an organ only above 0.5
-    torch.testing.assert_close(scores[:, 0], 1 - scores[:, 1:].max(dim=1).values)
+    scores = segviz.merge(probs[0])
+    torch.testing.assert_close(scores[0], 1 - probs[0].max(dim=0).values)
+    torch.testing.assert_close(scores[1:], probs[0])
 
 
 def test_meta_model_applies_each_heads_window():
@@ -140,7 +142,7 @@ def test_meta_model_applies_each_heads_window():
         own = UNet3D(CFG).eval()
         own.load_state_dict(states["spleen"])
         expected = torch.softmax(own(((hu + 57) / 221).clamp(0, 1)), dim=1)[:, 1]
-    torch.testing.assert_close(scores[:, 2], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores[:, 1], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_meta_model_refuses_sites_that_never_synchronised():
@@ -157,7 +159,7 @@ def test_meta_model_refuses_sites_that_never_synchronised():
 # ---------------------------------------------------------------------------------------
 
 
-BATCH_NORM_CFG = UNetConfig(channels=(4, 8, 16), out_channels=2, norm="batch")  # norms with statistics
+BATCH_NORM_CFG = UNetConfig(channels=(4, 8, 16), classes=2, norm="batch")  # norms with statistics
 
 
 def exchanged(mode, fedbn=False):

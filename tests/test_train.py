@@ -117,6 +117,31 @@ def test_binary_sampler_labels_and_multiclass_labels():
     assert set(y.unique().tolist()) <= {0, 3} and (y == 3).any()
 
 
+# The original's windows, written out: each binary head trains and is tested through its own
+# site's window; the multi-class central model uses one window everywhere.
+ORIGINAL_WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.0, 199.0),
+                    "kidneys": (-79.0, 304.0)}
+ORIGINAL_POOLED = (-200.0, 304.0)
+
+
+@pytest.mark.parametrize("mode", ["segviz", "single", "central", "fedavg"])
+def test_each_model_trains_through_the_originals_window(mode, monkeypatch, tmp_path):
+    seen = {}
+
+    def recording(cases, hu_window, *rest, **kw):
+        seen[cases[0].name.split("-")[0]] = tuple(hu_window)
+        return real(cases, hu_window, *rest, **kw)
+
+    real = train.make_sampler
+    monkeypatch.setattr(train, "make_sampler", recording)
+    args = train.parse_args(["--mode", mode, "--out", str(tmp_path)])
+    cases = {s: [Case(f"{s}-0", torch.zeros(48, 48, 32), torch.zeros(48, 48, 32, dtype=torch.uint8), (3.0,) * 3)]
+             for s in ORIGINAL_WINDOWS}
+    train.build_run(args, cases)
+    expected = ORIGINAL_WINDOWS if mode in ("segviz", "single") else dict.fromkeys(ORIGINAL_WINDOWS, ORIGINAL_POOLED)
+    assert seen == expected
+
+
 def tiny(mode, out, cache, *extra):
     return run("train.py", "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
                "--max-cases", "2", "--out", str(out), "--cache", str(cache), *extra)
@@ -141,6 +166,14 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
         d = metrics["dice"][organ]
         assert 0.0 <= d["mean"] <= 1.0 and len(d["cases"]) == 2
     assert "liver" in result.stdout and "±" in result.stdout
+    # at test time each head sees its own site's window; a multi-class model the pooled one
+    import eval as ev
+
+    model = ev.model_from_checkpoint(ev.load_checkpoint(str(out / "model.pt")))
+    if mode in ("segviz", "single"):
+        assert model.windows == {s: ORIGINAL_WINDOWS[s] for s in ("liver", "spleen")}
+    else:
+        assert model.window == ORIGINAL_POOLED
     # the checkpoint alone reproduces the evaluation (into a folder that does not exist yet)
     again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -180,8 +213,8 @@ def test_same_seed_gives_bitwise_the_same_model(both, second, tmp_path, cache):
     # the default setup twice; and validating every round must leave training untouched,
     # batch-norm statistics included
     a, b = tmp_path / "a", tmp_path / "b"
-    assert tiny("segviz", a, cache, "--seed", "3", *both).returncode == 0
-    assert tiny("segviz", b, cache, "--seed", "3", *both, *second).returncode == 0
+    assert tiny("segviz", a, cache, "--seeds", "3", *both).returncode == 0
+    assert tiny("segviz", b, cache, "--seeds", "3", *both, *second).returncode == 0
     sa = torch.load(a / "model.pt", weights_only=True)["states"]
     sb = torch.load(b / "model.pt", weights_only=True)["states"]
     for site in sa:
