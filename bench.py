@@ -387,12 +387,14 @@ def speed_train_step(args, monai) -> dict:
 
     def nets():
         torch.manual_seed(0)
-        yield "unet3d", UNet3D(UNetConfig(channels=preset.channels))
+        yield "unet3d", UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm))
         if monai is not None:
             from monai.networks.nets import UNet
 
-            yield "monai", UNet(spatial_dims=3, in_channels=1, classes=2, channels=preset.channels,
-                                strides=(2,) * (len(preset.channels) - 1), num_res_units=2)
+            # the same network: MONAI's residual UNet with the preset's norm (affine, as ours)
+            norm = "batch" if preset.norm == "batch" else ("instance", {"affine": True})
+            yield "monai", UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=preset.channels,
+                                strides=(2,) * (len(preset.channels) - 1), num_res_units=2, norm=norm)
 
     variants = [("fp32", False, False)]
     if torch.device(args.device).type == "cuda":

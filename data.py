@@ -618,6 +618,7 @@ LOOKED_FOR = {"liver": "Task03_Liver/", "spleen": "Task09_Spleen/", "pancreas": 
 
 # The original's validation split: the last N cases of each site (sorted by name).
 ORIGINAL_VAL = {"liver": 25, "spleen": 9, "pancreas": 56, "kidneys": 42}
+ORIGINAL_CASES = {"liver": 131, "spleen": 41, "pancreas": 281, "kidneys": 210}  # labelled cases per archive
 REAL_SPACING = (1.5, 1.5, 2.0)  # the original's working spacing in mm
 REAL_CACHE_VERSION = "real-v1"
 MAX_SEARCH_DEPTH = 4
@@ -1136,41 +1137,60 @@ def check_labelled(cases: list[Case], source: Source) -> None:
         raise DataError(f"{source.root}: no voxel of {what} is labelled in any of its {len(cases)} case(s)")
 
 
-def split_validation(pairs: list[Pair], site: str, val: str, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """Training and validation pairs: "original" holds out the last N of each site as the
-    original code did; a fraction F holds out round(F * n) cases chosen with the seed."""
+def split_validation(pairs: list[Pair], site: str, val: str = "auto", seed: int = 0
+                     ) -> tuple[list[Pair], list[Pair], str]:
+    """Training and validation pairs, and the rule that split them, in words.
+
+    "auto": the original's split when the folder holds the original archive's cases (the last
+    N held out: liver 25 of 131, spleen 9 of 41, pancreas 56 of 281, kidneys 42 of 210), else
+    a fifth of them (at least one), chosen with the seed; a site of one case trains on it.
+    "original": the original's split, whatever the folder holds. A fraction F: round(F * n)
+    cases chosen with the seed."""
     n = len(pairs)
+    if val == "auto":
+        if n == ORIGINAL_CASES[site]:
+            val = "original"
+        elif n < 2:
+            return pairs, [], f"{n} case: too few to hold one out, trains on all, no validation"
+        else:
+            n_val = max(1, round(0.2 * n))
+            train, held = _seeded_split(pairs, n_val, seed)
+            return train, held, f"a fifth held out for validation ({n_val} of {n}, seeded)"
     if val == "original":
         n_val = ORIGINAL_VAL[site]
         if n_val >= n:
             raise DataError(f"{site}: {n} case(s), but the original split holds out the last {n_val} for "
                             f"validation; pass --val-split FRACTION (e.g. 0.2, or 0 for none)")
-        return pairs[: n - n_val], pairs[n - n_val:]
-    frac = float(val)
-    n_val = round(frac * n)
+        return pairs[: n - n_val], pairs[n - n_val:], f"the original's split (the last {n_val} of {n})"
+    n_val = round(float(val) * n)
     if n_val >= n:
         raise DataError(f"{site}: --val-split {val} would leave none of its {n} case(s) for training")
-    order = np.random.default_rng(seed).permutation(n)
-    held = set(order[:n_val].tolist())
+    train, held = _seeded_split(pairs, n_val, seed)
+    return train, held, f"--val-split {val}: {n_val} of {n} held out (seeded)"
+
+
+def _seeded_split(pairs: list[Pair], n_val: int, seed: int) -> tuple[list[Pair], list[Pair]]:
+    held = set(np.random.default_rng(seed).permutation(len(pairs))[:n_val].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 def real_validation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,
-                    cache_dir: str | None, workers: int = 1, val_split: str = "original", seed: int = 0,
+                    cache_dir: str | None, workers: int = 1, val_split: str = "auto", seed: int = 0,
                     max_cases: int | None = None) -> dict[str, list[Case]]:
     """The validation cases each site holds out (the same split as real_federation)."""
     out = {}
     for role, source in find_sources(sites, data_root, overrides).items():
-        _, held = split_validation(source.pairs, role, val_split, seed)
+        _, held, _ = split_validation(source.pairs, role, val_split, seed)
         if not held:
-            raise DataError(f"{role}: --val-split {val_split} holds out no validation case")
+            out[role] = []
+            continue
         out[role] = load_source(Source(role, source.layout, source.root, held, source.declared, source.problems),
                                 spacing, cache_dir, workers, max_cases)
     return out
 
 
 def real_federation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,
-                    cache_dir: str | None, workers: int = 1, val_split: str = "original", seed: int = 0,
+                    cache_dir: str | None, workers: int = 1, val_split: str = "auto", seed: int = 0,
                     max_cases: int | None = None) -> tuple[dict[str, list[Case]], list[Case], dict]:
     """Training cases of each site, the test set, and a record of where they came from."""
     sources = find_sources((*sites, "test"), data_root, overrides)
@@ -1179,7 +1199,8 @@ def real_federation(sites, data_root: str | None, overrides: dict[str, str] | No
         info["roots"][role] = os.path.abspath(source.root)
         info["layouts"][role] = source.layout
         if role != "test":
-            keep, held = split_validation(source.pairs, role, val_split, seed)
+            keep, held, rule = split_validation(source.pairs, role, val_split, seed)
+            print(f"{role}: {len(keep)} training case(s); {rule}")
             info["validation"][role] = [p.name for p in held]
             source = Source(source.role, source.layout, source.root, keep, source.declared, source.problems)
         cases = load_source(source, spacing, cache_dir, workers, max_cases)

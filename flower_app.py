@@ -216,7 +216,7 @@ def site_cases(args: argparse.Namespace, site: str, spacing, spec: PhantomSpec) 
         if not args.real:
             return phantom_federation((site,), seed=args.seed, spec=spec, cache_dir=args.cache)[0][site]
         source = find_sources((site,), args.data_root, args.overrides)[site]
-        keep, _ = split_validation(source.pairs, site, args.val_split, args.seed)
+        keep, _, _ = split_validation(source.pairs, site, args.val_split, args.seed)
         source = Source(source.role, source.layout, source.root, keep, source.declared, source.problems)
         cases = load_source(source, spacing, args.cache, args.workers, args.max_cases)
         check_labelled(cases, source)

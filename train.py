@@ -40,7 +40,6 @@ from data import (
     COMMON_WINDOW,
     NODE_SITES,
     ORGAN_ID,
-    REAL_SPACING,
     WINDOWS,
     DataError,
     PatchSampler,
@@ -232,12 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
     add_source_arguments(p)
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="working voxel spacing in mm (default 1.5 1.5 2.0 for real data, the preset's for "
-                        "the phantom)")
-    p.add_argument("--val-split", default="original",
+                   help="working voxel spacing in mm (default: the preset's, phantom 3 3 3, paper 1.5 1.5 2)")
+    p.add_argument("--val-split", default="auto",
                    help="real data: 'original' holds out the last N cases per site as the original code "
                         "(liver 25, spleen 9, pancreas 56, kidneys 42); a fraction F holds out F of them, "
-                        "seeded (default original)")
+                        "seeded; auto (default): the original's split on the original archive, else 0.2 "
+                        "(at least one case)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that preprocess real data (default min(4, CPUs))")
     p.add_argument("--max-cases", type=int, default=None,
@@ -315,13 +314,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eval-overlap must be in [0, 1)")
     if args.spacing is not None and min(args.spacing) <= 0:
         p.error("--spacing must be positive")
-    if args.val_split != "original":
+    if args.val_split not in ("auto", "original"):
         try:
             ok = 0 <= float(args.val_split) < 1
         except ValueError:
             ok = False
         if not ok:
-            p.error(f"--val-split {args.val_split}: must be 'original' or a fraction in [0, 1)")
+            p.error(f"--val-split {args.val_split}: must be auto, original or a fraction in [0, 1)")
     if args.workers < 1:
         p.error("--workers must be at least 1")
     if args.val_every < 0:
@@ -580,6 +579,8 @@ def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
         for site in sites or run.sites:
+            if not val_cases.get(site):  # a site too small to hold a case out
+                continue
             if args.mode in ("single", "segviz"):
                 state = next(c for c in run.clients if c.name == site).model_state
                 net, organs = segviz.MetaModel(run.unet_cfg, {site: state}, {site: windows[site]}, False), [site]
@@ -600,6 +601,8 @@ def test_roi(args: argparse.Namespace) -> tuple[int, int, int]:
 
 def keep_if_best(run: Run, scores: dict[str, float], rounds_done: int) -> None:
     """keep="best": remember every client's state at the round of the best mean validation Dice."""
+    if not scores:
+        return
     score = float(np.mean(list(scores.values())))
     if run.best is None or score > run.best["score"]:
         run.best = {"round": rounds_done, "score": score,
@@ -615,13 +618,15 @@ def finetune_heads(run: Run, args: argparse.Namespace, val_cases: dict[str, list
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
     per_epoch = {c.name: math.ceil(len(run.samplers[c.name]) / PRESETS[args.preset].volumes_per_batch)
                  for c in run.clients}
+    def score(site: str) -> float:  # without validation cases the last epoch is kept
+        return validate(run, args, val_cases, [site]).get(site, -1.0)
+
     for client in tqdm(run.clients, desc="fine-tune heads", disable=None):
-        best = (validate(run, args, val_cases, [client.name])[client.name], client.model_state)
+        best = (score(client.name), client.model_state)
         for _ in range(epochs):
             fl.local_train(run.model, run.optimizer, client, per_epoch[client.name])
-            score = validate(run, args, val_cases, [client.name])[client.name]
-            if score > best[0]:
-                best = (score, client.model_state)
+            if (s := score(client.name)) >= best[0]:
+                best = (s, client.model_state)
         client.model_state = best[1]
         run.log.append(f"fine-tuned {client.name}'s head: best validation Dice {best[0]:.3f}")
     for p in run.model.parameters():
@@ -760,7 +765,8 @@ def load_data(args: argparse.Namespace, spacing, spec: PhantomSpec):
 
 def data_spec(args: argparse.Namespace) -> tuple[tuple[float, float, float], PhantomSpec]:
     """The working voxel spacing and the phantom's size (cases per site) of a run."""
-    spacing = tuple(args.spacing) if args.spacing else REAL_SPACING if args.real else PRESETS[args.preset].spacing
+    # the preset's spacing for real data too: its patch then covers the same millimetres
+    spacing = tuple(args.spacing) if args.spacing else PRESETS[args.preset].spacing
     spec = PhantomSpec(spacing=spacing)
     if args.max_cases:
         spec = PhantomSpec(cases={k: min(v, args.max_cases) for k, v in spec.cases.items()}, spacing=spacing)

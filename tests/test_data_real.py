@@ -174,7 +174,7 @@ def test_preprocessing_in_worker_processes_gives_the_same_cases(tmp_path):
 
 def test_validation_split_original_and_seeded():
     pairs = [data.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(40)]
-    train, val = data.split_validation(pairs, "spleen", "original")
+    train, val, _ = data.split_validation(pairs, "spleen", "original")
     assert [p.name for p in val] == [f"c{i:03d}" for i in range(31, 40)] and len(train) == 31
     a = data.split_validation(pairs, "spleen", "0.25", seed=3)
     b = data.split_validation(pairs, "spleen", "0.25", seed=3)
@@ -182,6 +182,25 @@ def test_validation_split_original_and_seeded():
     assert {p.name for p in a[0]}.isdisjoint(p.name for p in a[1])
     with pytest.raises(DataError, match="liver: 3 case"):
         data.split_validation(pairs[:3], "liver", "original")
+
+
+def test_automatic_split_fits_the_folder():
+    def names(n):
+        return [data.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(n)]
+
+    # the original archive (41 spleen cases): the original's last 9
+    train, val, rule = data.split_validation(names(41), "spleen", "auto")
+    assert [p.name for p in val] == [f"c{i:03d}" for i in range(32, 41)] and "original" in rule
+    # a smaller hospital: a fifth, at least one, seeded
+    for n, held in ((8, 2), (3, 1), (2, 1)):
+        train, val, rule = data.split_validation(names(n), "liver", "auto", seed=1)
+        assert (len(train), len(val)) == (n - held, held) and "fifth" in rule
+        assert {p.name for p in train}.isdisjoint(p.name for p in val)
+    assert data.split_validation(names(8), "liver", "auto", seed=1)[1] != data.split_validation(
+        names(8), "liver", "auto", seed=2)[1]
+    # one case: nothing to hold out, trains on it and says so
+    train, val, rule = data.split_validation(names(1), "kidneys", "auto")
+    assert len(train) == 1 and val == [] and "too few" in rule
 
 
 # ---------------------------------------------------------------------------------------

@@ -502,3 +502,27 @@ def test_mode_all_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_pa
     plain = train.parse_args([*shared, "--nodes", "2", "--mode", "central", "--out", str(tmp_path / "b")])
     assert plain.loss == "dice"
     assert train.strip_flags(["--rounds", "3", "--device", "cpu"], set(), keep_only_device=True) == ["--device", "cpu"]
+
+
+def test_paper_preset_runs_end_to_end(tmp_path, cache):
+    # the original's recipe at a tiny size: one round, one step, one epoch of head fine-tuning
+    out = tmp_path / "paper"
+    result = tiny("segviz", out, cache, "--preset", "paper", "--rounds", "1", "--finetune-epochs", "1",
+                  "--max-cases", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["config"]
+    assert (cfg["loss"], cfg["unet"]["norm"], cfg["unet"]["channels"]) == ("dice", "batch", [16, 32, 64, 128, 256])
+    assert (cfg["roi"], cfg["blend"], cfg["largest"], cfg["shared_rep"]) == ([160, 160, 160], "constant", False, False)
+    assert any("kept the model of round 1" in e for e in metrics["events"])
+    assert sum("fine-tuned" in e for e in metrics["events"]) == 2
+    states = torch.load(out / "model.pt", weights_only=True)["states"]
+    liver, spleen = states["liver"], states["spleen"]
+    # parameters of the representation were averaged (and frozen while the heads fine-tuned);
+    # BatchNorm statistics are buffers: they stayed local, as in the original
+    params = [k for k in liver if k.startswith("rep.") and not k.endswith(("running_mean", "running_var",
+                                                                           "num_batches_tracked"))]
+    assert params and all(torch.equal(liver[k], spleen[k]) for k in params)
+    stat = "rep.down.0.units.0.norm.running_mean"
+    assert not torch.equal(liver[stat], spleen[stat])
+    assert not torch.equal(liver["task.up.0.up.conv.weight"], spleen["task.up.0.up.conv.weight"])
