@@ -415,8 +415,12 @@ def speed_train_step(args, monai) -> dict:
                 loss.backward()
                 opt.step()
 
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t = median_seconds(step, args.repeats, args.device)
             row[f"{name}_{label}_voxels_per_s"] = x.numel() / t
+            if torch.device(args.device).type == "cuda":
+                row[f"{name}_{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if monai is not None:
         row["ratio"] = row["unet3d_fp32_voxels_per_s"] / row["monai_fp32_voxels_per_s"]
     return row
