@@ -195,7 +195,7 @@ SIZES = {  # full sizes, and --quick ones for CI
 
 
 def _monai():
-    """MONAI when installed (requirements-bench.txt), else None: it is a peer, never a dependency."""
+    """MONAI when installed (requirements-dev.txt), else None: it is a peer, never a dependency."""
     try:
         import monai
     except ImportError:
@@ -484,7 +484,7 @@ def bench_speed(args) -> dict:
         torch.set_num_threads(args.threads)
     monai = _monai()
     if monai is None:
-        print("MONAI is not installed (pip install -r requirements-bench.txt): measuring this project alone",
+        print("MONAI is not installed (pip install -r requirements-dev.txt): measuring this project alone",
               file=sys.stderr)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU(s)"
     out = {"device": args.device, "machine": f"{device_name}, torch {torch.__version__}",
