@@ -190,7 +190,7 @@ TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1
 SIZES = {  # full sizes, and --quick ones for CI
     "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (48, 48, 32), 2)},
     "dice": {"full": ((256, 256, 128), 8), "quick": ((96, 96, 64), 4)},
-    "sliding_window": {"full": (512, 512, 200), "quick": (160, 160, 64)},
+    "sliding_window": {"full": (256, 256, 160), "quick": (160, 160, 64)},
 }
 
 
@@ -208,6 +208,25 @@ def _sync(device) -> None:
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def paired_median_seconds(fns: dict, repeats: int, device, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each fn, timed in alternating order so that a change in the machine's
+    load during the measurement falls on both sides alike."""
+    import statistics
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            _sync(device)
+            t = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def median_seconds(fn, repeats: int, device, warmup: int = 1) -> float:
@@ -344,29 +363,20 @@ def speed_sliding_window(args, monai) -> dict:
     row = {"volume": list(shape), "roi": list(roi), "overlap": overlap, "batch": batch}
     outputs = {}
 
-    def once(name, fn):
-        """One timed call (a whole volume is long enough to time once), its output kept."""
-        _sync(args.device)
-        t = time.perf_counter()
-        outputs[name] = fn()
-        _sync(args.device)
-        return time.perf_counter() - t
-
     with torch.no_grad():
-        t_ours = once("ours", lambda: ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch))
-        row["ours_seconds"] = t_ours
+        fns = {"ours": lambda: outputs.__setitem__("ours", ev.sliding_window(net, vol, roi, overlap, "gaussian",
+                                                                            batch=batch))}
         if monai is not None:
             from monai.inferers import sliding_window_inference
 
             # the same blending weights (MONAI floors its own Gaussian at 1e-3, eval.py does not)
             weights = ev.importance_map(roi, "gaussian", vol.device)
-
-            def theirs():
-                return sliding_window_inference(vol, roi, batch, net, overlap=overlap, mode="gaussian",
-                                                roi_weight_map=weights)
-
-            t_theirs = once("monai", theirs)
-            row.update(monai_seconds=t_theirs, ratio=t_theirs / t_ours,
+            fns["monai"] = lambda: outputs.__setitem__("monai", sliding_window_inference(
+                vol, roi, batch, net, overlap=overlap, mode="gaussian", roi_weight_map=weights))
+        seconds = paired_median_seconds(fns, max(1, args.repeats // 2), args.device, warmup=0)
+        row["ours_seconds"] = seconds["ours"]
+        if monai is not None:
+            row.update(monai_seconds=seconds["monai"], ratio=seconds["monai"] / seconds["ours"],
                        max_abs_difference=float((outputs["ours"] - torch.as_tensor(outputs["monai"])).abs().max()))
     return row
 
@@ -400,10 +410,12 @@ def speed_train_step(args, monai) -> dict:
     if torch.device(args.device).type == "cuda":
         variants += [("bf16", True, False), ("bf16+channels_last", True, True)]
     row = {"preset": "phantom" if args.quick else "paper", "batch": batch, "patch": list(preset.patch)}
-    for name, net in nets():
-        net = net.to(args.device)
-        row[f"{name}_parameters"] = sum(p.numel() for p in net.parameters())
-        for label, bf16, cl in variants:
+    models = dict(nets())
+    for name, net in models.items():
+        row[f"{name}_parameters"] = sum(p.numel() for p in net.to(args.device).parameters())
+    for label, bf16, cl in variants:
+        steps = {}
+        for name, net in models.items():
             m = net.to(memory_format=torch.channels_last_3d) if cl else net
             xx = x.to(memory_format=torch.channels_last_3d) if cl else x
             opt = torch.optim.Adam(m.parameters(), lr=1e-4)
@@ -415,11 +427,13 @@ def speed_train_step(args, monai) -> dict:
                 loss.backward()
                 opt.step()
 
-            if torch.device(args.device).type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t = median_seconds(step, args.repeats, args.device)
+            steps[name] = step
+        seconds = paired_median_seconds(steps, args.repeats, args.device)
+        for name, t in seconds.items():
             row[f"{name}_{label}_voxels_per_s"] = x.numel() / t
-            if torch.device(args.device).type == "cuda":
+            if torch.device(args.device).type == "cuda":  # each network's own peak: one more step alone
+                torch.cuda.reset_peak_memory_stats()
+                steps[name]()
                 row[f"{name}_{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if monai is not None:
         row["ratio"] = row["unet3d_fp32_voxels_per_s"] / row["monai_fp32_voxels_per_s"]
