@@ -51,11 +51,11 @@ def synthetic_ct(path: str, shape=(512, 512, 600), spacing=(0.8, 0.8, 1.0)) -> N
 
 def _child(image: str, label: str, cache: str) -> None:
     """Run in a fresh process: preprocess one pair into the cache and report time and peak RSS."""
-    import data
+    import datasets
 
-    source = data.Source("liver", "msd", os.path.dirname(image), [data.Pair("big", image, label)], (0, 1))
+    source = datasets.Source("liver", "msd", os.path.dirname(image), [datasets.Pair("big", image, label)], (0, 1))
     t = time.time()
-    data.load_source(source, data.REAL_SPACING, cache)
+    datasets.load_source(source, datasets.REAL_SPACING, cache)
     seconds = time.time() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
@@ -64,26 +64,26 @@ def _child(image: str, label: str, cache: str) -> None:
 def bench_preprocess(args) -> dict:
     import torch
 
-    import data
+    import datasets
 
     torch.set_num_threads(args.threads)
     out = {"machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}", "threads": args.threads}
     labels = os.path.join(os.path.dirname(args.ct), "labels_totalsegmentator.nii.gz")
-    pair = data.Pair("ct", args.ct, labels if os.path.isfile(labels) else None)
-    source = data.Source("test", "folders", os.path.dirname(args.ct), [pair], None)
-    shape = data.read_nifti(args.ct)[0].shape
+    pair = datasets.Pair("ct", args.ct, labels if os.path.isfile(labels) else None)
+    source = datasets.Source("test", "folders", os.path.dirname(args.ct), [pair], None)
+    shape = datasets.read_nifti(args.ct)[0].shape
     cold, warm, size = [], [], 0
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
             t = time.time()
-            case = data.load_source(source, data.REAL_SPACING, cache)[0]
+            case = datasets.load_source(source, datasets.REAL_SPACING, cache)[0]
             cold.append(time.time() - t)
             t = time.time()
-            data.load_source(source, data.REAL_SPACING, cache)
+            datasets.load_source(source, datasets.REAL_SPACING, cache)
             warm.append(time.time() - t)
             size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
     out["real_ct"] = {"file": os.path.abspath(args.ct), "shape": list(shape),
-                      "working_shape": list(case.hu.shape), "spacing_mm": list(data.REAL_SPACING),
+                      "working_shape": list(case.hu.shape), "spacing_mm": list(datasets.REAL_SPACING),
                       "seconds_first_load": float(np.median(cold)), "seconds_cached_load": float(np.median(warm)),
                       "cache_bytes": size}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +145,8 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
     import fl
     import segviz
     import train
-    from data import NODE_SITES, PhantomSpec, SamplerConfig, phantom_federation
+    from data import NODE_SITES, SamplerConfig
+    from phantom import PhantomSpec, phantom_federation
     from unet3d import UNet3D, UNetConfig
 
     torch.set_num_threads(2)

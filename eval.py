@@ -188,7 +188,7 @@ def label_map(masks: dict[str, torch.Tensor]) -> torch.Tensor:
 def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
     """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
     case came from a file (else on the working grid, with its spacing)."""
-    from data import save_label_nifti, to_btcv_ids, to_original_grid
+    from datasets import save_label_nifti, to_btcv_ids, to_original_grid
 
     btcv = to_btcv_ids(label_map(masks))
     if case.geometry is not None:
@@ -552,7 +552,7 @@ def table_of_runs(folder: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data import add_source_arguments
+    from datasets import add_source_arguments
 
     p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set (or "
                                             "another one), segment one scan, or gather finished runs into one "
@@ -654,16 +654,9 @@ def check_writable(path: str, parser: argparse.ArgumentParser, flag: str) -> Non
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     """The test set named on the command line, else the one the checkpoint was tested on."""
-    from data import (
-        DataError,
-        PhantomSpec,
-        check_labelled,
-        find_dataset,
-        find_sources,
-        load_source,
-        phantom_federation,
-        source_overrides,
-    )
+    from data import DataError
+    from datasets import check_labelled, find_dataset, find_sources, load_source, source_overrides
+    from phantom import PhantomSpec, phantom_federation
 
     data = cfg.get("data", {"source": "phantom"})
     spacing = tuple(cfg["spacing"])
@@ -684,7 +677,8 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
 
 def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bool, scoring: str) -> int:
     """--image FILE --save-pred OUT.nii.gz: one scan in, one label map on its own grid out."""
-    from data import DataError, preprocess_arrays, read_nifti
+    from data import DataError
+    from datasets import preprocess_arrays, read_nifti
 
     try:
         image, affine = read_nifti(args.image)

@@ -57,7 +57,7 @@ def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
 
 
 def validation_cases(cfg: dict) -> dict[str, list]:
-    from data import PhantomSpec, phantom_validation
+    from phantom import PhantomSpec, phantom_validation
 
     if cfg["data"]["source"] != "phantom":
         raise SystemExit("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")

@@ -43,20 +43,10 @@ from flwr.serverapp import Grid, ServerApp
 
 import fl
 import train
-from data import (
-    NODE_SITES,
-    Case,
-    DataError,
-    PhantomSpec,
-    Source,
-    check_labelled,
-    find_sources,
-    load_source,
-    phantom_federation,
-    real_federation,
-    split_validation,
-)
+from data import NODE_SITES, Case, DataError
+from datasets import Source, check_labelled, find_sources, load_source, real_federation, split_validation
 from eval import save_torch_atomic, write_json_atomic
+from phantom import PhantomSpec, phantom_federation
 
 State = fl.State
 FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central/oracle pool every site's images)

@@ -43,16 +43,10 @@ from data import (
     WINDOWS,
     DataError,
     PatchSampler,
-    PhantomSpec,
     SamplerConfig,
-    add_source_arguments,
-    phantom_federation,
-    phantom_validation,
-    real_federation,
-    real_validation,
-    source_overrides,
     window,
 )
+from datasets import add_source_arguments, real_federation, real_validation, source_overrides
 from eval import (
     CHECKPOINT_FORMAT,
     check_writable,
@@ -65,6 +59,7 @@ from eval import (
     summarise,
     write_json_atomic,
 )
+from phantom import PhantomSpec, phantom_federation, phantom_validation
 from unet3d import UNet3D, UNetConfig
 
 MODES = ("single", "central", "fedavg", "segviz", "oracle")

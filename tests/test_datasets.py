@@ -1,4 +1,4 @@
-"""data.py's real datasets: every public layout, built from the one real CT, loads to the same
+"""datasets.py's real datasets: every public layout, built from the one real CT, loads to the same
 anatomy; resampling keeps organ volumes; predictions go back onto the original grid; the cache
 is reused and invalidated; and each kind of bad input is named in one line."""
 
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import datasets
 import layouts
-from data import ORGAN_ID, DataError, find_dataset, find_sources, load_source
+from data import ORGAN_ID, DataError
+from datasets import find_dataset, find_sources, load_source
 from eval import dice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +32,14 @@ def reference():
     labels = {}
     for organ, ids in organs.items():
         raw = np.isin(ts, ids).astype(np.uint8)
-        labels[organ] = data.preprocess_arrays(hu, affine, raw, None, ORGAN_ID[organ], NATIVE).label
+        labels[organ] = datasets.preprocess_arrays(hu, affine, raw, None, ORGAN_ID[organ], NATIVE).label
     test_raw = layouts.relabel(ts, layouts.BTCV)
-    test = data.preprocess_arrays(hu, affine, test_raw, find_test_map(), 0, NATIVE)
+    test = datasets.preprocess_arrays(hu, affine, test_raw, find_test_map(), 0, NATIVE)
     return {"hu": test.hu, "labels": labels, "test": test.label}
 
 
 def find_test_map():
-    return data.Source("test", "btcv", "", [], tuple(range(14))).label_map
+    return datasets.Source("test", "btcv", "", [], tuple(range(14))).label_map
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_every_layout_loads_to_the_same_ras_array_and_label(role, folder, layout
 def test_macos_companions_and_unlabelled_cases_are_skipped(root):
     liver = find_dataset(str(root / "Task03_Liver"), "liver")
     assert [os.path.basename(p.image) for p in liver.pairs] == ["liver_0.nii.gz"]
-    assert data._niftis(str(root / "Task03_Liver" / "imagesTr")) == ["liver_0.nii.gz"]
+    assert datasets._niftis(str(root / "Task03_Liver" / "imagesTr")) == ["liver_0.nii.gz"]
     kits = find_dataset(str(root / "kits19"), "kidneys")
     assert [p.name for p in kits.pairs] == ["case_00000"]
     assert any("without segmentation" in n for n in kits.notes)
@@ -111,18 +112,18 @@ def test_organ_volumes_survive_resampling(spacing, root):
 @pytest.mark.parametrize("folder, role", [("Abdomen", "test"), ("kits19", "kidneys")])
 def test_a_label_map_goes_back_onto_the_original_grid(folder, role, root, tmp_path):
     source = find_dataset(str(root / folder), role)
-    case = load_source(source, data.REAL_SPACING, cache_dir=None)[0]
+    case = load_source(source, datasets.REAL_SPACING, cache_dir=None)[0]
     original = nib.load(source.pairs[0].label)
     truth = np.asanyarray(original.dataobj)
     if role == "test":
-        back_ids = data.to_btcv_ids(case.label)
+        back_ids = datasets.to_btcv_ids(case.label)
         pairs = {"spleen": 1, "right kidney": 2, "left kidney": 3, "liver": 6, "pancreas": 11}
     else:
         back_ids = case.label.numpy()
         truth = (truth > 0).astype(np.uint8) * ORGAN_ID["kidneys"]  # tumour merged
         pairs = {"kidneys": ORGAN_ID["kidneys"]}
     out = tmp_path / "pred.nii.gz"
-    data.save_label_nifti(data.to_original_grid(back_ids, case.geometry), case.geometry, str(out))
+    datasets.save_label_nifti(datasets.to_original_grid(back_ids, case.geometry), case.geometry, str(out))
     saved = nib.load(out)
     assert saved.shape == original.shape
     np.testing.assert_allclose(saved.affine, original.affine, atol=1e-5)
@@ -144,7 +145,7 @@ def test_the_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path, mon
     def refuse(*_):
         raise AssertionError("a cached case must not be preprocessed again")
 
-    monkeypatch.setattr(data, "preprocess_pair", refuse)
+    monkeypatch.setattr(datasets, "preprocess_pair", refuse)
     again = load_source(source, NATIVE, str(cache))
     assert torch.equal(again[0].hu, first[0].hu) and torch.equal(again[0].label, first[0].label)
     with pytest.raises(AssertionError, match="must not be preprocessed"):
@@ -173,33 +174,33 @@ def test_preprocessing_in_worker_processes_gives_the_same_cases(tmp_path):
 
 
 def test_validation_split_original_and_seeded():
-    pairs = [data.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(40)]
-    train, val, _ = data.split_validation(pairs, "spleen", "original")
+    pairs = [datasets.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(40)]
+    train, val, _ = datasets.split_validation(pairs, "spleen", "original")
     assert [p.name for p in val] == [f"c{i:03d}" for i in range(31, 40)] and len(train) == 31
-    a = data.split_validation(pairs, "spleen", "0.25", seed=3)
-    b = data.split_validation(pairs, "spleen", "0.25", seed=3)
+    a = datasets.split_validation(pairs, "spleen", "0.25", seed=3)
+    b = datasets.split_validation(pairs, "spleen", "0.25", seed=3)
     assert [p.name for p in a[1]] == [p.name for p in b[1]] and len(a[1]) == 10
     assert {p.name for p in a[0]}.isdisjoint(p.name for p in a[1])
     with pytest.raises(DataError, match="liver: 3 case"):
-        data.split_validation(pairs[:3], "liver", "original")
+        datasets.split_validation(pairs[:3], "liver", "original")
 
 
 def test_automatic_split_fits_the_folder():
     def names(n):
-        return [data.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(n)]
+        return [datasets.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(n)]
 
     # the original archive (41 spleen cases): the original's last 9
-    train, val, rule = data.split_validation(names(41), "spleen", "auto")
+    train, val, rule = datasets.split_validation(names(41), "spleen", "auto")
     assert [p.name for p in val] == [f"c{i:03d}" for i in range(32, 41)] and "original" in rule
     # a smaller hospital: a fifth, at least one, seeded
     for n, held in ((8, 2), (3, 1), (2, 1)):
-        train, val, rule = data.split_validation(names(n), "liver", "auto", seed=1)
+        train, val, rule = datasets.split_validation(names(n), "liver", "auto", seed=1)
         assert (len(train), len(val)) == (n - held, held) and "fifth" in rule
         assert {p.name for p in train}.isdisjoint(p.name for p in val)
-    assert data.split_validation(names(8), "liver", "auto", seed=1)[1] != data.split_validation(
+    assert datasets.split_validation(names(8), "liver", "auto", seed=1)[1] != datasets.split_validation(
         names(8), "liver", "auto", seed=2)[1]
     # one case: nothing to hold out, trains on it and says so
-    train, val, rule = data.split_validation(names(1), "kidneys", "auto")
+    train, val, rule = datasets.split_validation(names(1), "kidneys", "auto")
     assert len(train) == 1 and val == [] and "too few" in rule
 
 
@@ -290,7 +291,7 @@ def test_site_with_no_labelled_voxel(tmp_path):
     rewrite(source.pairs[0].label, np.zeros_like(lab))
     cases = load_source(source, NATIVE, None)
     with pytest.raises(DataError, match="no voxel of the spleen is labelled"):
-        data.check_labelled(cases, source)
+        datasets.check_labelled(cases, source)
 
 
 def test_empty_and_missing_folders(tmp_path):
@@ -322,12 +323,12 @@ def test_data_root_missing_one_dataset_says_which(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# python data.py inspect
+# python datasets.py inspect
 # ---------------------------------------------------------------------------------------
 
 
 def test_inspect_reports_every_site_and_problems(root, tmp_path):
-    r = subprocess.run([sys.executable, "data.py", "inspect", "--data-root", str(root), "--json"],
+    r = subprocess.run([sys.executable, "datasets.py", "inspect", "--data-root", str(root), "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     reports = {x["role"]: x for x in json.loads(r.stdout)}
@@ -342,7 +343,7 @@ def test_inspect_reports_every_site_and_problems(root, tmp_path):
     broken = tmp_path / "broken"
     base = layouts.msd_spleen(broken)
     os.remove(base / "imagesTr" / "spleen_0.nii.gz")
-    r = subprocess.run([sys.executable, "data.py", "inspect", "--spleen", str(base), "--nodes", "2"],
+    r = subprocess.run([sys.executable, "datasets.py", "inspect", "--spleen", str(base), "--nodes", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert "spleen_0.nii.gz, which does not exist" in r.stdout
