@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every CUDA check in one go, for a session lent a GPU for a few minutes (about 8 minutes here).
-# Writes to $OUT (default ./gpu_out): environment, CUDA tests, bench.py speed --device cuda
-# against MONAI, and the default SegViz run on the GPU with its time.
-# Packages the GPU machine lacks travel as wheels in .whl/ (nibabel, monai): see README "GPU".
+# Every CUDA check in one go, for a session lent a GPU for a few minutes. Writes to $OUT (default
+# ./gpu_out): the machine; the CUDA tests; bench.py speed --device cuda against MONAI, which gives
+# the paper preset's training step (batch 8 x 128x128x32, the 16-256 network) in voxels/s and peak
+# GPU memory, fp32 and bf16 autocast (with and without channels-last), and the sampler's share of
+# that step; and the default SegViz run on the GPU with its wall time.
+# Packages the GPU machine lacks travel as wheels in .whl/ (nibabel, monai): see docs/speed.md.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}

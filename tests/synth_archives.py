@@ -1,8 +1,8 @@
 """A second, independent synthetic federation, written to disk as the public archives unpack.
 
 What it holds: abdominal CT volumes in Hounsfield units with their label maps, laid out as
-the five datasets SegViz used, so that `python train.py --data-root OUT --val-split 0.25`
-finds every one of them with the project's own real-data loaders (data.find_sources):
+the five datasets SegViz used, so that `python train.py --data-root OUT`
+finds every one of them with the project's own real-data loaders (datasets.find_sources):
 
     OUT/Task03_Liver/     dataset.json, imagesTr/liver_N.nii.gz, labelsTr/  liver 1, tumour 2
     OUT/Task09_Spleen/    dataset.json, imagesTr/spleen_N.nii.gz, labelsTr/ spleen 1
@@ -1000,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
                  log=lambda s: print(s, flush=True))
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     print(f"done: {total / 1e6:.1f} MB in {m['seconds']:.1f} s; "
-          f"train with: python train.py --data-root {out} --val-split 0.25")
+          f"train with: python train.py --data-root {out}")
     return 0
 
 
