@@ -187,7 +187,7 @@ def bench_clients(args) -> dict:
 # ---------------------------------------------------------------------------------------
 
 # What each ratio (this project / MONAI, higher is better) should reach (issue 5).
-TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0}
+TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0, "surface": 1.0}
 SIZES = {  # full sizes, and --quick ones for CI
     "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (48, 48, 32), 2)},
     "dice": {"full": ((256, 256, 128), 8), "quick": ((96, 96, 64), 4)},
@@ -489,7 +489,42 @@ def speed_fl_round(args) -> dict:
             "bytes_up_per_round": 4 * sent, "bytes_down_per_round": 4 * sent}
 
 
-SPEED_PARTS = ("sampling", "dice", "sliding_window", "train_step", "fl_round")
+def speed_surface(args, monai) -> dict:
+    """HD95 and surface Dice at 2 mm of one organ-sized ellipsoid against a shifted, wider one, per
+    case (metrics.py, CPU) against MONAI's compute_hausdorff_distance and compute_surface_dice."""
+    import torch
+
+    import metrics
+
+    shape, spacing = ((96, 96, 48) if args.quick else (160, 160, 80)), (0.8, 0.8, 3.0)
+    x, y, z = (torch.linspace(-1, 1, n).view([-1 if i == a else 1 for i in range(3)]) for a, n in enumerate(shape))
+    truth = (x / 0.6) ** 2 + (y / 0.45) ** 2 + (z / 0.7) ** 2 < 1
+    pred = ((x - 0.04) / 0.6) ** 2 + (y / 0.47) ** 2 + ((z + 0.05) / 0.7) ** 2 < 1  # ~3 voxels off, a little wider
+
+    def ours():
+        d = metrics.surface_distances(pred, truth, spacing)
+        return metrics.hd95_from_distances(*d), metrics.surface_dice_from_distances(*d, 2.0)
+
+    fns = {"ours": ours}
+    if monai is not None:
+        from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+        p, t = pred[None, None].float(), truth[None, None].float()
+
+        def theirs():
+            hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
+            return hd.item(), compute_surface_dice(p, t, [2.0], include_background=True, spacing=spacing).item()
+
+        fns["monai"] = theirs
+    seconds = paired_median_seconds(fns, args.repeats, "cpu")
+    row = {"shape": list(shape), "spacing": list(spacing), "ours_s_per_case": seconds["ours"]}
+    if monai is not None:
+        row.update(monai_s_per_case=seconds["monai"], ratio=seconds["monai"] / seconds["ours"],
+                   max_abs_difference=max(abs(a - b) for a, b in zip(ours(), fns["monai"]())))
+    return row
+
+
+SPEED_PARTS = ("sampling", "dice", "sliding_window", "train_step", "fl_round", "surface")
 
 
 def bench_speed(args) -> dict:
@@ -505,7 +540,8 @@ def bench_speed(args) -> dict:
     out = {"device": args.device, "machine": f"{device_name}, torch {torch.__version__}",
            "monai": getattr(monai, "__version__", None), "quick": args.quick, "targets": TARGETS}
     parts = [("sampling", speed_sampling), ("dice", speed_dice), ("sliding_window", speed_sliding_window),
-             ("train_step", speed_train_step), ("fl_round", lambda a, _: speed_fl_round(a))]
+             ("train_step", speed_train_step), ("fl_round", lambda a, _: speed_fl_round(a)),
+             ("surface", speed_surface)]
     for name, fn in tqdm_list([(n, f) for n, f in parts if not args.only or n in args.only]):
         out[name] = {**fn(args, monai), "machine": out["machine"], "monai": out["monai"]}
     return out
@@ -557,12 +593,17 @@ def speed_table(r: dict) -> str:
                      f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s ({x['unet3d_parameters'] / 1e6:.2f} M "
                      f"params) | {x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
                      f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | {ratio(x, TARGETS['train_step'])} |")
+    if "surface" in r:
+        x = r["surface"]
+        lines.append(f"| HD95 + surface Dice, one organ of {x['shape']} at {x['spacing']} mm | "
+                     f"{x['ours_s_per_case'] * 1e3:.0f} ms | {x.get('monai_s_per_case', 0) * 1e3:.0f} ms | "
+                     f"{ratio(x, TARGETS['surface'])} |")
     if "fl_round" in r:
         f = r["fl_round"]
         lines += ["", f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} s, "
                   f"aggregation {f['aggregate_seconds'] * 1e3:.1f} ms ({100 * f['aggregate_share']:.2f}%), "
                   f"{f['bytes_up_per_round'] / 1e6:.2f} MB up and {f['bytes_down_per_round'] / 1e6:.2f} MB down"]
-    for name in ("dice", "sliding_window"):
+    for name in ("dice", "sliding_window", "surface"):
         if "max_abs_difference" in r.get(name, {}):
             lines.append(f"{name}: largest difference from MONAI's output {r[name]['max_abs_difference']:.2e}")
     if "sampling_share_of_paper_step" in r:
