@@ -8,9 +8,11 @@ expectations: an empty prediction against an empty truth scores 1, exactly one e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -592,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table_of_runs(args.table))
         return 0
     if args.compare:
+        check_writable(args.compare, "--compare")
         print(compare_runs(args.compare))
         if args.figures:
             runs = read_runs(args.compare)
@@ -609,21 +612,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
         p.error("--image needs --save-pred OUT.nii.gz")
     device = resolve_device(args.device, p)
+    # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    if args.save_pred:
+        check_writable(args.save_pred, "--save-pred", file=bool(args.image))
+    if not args.image:
+        check_writable(out_dir, "--out")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
     model = model_from_checkpoint(ckpt, args.head_window)
     primary = primary_scoring(ckpt["mode"])
     organs = ckpt["organs"]
     largest = cfg.get("largest", False) if args.largest is None else args.largest
-    if args.save_pred:
-        target = os.path.dirname(os.path.abspath(args.save_pred)) if args.image else args.save_pred
-        check_writable(target, p, "--save-pred")
     if args.image:
         return segment_one(model, ckpt, args, device, largest, primary)
 
-    # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    check_writable(out_dir, p, "--out")
     test = load_test_set(cfg, args)
     t0 = time.time()
     per_case = evaluate(model, test, organs, cfg["patch"], device, args.overlap, args.blend, largest,
@@ -640,16 +643,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_writable(path: str, parser: argparse.ArgumentParser, flag: str) -> None:
-    """Fail before any work if the folder `path` cannot be created or written; create nothing."""
+def check_writable(path: str, flag: str, file: bool = False) -> None:
+    """Fail before any work unless the folder `path` (with `file`: the folder of the file `path`)
+    can be created and written to; leaves the disk as it was.
+
+    Asking os.access would be simpler, but it answers yes to root everywhere, /proc and read-only
+    mounts included; only creating the folder and a file in it tells. The folders created here are
+    removed again, so that an error found later (bad data) leaves nothing behind."""
     full = os.path.abspath(path)
-    if os.path.exists(full) and not os.path.isdir(full):
-        parser.error(f"{flag} {path}: exists and is not a folder")
-    probe = full
-    while not os.path.exists(probe):
+    if file:
+        if os.path.isdir(full):
+            fail(f"{flag} {path}: is a folder, not a file")
+        full = os.path.dirname(full)
+    elif os.path.lexists(full) and not os.path.isdir(full):
+        fail(f"{flag} {path}: exists and is not a folder")
+    created, probe = [], full
+    while not os.path.lexists(probe):
+        created.append(probe)  # deepest first
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: not writable ({probe} does not allow writing)")
+    try:
+        os.makedirs(full, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=full, prefix=".write-check-")
+        os.close(handle)
+        os.remove(tmp)
+    except OSError as e:
+        fail(f"{flag} {path}: not writable ({e.strerror or type(e).__name__})")
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:

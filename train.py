@@ -272,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.resume:
             p.error("--mode all resumes by itself: run the same command again")
         args.out = args.out or os.path.join("runs", "all")
-        check_writable(args.out, p, "--out")
+        check_writable(args.out, "--out")
         return args
     if args.nodes is not None and len(args.nodes) != 1:
         p.error("several --nodes values need --mode all")
@@ -345,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = run_name(args.mode, args.nodes, args.fedbn, args.loss == "marginal")
     args.name = name
     args.out = args.resume or args.out or os.path.join("runs", name)
-    check_writable(args.out, p, "--out")
+    check_writable(args.out, "--out")
     return args
 
 
