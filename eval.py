@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each test case's label map (BTCV ids: 1 spleen, 2 right kidney, 3 left kidney, "
                         "6 liver, 11 pancreas) on the original scan's grid into this folder; with --image, "
                         "the output file")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, else MPS, else CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
     p.add_argument("--head-window", choices=("test", "site"), default=None,
@@ -727,13 +728,19 @@ def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bo
 
 
 def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
-    """--device: auto (the GPU when there is one), cpu or cuda[:N]; a clear error otherwise."""
+    """--device: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda[:N] or mps; one
+    clear line and exit 2 for a device this machine does not have."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        parser.error(f"--device {name}: must be auto, cpu or cuda")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        parser.error(f"--device {name}: must be auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {name}: no CUDA GPU is available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if name == "mps" and not mps:
+        parser.error(f"--device {name}: no Apple MPS device is available on this machine")
     return torch.device(name)
 
 

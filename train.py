@@ -225,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "then the mean ± std across them (default 0)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="after federation, epochs of head-only training per site (default: the preset's)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU, else Apple's MPS, else the CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>-<nodes>)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
@@ -434,14 +435,22 @@ def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, see
     # first `organs` organs (the oracle's labels hold all four, also with fewer nodes)
     labels = [(c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
               for c in cases]
-    return PatchSampler(images, labels, cfg, device=device, seed=seed)
+    return PatchSampler(images, labels, cfg, device=sampler_device(device), seed=seed)
 
 
-def channels_last(next_batch):
-    """The sampler's batches in the model's memory layout."""
+def sampler_device(device: torch.device | str) -> torch.device:
+    """Where a site's patch sampler keeps its volumes and cuts batches: the training device, but
+    the CPU on Apple's MPS. The sampler resamples labels with nearest-neighbour 3-D grid_sample,
+    which MPS lacks (PyTorch 2.9 added bilinear only); `to_model` then moves each batch over."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def to_model(next_batch, device: torch.device | str):
+    """The sampler's batches on the training device, in the model's memory layout."""
     def batch():
         x, y = next_batch()
-        return x.contiguous(memory_format=torch.channels_last_3d), y
+        return x.to(device).contiguous(memory_format=torch.channels_last_3d), y.to(device)
     return batch
 
 
@@ -516,10 +525,10 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
         loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
-        clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss, store=store)]
+        clients = [fl.new_client("pooled", model, optimizer, to_model(pooled, args.device), loss, store=store)]
         local_steps, keys = {"pooled": sum(steps_per_round(args, train_cases[s]) for s in sites)}, []
     else:
-        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample),
+        clients = [fl.new_client(s, model, optimizer, to_model(samplers[s].sample, args.device),
                                  site_loss(args.loss, s, args.dice_over == "batch"),
                                  weight=len(train_cases[s]), store=store) for s in local]
         local_steps = {s: steps_per_round(args, train_cases[s]) for s in local}
