@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,9 +23,12 @@ import torch
 from tqdm import tqdm
 
 from data import ORGAN_ID, Case, window, write_atomic
+from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
 from segviz import MetaModel, merge
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
+METRICS = ("dice", "hd95", "nsd")
+NSD_TOLERANCE_MM = 2.0  # normalised surface Dice: a surface voxel within 2 mm of the other surface counts
 
 # ---------------------------------------------------------------------------------------
 # Sliding-window inference
@@ -200,11 +204,39 @@ def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> No
         save_label_nifti(btcv, geometry, path)
 
 
+def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Sequence[str], scoring: str,
+                spacing: Sequence[float], surface: bool = True) -> dict[str, list[float]]:
+    """Dice, HD95 (mm) and NSD (at NSD_TOLERANCE_MM) of each organ on one case, in `organs`
+    order (Dice alone without `surface`); both surface metrics come from one surface distance
+    computation per organ, in the case's voxel spacing. Empty masks follow metrics.py (MONAI's
+    rule): HD95 nan when either mask is empty, NSD nan when both are."""
+    if scoring == "heads":  # binary heads' masks may overlap: one organ at a time
+        predicted = {organ: masks[organ] for organ in organs}
+        dices = [dice(predicted[organ], label == ORGAN_ID[organ]) for organ in organs]
+    else:
+        labels = label_map(masks)
+        by_id = label_dice(labels, label, max(ORGAN_ID.values()))
+        dices = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
+        predicted = {organ: labels == ORGAN_ID[organ] for organ in organs}
+    if not surface:
+        return {"dice": dices}
+    scores = {"dice": dices, "hd95": [], "nsd": []}
+    truth = label.cpu()
+    for organ in organs:
+        distances = surface_distances(predicted[organ].cpu(), truth == ORGAN_ID[organ], spacing)
+        scores["hd95"].append(hd95_from_distances(*distances))
+        scores["nsd"].append(surface_dice_from_distances(*distances, NSD_TOLERANCE_MM))
+    return scores
+
+
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
              device="cpu", overlap: float = 0.25, blend: str = "gaussian", largest: bool = False,
-             save_pred: str | None = None, primary: str | None = None) -> dict[str, dict[str, list[float]]]:
-    """Dice per organ per test case of a HU-in model, for each way its output can be scored
-    (`scorings`): {scoring: {organ: [Dice per case]}}, from one inference per case.
+             save_pred: str | None = None, primary: str | None = None, surface: bool = True
+             ) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Dice, HD95 and NSD per organ per test case of a HU-in model, for each way its output can be
+    scored (`scorings`): {scoring: {"dice" | "hd95" | "nsd": {organ: [value per case]}}}, from one
+    inference per case (`case_scores`). Without `surface`, Dice alone (validation during training
+    reads nothing else).
 
     With `largest`, each organ's mask keeps only its largest connected component(s) first.
     With `save_pred`, each case's label map (`primary` scoring) is written there as <case>.nii.gz.
@@ -212,45 +244,87 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
     model = model.to(device).eval()
     kinds = scorings(model)
     primary = primary or kinds[0]
-    result = {k: {o: [] for o in organs} for k in kinds}
+    result = {k: {metric: {o: [] for o in organs} for metric in (METRICS if surface else ("dice",))}
+              for k in kinds}
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
         scores = predict_scores(model, case, roi, device, overlap, blend)
         label = case.label.to(device)
         for kind in kinds:
             masks = clean_masks(organ_masks(scores, organs, kind), largest)
-            if kind == "heads":  # binary heads' masks may overlap: one organ at a time
-                values = [dice(masks[organ], label == ORGAN_ID[organ]) for organ in organs]
-            else:
-                by_id = label_dice(label_map(masks), label, max(ORGAN_ID.values()))
-                values = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
-            for organ, value in zip(organs, values):
-                result[kind][organ].append(value)
+            for metric, values in case_scores(masks, label, organs, kind, case.spacing, surface).items():
+                for organ, value in zip(organs, values):
+                    result[kind][metric][organ].append(value)
             if save_pred and kind == primary:
                 save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
     return result
 
 
 def summarise(per_case: dict[str, list[float]]) -> dict[str, dict]:
+    """Per organ: mean and population std over the cases whose value is finite, and every case's
+    value (None where undefined: HD95 beside an empty mask); "nan" counts those cases, if any."""
     out = {}
     for organ, values in per_case.items():
         t = torch.tensor(values, dtype=torch.float64)
-        std = float(t.std(unbiased=False)) if len(t) > 1 else 0.0
-        out[organ] = {"mean": float(t.mean()), "std": std, "cases": [round(v, 6) for v in values]}
+        finite = t[torch.isfinite(t)]
+        entry = {"mean": float(finite.mean()) if len(finite) else None,
+                 "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0 if len(finite) else None,
+                 "cases": [round(v, 6) if math.isfinite(v) else None for v in values]}
+        if len(finite) < len(t):
+            entry["nan"] = len(t) - len(finite)
+        out[organ] = entry
     return out
 
 
-def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID)) -> str:
-    """Rows = models, columns = organs, cells = mean ± std Dice (— where not trained)."""
-    head = f"| {'model':<22} | " + " | ".join(f"{o:^13}" for o in organs) + " |"
-    sep = "|" + "-" * 24 + "|" + "|".join("-" * 15 for _ in organs) + "|"
+def summarise_metrics(per_case: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict]]:
+    """`summarise` of each metric of one scoring: {"dice" | "hd95" | "nsd": {organ: summary}}."""
+    return {metric: summarise(values) for metric, values in per_case.items()}
+
+
+def scored_metrics(per_case: dict[str, dict[str, dict[str, list[float]]]], primary: str) -> dict:
+    """What metrics.json holds of an evaluation: "dice", "hd95" and "nsd" of the primary scoring
+    ({organ: summary} each), and "by_scoring" {scoring: {metric: {organ: summary}}} of all."""
+    by_scoring = {kind: summarise_metrics(values) for kind, values in per_case.items()}
+    main = by_scoring.get(primary, {})
+    return {**{metric: main.get(metric, {}) for metric in METRICS}, "scoring": primary,
+            "nsd_tolerance_mm": NSD_TOLERANCE_MM, "by_scoring": by_scoring}
+
+
+def format_cell(d: dict | None, digits: int = 3) -> str:
+    """mean ± std, "(n nan)" when some cases had no value, "nan" when none had, "—" if not scored."""
+    if d is None:
+        return "—"
+    nan = f" ({d['nan']} nan)" if d.get("nan") else ""
+    if d["mean"] is None:
+        return "nan" + nan
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}{nan}"
+
+
+def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID), digits: int = 3) -> str:
+    """Rows = models, columns = organs, cells = mean ± std (— where not trained)."""
+    cells = {name: [format_cell(by_organ.get(o), digits) for o in organs] for name, by_organ in rows.items()}
+    widths = [max([13, *(len(c[i]) for c in cells.values())]) for i in range(len(organs))]
+    head = f"| {'model':<22} | " + " | ".join(f"{o:^{w}}" for o, w in zip(organs, widths)) + " |"
+    sep = "|" + "-" * 24 + "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     lines = [head, sep]
-    for name, dice_by_organ in rows.items():
-        cells = []
-        for o in organs:
-            d = dice_by_organ.get(o)
-            cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" if d else f"{'—':^13}")
-        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^13}" for c in cells) + " |")
+    for name, row in cells.items():
+        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^{w}}" for c, w in zip(row, widths)) + " |")
     return "\n".join(lines)
+
+
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 in mm (mean over cases where both masks exist)",
+                 "nsd": f"NSD at {NSD_TOLERANCE_MM:g} mm"}
+METRIC_DIGITS = {"dice": 3, "hd95": 1, "nsd": 3}
+
+
+def format_metric_tables(rows: dict[str, dict[str, dict[str, dict]]], organs: Sequence[str]) -> str:
+    """The Dice table, then HD95 and NSD tables under titles: rows = {model: {metric: {organ: summary}}}."""
+    parts = []
+    for metric in METRICS:
+        if not any(metric in r for r in rows.values()):
+            continue
+        table = format_table({name: r.get(metric, {}) for name, r in rows.items()}, organs, METRIC_DIGITS[metric])
+        parts.append(table if metric == "dice" else f"{METRIC_TITLES[metric]}\n{table}")
+    return "\n\n".join(parts)
 
 
 def save_torch_atomic(obj, path: str) -> None:
@@ -361,12 +435,23 @@ def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
     return p, "**" if p < 0.01 else "*" if p < 0.05 else "ns"
 
 
+def run_metrics(m: dict) -> dict[str, dict[str, dict]]:
+    """{scoring: {metric: {organ: summary}}} of one run's metrics.json, whichever version wrote it:
+    "by_scoring" now, "dice_by_scoring" before surface metrics, else the primary scoring's Dice."""
+    if "by_scoring" in m:
+        return m["by_scoring"]
+    if "dice_by_scoring" in m:
+        return {k: {"dice": v} for k, v in m["dice_by_scoring"].items()}
+    return {m.get("scoring", "classes"): {metric: m[metric] for metric in METRICS if metric in m}}
+
+
 def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """One row per setup and scoring: "segviz-4" (its merged label map) and "segviz-4 (heads)",
-    "single-4" (each head alone) and "single-4 (merged)"; each row's {organ: summary} per seed."""
+    "single-4" (each head alone) and "single-4 (merged)"; each row's {metric: {organ: summary}}
+    per seed."""
     rows = {}
     for name, seeds in runs.items():
-        by = [m.get("dice_by_scoring") or {m.get("scoring", "classes"): m["dice"]} for m in seeds]
+        by = [run_metrics(m) for m in seeds]
         primary = seeds[0].get("scoring", next(iter(by[0])))
         for scoring in sorted(by[0], key=lambda k: k != primary):
             rows[name if scoring == primary else f"{name} ({scoring})"] = [b[scoring] for b in by]
@@ -374,18 +459,30 @@ def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
-    """Mean ± std over seeds of each seed's mean Dice, and every (seed, case) value."""
+    """Mean ± std over seeds of each seed's mean over its cases, and every (seed, case) value.
+
+    Means are over finite values: a case without a value (None; HD95 beside an empty mask) is
+    left out of its seed's mean and counted in "nan"; a seed without any is left out of the mean
+    over seeds."""
     if any(organ not in d for d in per_seed):
         return None
-    means = np.array([d[organ]["mean"] for d in per_seed])
-    return {"mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
-            "seeds": [round(float(v), 6) for v in means], "cases": [list(d[organ]["cases"]) for d in per_seed]}
+    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
+    finite = means[np.isfinite(means)]
+    cases = [list(d[organ]["cases"]) for d in per_seed]
+    entry = {"mean": float(finite.mean()) if len(finite) else None,
+             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
+             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
+    nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
+    if nan:
+        entry["nan"] = nan
+    return entry
 
 
 def compare_runs(folder: str) -> str:
-    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds,
-    and each setup against SegViz with the same number of nodes (Wilcoxon over matched
-    (seed, test case) pairs)."""
+    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds of
+    Dice (each setup against SegViz with the same number of nodes: Wilcoxon over matched (seed,
+    test case) pairs), then of HD95 and NSD. results.json: {row: {organ: Dice entry, with its
+    "hd95" and "nsd" entries inside}}."""
     runs = read_runs(folder)
     rows = scored_rows(runs)
     nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
@@ -395,33 +492,57 @@ def compare_runs(folder: str) -> str:
         organs = max((runs[row.split(" ")[0]][0]["organs"] for row in group), key=len)
         ref = rows.get(f"segviz-{nodes}")
         n_seeds = sorted({len(rows[row]) for row in group})
-        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", "",
-                  "| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-        for row in group:
-            result[row], cells = {}, []
-            for organ in organs:
-                entry = across_seeds(rows[row], organ)
-                if entry is None:
-                    cells.append("—")
-                    continue
-                mark = ""
-                if ref is not None and row != f"segviz-{nodes}" and len(ref) == len(rows[row]):
-                    mine, theirs = ([v for case in across_seeds(r, organ)["cases"] for v in case]
-                                    for r in (rows[row], ref))
-                    if len(mine) == len(theirs):
-                        p, mark = significance(mine, theirs)
-                        entry.update(p_vs_segviz=p, mark=mark)
-                result[row][organ] = entry
-                cells.append(f"{entry['mean']:.3f} ± {entry['std']:.3f}" + (f" {mark}" if mark else ""))
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append("Cells: mean ± std over seeds of each seed's mean Dice over the test cases. Marks: each row "
-                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test over matched "
-                 "(seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant).")
+        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", ""]
+        for metric in METRICS:
+            per_row = {row: [seed.get(metric, {}) for seed in rows[row]] for row in group}
+            if metric != "dice" and not any(d for seeds in per_row.values() for d in seeds):
+                continue  # runs evaluated before surface metrics
+            if metric != "dice":
+                lines += [f"{METRIC_TITLES[metric]}, mean ± std over seeds:", ""]
+            lines += ["| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+            for row in group:
+                cells = []
+                if metric == "dice":
+                    result[row] = {}
+                for organ in organs:
+                    entry = across_seeds(per_row[row], organ)
+                    if entry is None:
+                        cells.append("—")
+                        continue
+                    mark = ""
+                    if metric == "dice":
+                        mark = compare_to_segviz(entry, per_row[row], ref, organ, row == f"segviz-{nodes}")
+                        result[row][organ] = entry
+                    elif organ in result[row]:
+                        result[row][organ][metric] = entry
+                    cells.append(format_cell(entry, METRIC_DIGITS[metric]) + (f" {mark}" if mark else ""))
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append("Cells: mean ± std over seeds of each seed's mean over the test cases. Marks: each row "
+                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test of Dice over "
+                 "matched (seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant). HD95 has no "
+                 "value where the prediction or the truth is empty (MONAI's rule): its means are over the "
+                 "other cases, and \"(n nan)\" counts the (seed, case) pairs without one.")
     text = "\n".join(lines)
     write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
     write_json_atomic(os.path.join(folder, "results.json"), result)
     return text
+
+
+def compare_to_segviz(entry: dict, mine: list[dict], ref: list[dict] | None, organ: str, is_ref: bool) -> str:
+    """The Wilcoxon mark of a row's Dice against SegViz's (p stored in `entry`); "" if not compared."""
+    if ref is None or is_ref or len(ref) != len(mine):
+        return ""
+    theirs = across_seeds([seed["dice"] for seed in ref], organ)
+    if theirs is None:
+        return ""
+    a = [v for case in entry["cases"] for v in case]
+    b = [v for case in theirs["cases"] for v in case]
+    if len(a) != len(b):
+        return ""
+    p, mark = significance(a, b)
+    entry.update(p_vs_segviz=p, mark=mark)
+    return mark
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,11 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     per_case = evaluate(model, test, organs, cfg["patch"], device, args.overlap, args.blend, largest,
                         save_pred=args.save_pred, primary=primary)
-    summary = summarise(per_case[primary])
-    print(format_table({ckpt["name"]: summary}, organs))
+    scored = scored_metrics(per_case, primary)
+    print(format_metric_tables({ckpt["name"]: scored["by_scoring"][primary]}, organs))
     if args.save_pred:
         print(f"{len(test)} label map(s) written to {args.save_pred}")
-    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,
+    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, **scored,
                "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint),
                "test_cases": [c.name for c in test]}
     os.makedirs(out_dir, exist_ok=True)

@@ -58,11 +58,12 @@ from eval import (
     check_writable,
     evaluate,
     fail,
+    format_metric_tables,
     format_table,
     primary_scoring,
     resolve_device,
     save_torch_atomic,
-    summarise,
+    scored_metrics,
     write_json_atomic,
 )
 from unet3d import UNet3D, UNetConfig
@@ -597,9 +598,9 @@ def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
                 net = segviz.MultiClassModel(run.unet_cfg, run.clients[0].model_state, windows[site])
                 organs = run.organs
             dice = evaluate(net, val_cases[site], organs, test_roi(args), args.device, args.eval_overlap,
-                            PRESETS[args.preset].blend, args.largest)
+                            PRESETS[args.preset].blend, args.largest, surface=False)
             scoring = "heads" if len(organs) == 1 else "classes"
-            out[site] = round(float(np.mean(dice[scoring][site])), 6)
+            out[site] = round(float(np.mean(dice[scoring]["dice"][site])), 6)
     return out
 
 
@@ -871,8 +872,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     primary = primary_scoring(args.mode)
     per_case = {} if args.no_test else evaluate(net, test_cases, run.organs, test_roi(args), args.device,
                                                  args.eval_overlap, preset.blend, args.largest, primary=primary)
-    by_scoring = {k: summarise(v) for k, v in per_case.items()}
-    summary = by_scoring.get(primary, {})
+    scored = scored_metrics(per_case, primary)
+    by_scoring = scored["by_scoring"]
     t_end = time.time()
     # a resumed run counts the training time of its earlier processes too (not their data loading)
     train_seconds = run.earlier_train_seconds + t_trained - t_data
@@ -893,8 +894,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
         "aggregate": args.aggregate, "max_update_norm": args.max_update_norm, "norm_factor": args.norm_factor,
         "dp_clip": args.dp_clip, "dp_noise": args.dp_noise,
     }
-    metrics = {"mode": args.mode, "nodes": args.nodes, "seed": args.seed, "organs": run.organs, "dice": summary,
-               "scoring": primary, "dice_by_scoring": by_scoring,
+    metrics = {"mode": args.mode, "nodes": args.nodes, "seed": args.seed, "organs": run.organs, **scored,
                "seconds": round(seconds, 1), "data_seconds": round(data_seconds, 1),
                "train_seconds": round(train_seconds, 1), "starts": run.starts, "config": config,
                "device": str(args.device), "losses": {c.name: c.history for c in clients}, "events": run.log,
@@ -903,8 +903,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
                             "organs": run.organs, "config": config, "states": states}, metrics)
     print()
     if by_scoring:
-        print(format_table({f"{args.name} ({k})" if len(by_scoring) > 1 else args.name: v
-                            for k, v in by_scoring.items()}, run.organs))
+        print(format_metric_tables({f"{args.name} ({k})" if len(by_scoring) > 1 else args.name: v
+                                    for k, v in by_scoring.items()}, run.organs))
     if run.validation:
         print("validation Dice (own site's cases, last check): " + "  ".join(
             f"{k} {v:.3f}" for k, v in run.validation[-1].items() if k != "round"))
