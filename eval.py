@@ -373,6 +373,16 @@ def primary_scoring(mode: str) -> str:
     return {"single": "heads", "segviz": "merged"}.get(mode, "classes")
 
 
+def sliding_settings(cfg: dict, args: argparse.Namespace | None = None) -> tuple[list[int], float, str]:
+    """Window size, overlap and blending of the sliding window, as the training run tested its
+    model (train.py's test_roi, --eval-overlap and the preset's blend) unless the command line
+    says otherwise; checkpoints older than those settings get their defaults of the time."""
+    overlap = getattr(args, "overlap", None)
+    blend = getattr(args, "blend", None)
+    return (list(cfg.get("roi") or cfg["patch"]), cfg.get("eval_overlap", 0.25) if overlap is None else overlap,
+            cfg.get("blend", "gaussian") if blend is None else blend)
+
+
 def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.nn.Module:
     """The HU-in model of a checkpoint."""
     from segviz import MultiClassModel
@@ -603,9 +613,9 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
         ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
         model = model_from_checkpoint(ckpt).to(device).eval()
         scoring = primary_scoring(ckpt["mode"])
-        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], ckpt["config"]["patch"], scoring,
-                                                     device, largest=ckpt["config"].get("largest", False))).cpu()
-                             for c in test]
+        roi, overlap, blend = sliding_settings(ckpt["config"])
+        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], roi, scoring, device, overlap, blend,
+                                                     ckpt["config"].get("largest", False))).cpu() for c in test]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, case in enumerate(test):
@@ -698,8 +708,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the output file")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, else MPS, else CPU; default), cpu, cuda[:N] or mps")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: as the training run tested, 0.25)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None,
+                   help="how overlapping windows are blended (default: as the training run tested)")
     p.add_argument("--head-window", choices=("test", "site"), default=None,
                    help="segviz/single: window each head sees (default: as trained, see train.py --help)")
     p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
@@ -710,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that preprocess real data")
     args = p.parse_args(argv)
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.table:
         print(table_of_runs(args.table))
@@ -751,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
 
     test = load_test_set(cfg, args)
     t0 = time.time()
-    per_case = evaluate(model, test, organs, cfg["patch"], device, args.overlap, args.blend, largest,
+    roi, overlap, blend = sliding_settings(cfg, args)
+    per_case = evaluate(model, test, organs, roi, device, overlap, blend, largest,
                         save_pred=args.save_pred, primary=primary)
     scored = scored_metrics(per_case, primary)
     print(format_metric_tables({ckpt["name"]: scored["by_scoring"][primary]}, organs))
@@ -840,8 +853,8 @@ def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bo
                              os.path.basename(args.image), os.path.abspath(args.image))
     del image
     model = model.to(device).eval()
-    masks = predict_masks(model, case, ckpt["organs"], ckpt["config"]["patch"], scoring, device,
-                          args.overlap, args.blend, largest)
+    roi, overlap, blend = sliding_settings(ckpt["config"], args)
+    masks = predict_masks(model, case, ckpt["organs"], roi, scoring, device, overlap, blend, largest)
     save_prediction(masks, case, args.save_pred)
     voxel_ml = float(np.prod(case.spacing)) / 1000
     print(f"{args.save_pred}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))

@@ -558,3 +558,18 @@ def test_compare_adds_hd95_and_nsd_tables_with_means_over_finite_values_and_nan_
     assert liver["hd95"]["seeds"] == [10.0, 13.0, None]
     assert liver["nsd"]["mean"] == pytest.approx(0.7333333) and "nan" not in liver["nsd"]
     assert "hd95" not in result["central-2"]["liver"]
+
+
+def test_a_checkpoint_is_tested_again_with_the_sliding_window_its_run_was_tested_with():
+    import argparse
+
+    from eval import sliding_settings
+
+    paper = {"patch": [128, 128, 32], "roi": [160, 160, 160], "blend": "constant", "eval_overlap": 0.5}
+    assert sliding_settings(paper) == ([160, 160, 160], 0.5, "constant")
+    given = argparse.Namespace(overlap=0.0, blend="gaussian")
+    assert sliding_settings(paper, given) == ([160, 160, 160], 0.0, "gaussian")
+    unset = argparse.Namespace(overlap=None, blend=None)
+    assert sliding_settings(paper, unset) == ([160, 160, 160], 0.5, "constant")
+    older = {"patch": [48, 48, 32], "roi": None}  # before roi/blend/overlap were recorded
+    assert sliding_settings(older, unset) == ([48, 48, 32], 0.25, "gaussian")
