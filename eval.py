@@ -602,8 +602,9 @@ OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancr
 
 
 def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
-    """One axial and one coronal slice per test case (through the organs' centre): the truth
-    and each setup's prediction over the CT. Each run's model is rebuilt from its checkpoint."""
+    """One axial and one coronal slice per test case (through the organs' centre, in radiological
+    convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
+    from its checkpoint."""
     plt = _pyplot()
     first = next(iter(runs.values()))[0]
     test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
@@ -619,29 +620,52 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, case in enumerate(test):
-        fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
-            else torch.tensor(case.label.shape) // 2
-        panels = [("truth", case.label), *((n, predictions[n][i]) for n in runs)]
-        fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
-        for j, (title, lab) in enumerate(panels):
-            for row, (img, seg) in enumerate(((case.hu[:, :, fg[2]], lab[:, :, fg[2]]),
-                                              (case.hu[:, fg[1], :], lab[:, fg[1], :]))):
-                ax = axes[row][j]
-                ax.imshow(window(img.T.clone(), (-175.0, 250.0)).flip(0), cmap="gray", vmin=0, vmax=1)
-                rgba = np.zeros((*seg.T.shape, 4))
-                shown = seg.T.flip(0).numpy()
-                for organ, colour in OVERLAY_COLOURS.items():
-                    rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
-                ax.imshow(rgba)
-                ax.set_axis_off()
-                if row == 0:
-                    ax.set_title(title, fontsize=7)
-        fig.tight_layout()
+        fig = overlay_figure(case, [("truth", case.label), *((n, predictions[n][i]) for n in runs)])
         path = os.path.join(out_dir, f"overlay_{case.name}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def radiological(plane: torch.Tensor) -> torch.Tensor:
+    """A slice of a working volume as an image (rows, columns) in radiological convention: the
+    patient's right on the image's left; anterior at the top of an axial (x, y) slice, superior
+    at the top of a coronal (x, z) one.
+
+    Working volumes are RAS arrays (data.py): x grows towards the patient's RIGHT (the phantom's
+    liver lies at high x, its spleen at low x; data.to_btcv_ids calls high x the right kidney),
+    y towards anterior, z towards superior. imshow draws row 0 at the top and column 0 at the
+    left, so both axes are reversed: high x to the left, high y (or z) to the top."""
+    return plane.T.flip(0).flip(1)
+
+
+def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]):
+    """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
+    both through the organs' centre, in radiological convention with R and L marked."""
+    plt = _pyplot()
+    fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
+        else torch.tensor(case.label.shape) // 2
+    sx, sy, sz = case.spacing
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
+    for j, (title, lab) in enumerate(panels):
+        views = ((case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx), (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx))
+        for row, (img, seg, aspect) in enumerate(views):
+            ax = axes[row][j]
+            ax.imshow(window(radiological(img), (-175.0, 250.0)).numpy(), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+            shown = radiological(seg).numpy()
+            rgba = np.zeros((*shown.shape, 4))
+            for organ, colour in OVERLAY_COLOURS.items():
+                rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
+            ax.imshow(rgba, aspect=aspect)
+            for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
+                ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="yellow",
+                        fontsize=7, fontweight="bold")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:

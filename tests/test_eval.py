@@ -573,3 +573,46 @@ def test_a_checkpoint_is_tested_again_with_the_sliding_window_its_run_was_tested
     assert sliding_settings(paper, unset) == ([160, 160, 160], 0.5, "constant")
     older = {"patch": [48, 48, 32], "roi": None}  # before roi/blend/overlap were recorded
     assert sliding_settings(older, unset) == ([48, 48, 32], 0.25, "gaussian")
+
+
+def test_radiological_puts_the_patients_right_on_the_images_left_and_anterior_up():
+    from eval import radiological
+
+    plane = torch.zeros(4, 3)  # (x, y) of a RAS volume: x grows to the patient's right, y to anterior
+    plane[3, 2] = 1  # right and anterior
+    plane[0, 0] = 2  # left and posterior
+    image = radiological(plane)
+    assert image.shape == (3, 4)  # rows from y, columns from x
+    assert image[0, 0] == 1 and image[-1, -1] == 2
+
+
+def test_overlay_shows_an_organ_on_the_patients_right_on_the_images_left_and_anterior_superior_up():
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from data import ORGAN_ID, Case
+    from eval import overlay_figure
+
+    shape = (40, 30, 20)
+    label = torch.zeros(shape, dtype=torch.uint8)
+    # the patient's right (high x), anterior (high y) and superior (high z): like a liver's dome
+    label[26:36, 18:27, 12:18] = ORGAN_ID["liver"]
+    case = Case("c", torch.zeros(shape), label, (3.0, 3.0, 3.0))
+    fig = overlay_figure(case, [("truth", label)])
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+    height = pixels.shape[0]
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    liver = (r - g > 30) & (r - b > 30)  # the orange overlay; the yellow letters have r == g
+    for ax in fig.axes:  # axial, then coronal
+        box = ax.get_window_extent()
+        top, bottom = height - int(box.y1), height - int(box.y0)
+        rows, cols = np.nonzero(liver[top:bottom, int(box.x0):int(box.x1)])
+        assert len(rows) > 20
+        assert cols.mean() / box.width < 0.4  # image's left: the patient's right
+        assert rows.mean() / box.height < 0.4  # top: anterior (axial) or superior (coronal)
+        letters = {t.get_text(): t.get_position()[0] for t in ax.texts}
+        assert letters["R"] < 0.5 < letters["L"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
