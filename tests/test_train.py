@@ -287,10 +287,10 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
 
     # one scan in, one label map out, on that scan's own grid (here the KiTS19 I,P,L copy)
     scan = root / "kits19/data/case_00000/imaging.nii.gz"
-    one = run("eval.py", "--checkpoint", str(out / "model.pt"), "--image", str(scan), "--save-pred",
-              str(tmp_path / "one.nii.gz"))
+    one = run("eval.py", "predict", "-i", str(scan), "-o", str(tmp_path / "one"), "--checkpoint",
+              str(out / "model.pt"))
     assert one.returncode == 0, one.stderr[-2000:]
-    seg = nib.load(tmp_path / "one.nii.gz")
+    seg = nib.load(tmp_path / "one" / "imaging.nii.gz")
     assert seg.shape == nib.load(scan).shape and (seg.affine == nib.load(scan).affine).all()
 
 
