@@ -904,11 +904,16 @@ def list_scans(path: str) -> list[tuple[str, str]]:
 
 
 def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A scan to segment and its affine, checked: readable, 3-D, finite voxels, an affine that
-    places the voxels in space; DataError naming the file and the problem otherwise."""
+    """A scan to segment and its affine, checked: readable, 3-D, not empty, real-valued finite
+    voxels, an affine that places the voxels in space; DataError naming the file and the problem
+    otherwise."""
     from data import DataError, read_nifti
 
     image, affine = read_nifti(path)  # unreadable or not 3-D
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise DataError(f"{path}: voxels of type {image.dtype}; a CT in HU (integers or floats) is expected")
+    if 0 in image.shape:
+        raise DataError(f"{path}: an empty volume of shape {tuple(image.shape)}")
     axes = affine[:3, :3]
     sizes = np.linalg.norm(axes, axis=0)
     # singular or non-finite: no orientation to bring the scan to RAS nor to write the labels back

@@ -186,6 +186,22 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(setup, message, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("data, why", [
+    (np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), "voxels of type"),
+    (np.zeros((6, 6, 6), np.complex64), "voxels of type"),
+    (np.zeros((0, 6, 6), np.int16), "empty volume|1-D volume"),  # nibabel reads it back as (0,)
+    (np.zeros((6, 6, 6, 2), np.int16), "4-D"),
+])
+def test_scans_that_are_not_a_ct_are_named_and_refused(data, why, tmp_path):
+    from data import DataError
+
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(DataError, match=why) as e:
+        ev.read_scan(str(path))
+    assert str(path) in str(e.value)
+
+
 def test_one_scan_may_be_given_instead_of_a_folder(tmp_path):
     scan = tmp_path / "scan_0000.nii.gz"
     nib.save(ct((20, 20, 12), np.diag([6.0, 6.0, 6.0, 1.0])), scan)
