@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from tqdm import tqdm
 from data import ORGAN_ID, Case, window, write_atomic
 from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
 from segviz import MetaModel, merge
+
+if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
+    from matplotlib.figure import Figure
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 METRICS = ("dice", "hd95", "nsd")
@@ -642,7 +645,7 @@ def radiological(plane: torch.Tensor) -> torch.Tensor:
     return plane.T.flip(0).flip(1)
 
 
-def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]):
+def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Figure:
     """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
     both through the organs' centre, in radiological convention with R and L marked."""
     plt = _pyplot()

@@ -447,7 +447,8 @@ def sampler_device(device: torch.device | str) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def to_model(next_batch, device: torch.device | str):
+def to_model(next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+             ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """The sampler's batches on the training device, in the model's memory layout."""
     def batch():
         x, y = next_batch()
