@@ -646,6 +646,10 @@ def main(argv=None) -> int:
     c.add_argument("label")
     c.add_argument("cache")
     args = p.parse_args(argv)
+    if getattr(args, "out", None):
+        from eval import check_writable
+
+        check_writable(args.out, "--out", file=True)
     if args.what == "_child":
         _child(args.image, args.label, args.cache)
         return 0

@@ -1,28 +1,39 @@
-"""Evaluation: sliding-window inference over whole volumes, Dice per organ, result tables.
+"""Evaluation: sliding-window inference over whole volumes, Dice, HD95 and NSD per organ, result tables.
 
 `python eval.py --checkpoint OUT/model.pt` rebuilds the model and the test set from what the
-checkpoint holds and prints the table again. Dice conventions follow MONAI's users'
-expectations: an empty prediction against an empty truth scores 1, exactly one empty scores 0.
+checkpoint holds and prints the tables again. `python eval.py predict -i SCANS -o LABELS
+--checkpoint OUT/model.pt` segments every scan of a folder on its own grid. Dice conventions
+follow MONAI's users' expectations: an empty prediction against an empty truth scores 1,
+exactly one empty scores 0; HD95 and NSD follow MONAI's too (metrics.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import ORGAN_ID, Case, window, write_atomic
+from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
 from segviz import MetaModel, merge
 
+if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
+    from matplotlib.figure import Figure
+
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
+METRICS = ("dice", "hd95", "nsd")
+NSD_TOLERANCE_MM = 2.0  # normalised surface Dice: a surface voxel within 2 mm of the other surface counts
 
 # ---------------------------------------------------------------------------------------
 # Sliding-window inference
@@ -198,11 +209,39 @@ def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> No
         save_label_nifti(btcv, geometry, path)
 
 
+def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Sequence[str], scoring: str,
+                spacing: Sequence[float], surface: bool = True) -> dict[str, list[float]]:
+    """Dice, HD95 (mm) and NSD (at NSD_TOLERANCE_MM) of each organ on one case, in `organs`
+    order (Dice alone without `surface`); both surface metrics come from one surface distance
+    computation per organ, in the case's voxel spacing. Empty masks follow metrics.py (MONAI's
+    rule): HD95 nan when either mask is empty, NSD nan when both are."""
+    if scoring == "heads":  # binary heads' masks may overlap: one organ at a time
+        predicted = {organ: masks[organ] for organ in organs}
+        dices = [dice(predicted[organ], label == ORGAN_ID[organ]) for organ in organs]
+    else:
+        labels = label_map(masks)
+        by_id = label_dice(labels, label, max(ORGAN_ID.values()))
+        dices = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
+        predicted = {organ: labels == ORGAN_ID[organ] for organ in organs}
+    if not surface:
+        return {"dice": dices}
+    scores = {"dice": dices, "hd95": [], "nsd": []}
+    truth = label.cpu()
+    for organ in organs:
+        distances = surface_distances(predicted[organ].cpu(), truth == ORGAN_ID[organ], spacing)
+        scores["hd95"].append(hd95_from_distances(*distances))
+        scores["nsd"].append(surface_dice_from_distances(*distances, NSD_TOLERANCE_MM))
+    return scores
+
+
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
              device="cpu", overlap: float = 0.25, blend: str = "gaussian", largest: bool = False,
-             save_pred: str | None = None, primary: str | None = None) -> dict[str, dict[str, list[float]]]:
-    """Dice per organ per test case of a HU-in model, for each way its output can be scored
-    (`scorings`): {scoring: {organ: [Dice per case]}}, from one inference per case.
+             save_pred: str | None = None, primary: str | None = None, surface: bool = True
+             ) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Dice, HD95 and NSD per organ per test case of a HU-in model, for each way its output can be
+    scored (`scorings`): {scoring: {"dice" | "hd95" | "nsd": {organ: [value per case]}}}, from one
+    inference per case (`case_scores`). Without `surface`, Dice alone (validation during training
+    reads nothing else).
 
     With `largest`, each organ's mask keeps only its largest connected component(s) first.
     With `save_pred`, each case's label map (`primary` scoring) is written there as <case>.nii.gz.
@@ -210,45 +249,87 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
     model = model.to(device).eval()
     kinds = scorings(model)
     primary = primary or kinds[0]
-    result = {k: {o: [] for o in organs} for k in kinds}
+    result = {k: {metric: {o: [] for o in organs} for metric in (METRICS if surface else ("dice",))}
+              for k in kinds}
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
         scores = predict_scores(model, case, roi, device, overlap, blend)
         label = case.label.to(device)
         for kind in kinds:
             masks = clean_masks(organ_masks(scores, organs, kind), largest)
-            if kind == "heads":  # binary heads' masks may overlap: one organ at a time
-                values = [dice(masks[organ], label == ORGAN_ID[organ]) for organ in organs]
-            else:
-                by_id = label_dice(label_map(masks), label, max(ORGAN_ID.values()))
-                values = [by_id[ORGAN_ID[organ] - 1] for organ in organs]
-            for organ, value in zip(organs, values):
-                result[kind][organ].append(value)
+            for metric, values in case_scores(masks, label, organs, kind, case.spacing, surface).items():
+                for organ, value in zip(organs, values):
+                    result[kind][metric][organ].append(value)
             if save_pred and kind == primary:
                 save_prediction(masks, case, os.path.join(save_pred, f"{case.name}.nii.gz"))
     return result
 
 
 def summarise(per_case: dict[str, list[float]]) -> dict[str, dict]:
+    """Per organ: mean and population std over the cases whose value is finite, and every case's
+    value (None where undefined: HD95 beside an empty mask); "nan" counts those cases, if any."""
     out = {}
     for organ, values in per_case.items():
         t = torch.tensor(values, dtype=torch.float64)
-        std = float(t.std(unbiased=False)) if len(t) > 1 else 0.0
-        out[organ] = {"mean": float(t.mean()), "std": std, "cases": [round(v, 6) for v in values]}
+        finite = t[torch.isfinite(t)]
+        entry = {"mean": float(finite.mean()) if len(finite) else None,
+                 "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0 if len(finite) else None,
+                 "cases": [round(v, 6) if math.isfinite(v) else None for v in values]}
+        if len(finite) < len(t):
+            entry["nan"] = len(t) - len(finite)
+        out[organ] = entry
     return out
 
 
-def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID)) -> str:
-    """Rows = models, columns = organs, cells = mean ± std Dice (— where not trained)."""
-    head = f"| {'model':<22} | " + " | ".join(f"{o:^13}" for o in organs) + " |"
-    sep = "|" + "-" * 24 + "|" + "|".join("-" * 15 for _ in organs) + "|"
+def summarise_metrics(per_case: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict]]:
+    """`summarise` of each metric of one scoring: {"dice" | "hd95" | "nsd": {organ: summary}}."""
+    return {metric: summarise(values) for metric, values in per_case.items()}
+
+
+def scored_metrics(per_case: dict[str, dict[str, dict[str, list[float]]]], primary: str) -> dict:
+    """What metrics.json holds of an evaluation: "dice", "hd95" and "nsd" of the primary scoring
+    ({organ: summary} each), and "by_scoring" {scoring: {metric: {organ: summary}}} of all."""
+    by_scoring = {kind: summarise_metrics(values) for kind, values in per_case.items()}
+    main = by_scoring.get(primary, {})
+    return {**{metric: main.get(metric, {}) for metric in METRICS}, "scoring": primary,
+            "nsd_tolerance_mm": NSD_TOLERANCE_MM, "by_scoring": by_scoring}
+
+
+def format_cell(d: dict | None, digits: int = 3) -> str:
+    """mean ± std, "(n nan)" when some cases had no value, "nan" when none had, "—" if not scored."""
+    if d is None:
+        return "—"
+    nan = f" ({d['nan']} nan)" if d.get("nan") else ""
+    if d["mean"] is None:
+        return "nan" + nan
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}{nan}"
+
+
+def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID), digits: int = 3) -> str:
+    """Rows = models, columns = organs, cells = mean ± std (— where not trained)."""
+    cells = {name: [format_cell(by_organ.get(o), digits) for o in organs] for name, by_organ in rows.items()}
+    widths = [max([13, *(len(c[i]) for c in cells.values())]) for i in range(len(organs))]
+    head = f"| {'model':<22} | " + " | ".join(f"{o:^{w}}" for o, w in zip(organs, widths)) + " |"
+    sep = "|" + "-" * 24 + "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     lines = [head, sep]
-    for name, dice_by_organ in rows.items():
-        cells = []
-        for o in organs:
-            d = dice_by_organ.get(o)
-            cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" if d else f"{'—':^13}")
-        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^13}" for c in cells) + " |")
+    for name, row in cells.items():
+        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^{w}}" for c, w in zip(row, widths)) + " |")
     return "\n".join(lines)
+
+
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 in mm (mean over cases where both masks exist)",
+                 "nsd": f"NSD at {NSD_TOLERANCE_MM:g} mm"}
+METRIC_DIGITS = {"dice": 3, "hd95": 1, "nsd": 3}
+
+
+def format_metric_tables(rows: dict[str, dict[str, dict[str, dict]]], organs: Sequence[str]) -> str:
+    """The Dice table, then HD95 and NSD tables under titles: rows = {model: {metric: {organ: summary}}}."""
+    parts = []
+    for metric in METRICS:
+        if not any(metric in r for r in rows.values()):
+            continue
+        table = format_table({name: r.get(metric, {}) for name, r in rows.items()}, organs, METRIC_DIGITS[metric])
+        parts.append(table if metric == "dice" else f"{METRIC_TITLES[metric]}\n{table}")
+    return "\n\n".join(parts)
 
 
 def save_torch_atomic(obj, path: str) -> None:
@@ -295,6 +376,16 @@ def primary_scoring(mode: str) -> str:
     """The scoring a mode's table reports first: single-site models each on their own organ
     (the paper's A), the SegViz meta-model's merged label map, multi-class models by class."""
     return {"single": "heads", "segviz": "merged"}.get(mode, "classes")
+
+
+def sliding_settings(cfg: dict, args: argparse.Namespace | None = None) -> tuple[list[int], float, str]:
+    """Window size, overlap and blending of the sliding window, as the training run tested its
+    model (train.py's test_roi, --eval-overlap and the preset's blend) unless the command line
+    says otherwise; checkpoints older than those settings get their defaults of the time."""
+    overlap = getattr(args, "overlap", None)
+    blend = getattr(args, "blend", None)
+    return (list(cfg.get("roi") or cfg["patch"]), cfg.get("eval_overlap", 0.25) if overlap is None else overlap,
+            cfg.get("blend", "gaussian") if blend is None else blend)
 
 
 def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.nn.Module:
@@ -359,12 +450,23 @@ def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
     return p, "**" if p < 0.01 else "*" if p < 0.05 else "ns"
 
 
+def run_metrics(m: dict) -> dict[str, dict[str, dict]]:
+    """{scoring: {metric: {organ: summary}}} of one run's metrics.json, whichever version wrote it:
+    "by_scoring" now, "dice_by_scoring" before surface metrics, else the primary scoring's Dice."""
+    if "by_scoring" in m:
+        return m["by_scoring"]
+    if "dice_by_scoring" in m:
+        return {k: {"dice": v} for k, v in m["dice_by_scoring"].items()}
+    return {m.get("scoring", "classes"): {metric: m[metric] for metric in METRICS if metric in m}}
+
+
 def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """One row per setup and scoring: "segviz-4" (its merged label map) and "segviz-4 (heads)",
-    "single-4" (each head alone) and "single-4 (merged)"; each row's {organ: summary} per seed."""
+    "single-4" (each head alone) and "single-4 (merged)"; each row's {metric: {organ: summary}}
+    per seed."""
     rows = {}
     for name, seeds in runs.items():
-        by = [m.get("dice_by_scoring") or {m.get("scoring", "classes"): m["dice"]} for m in seeds]
+        by = [run_metrics(m) for m in seeds]
         primary = seeds[0].get("scoring", next(iter(by[0])))
         for scoring in sorted(by[0], key=lambda k: k != primary):
             rows[name if scoring == primary else f"{name} ({scoring})"] = [b[scoring] for b in by]
@@ -372,18 +474,30 @@ def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
-    """Mean ± std over seeds of each seed's mean Dice, and every (seed, case) value."""
+    """Mean ± std over seeds of each seed's mean over its cases, and every (seed, case) value.
+
+    Means are over finite values: a case without a value (None; HD95 beside an empty mask) is
+    left out of its seed's mean and counted in "nan"; a seed without any is left out of the mean
+    over seeds."""
     if any(organ not in d for d in per_seed):
         return None
-    means = np.array([d[organ]["mean"] for d in per_seed])
-    return {"mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
-            "seeds": [round(float(v), 6) for v in means], "cases": [list(d[organ]["cases"]) for d in per_seed]}
+    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
+    finite = means[np.isfinite(means)]
+    cases = [list(d[organ]["cases"]) for d in per_seed]
+    entry = {"mean": float(finite.mean()) if len(finite) else None,
+             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
+             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
+    nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
+    if nan:
+        entry["nan"] = nan
+    return entry
 
 
 def compare_runs(folder: str) -> str:
-    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds,
-    and each setup against SegViz with the same number of nodes (Wilcoxon over matched
-    (seed, test case) pairs)."""
+    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds of
+    Dice (each setup against SegViz with the same number of nodes: Wilcoxon over matched (seed,
+    test case) pairs), then of HD95 and NSD. results.json: {row: {organ: Dice entry, with its
+    "hd95" and "nsd" entries inside}}."""
     runs = read_runs(folder)
     rows = scored_rows(runs)
     nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
@@ -393,33 +507,57 @@ def compare_runs(folder: str) -> str:
         organs = max((runs[row.split(" ")[0]][0]["organs"] for row in group), key=len)
         ref = rows.get(f"segviz-{nodes}")
         n_seeds = sorted({len(rows[row]) for row in group})
-        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", "",
-                  "| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-        for row in group:
-            result[row], cells = {}, []
-            for organ in organs:
-                entry = across_seeds(rows[row], organ)
-                if entry is None:
-                    cells.append("—")
-                    continue
-                mark = ""
-                if ref is not None and row != f"segviz-{nodes}" and len(ref) == len(rows[row]):
-                    mine, theirs = ([v for case in across_seeds(r, organ)["cases"] for v in case]
-                                    for r in (rows[row], ref))
-                    if len(mine) == len(theirs):
-                        p, mark = significance(mine, theirs)
-                        entry.update(p_vs_segviz=p, mark=mark)
-                result[row][organ] = entry
-                cells.append(f"{entry['mean']:.3f} ± {entry['std']:.3f}" + (f" {mark}" if mark else ""))
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append("Cells: mean ± std over seeds of each seed's mean Dice over the test cases. Marks: each row "
-                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test over matched "
-                 "(seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant).")
+        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", ""]
+        for metric in METRICS:
+            per_row = {row: [seed.get(metric, {}) for seed in rows[row]] for row in group}
+            if metric != "dice" and not any(d for seeds in per_row.values() for d in seeds):
+                continue  # runs evaluated before surface metrics
+            if metric != "dice":
+                lines += [f"{METRIC_TITLES[metric]}, mean ± std over seeds:", ""]
+            lines += ["| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+            for row in group:
+                cells = []
+                if metric == "dice":
+                    result[row] = {}
+                for organ in organs:
+                    entry = across_seeds(per_row[row], organ)
+                    if entry is None:
+                        cells.append("—")
+                        continue
+                    mark = ""
+                    if metric == "dice":
+                        mark = compare_to_segviz(entry, per_row[row], ref, organ, row == f"segviz-{nodes}")
+                        result[row][organ] = entry
+                    elif organ in result[row]:
+                        result[row][organ][metric] = entry
+                    cells.append(format_cell(entry, METRIC_DIGITS[metric]) + (f" {mark}" if mark else ""))
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append("Cells: mean ± std over seeds of each seed's mean over the test cases. Marks: each row "
+                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test of Dice over "
+                 "matched (seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant). HD95 has no "
+                 "value where the prediction or the truth is empty (MONAI's rule): its means are over the "
+                 "other cases, and \"(n nan)\" counts the (seed, case) pairs without one.")
     text = "\n".join(lines)
     write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
     write_json_atomic(os.path.join(folder, "results.json"), result)
     return text
+
+
+def compare_to_segviz(entry: dict, mine: list[dict], ref: list[dict] | None, organ: str, is_ref: bool) -> str:
+    """The Wilcoxon mark of a row's Dice against SegViz's (p stored in `entry`); "" if not compared."""
+    if ref is None or is_ref or len(ref) != len(mine):
+        return ""
+    theirs = across_seeds([seed["dice"] for seed in ref], organ)
+    if theirs is None:
+        return ""
+    a = [v for case in entry["cases"] for v in case]
+    b = [v for case in theirs["cases"] for v in case]
+    if len(a) != len(b):
+        return ""
+    p, mark = significance(a, b)
+    entry.update(p_vs_segviz=p, mark=mark)
+    return mark
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,8 +607,9 @@ OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancr
 
 
 def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
-    """One axial and one coronal slice per test case (through the organs' centre): the truth
-    and each setup's prediction over the CT. Each run's model is rebuilt from its checkpoint."""
+    """One axial and one coronal slice per test case (through the organs' centre, in radiological
+    convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
+    from its checkpoint."""
     plt = _pyplot()
     first = next(iter(runs.values()))[0]
     test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
@@ -480,35 +619,58 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
         ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
         model = model_from_checkpoint(ckpt).to(device).eval()
         scoring = primary_scoring(ckpt["mode"])
-        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], ckpt["config"]["patch"], scoring,
-                                                     device, largest=ckpt["config"].get("largest", False))).cpu()
-                             for c in test]
+        roi, overlap, blend = sliding_settings(ckpt["config"])
+        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], roi, scoring, device, overlap, blend,
+                                                     ckpt["config"].get("largest", False))).cpu() for c in test]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, case in enumerate(test):
-        fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
-            else torch.tensor(case.label.shape) // 2
-        panels = [("truth", case.label), *((n, predictions[n][i]) for n in runs)]
-        fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
-        for j, (title, lab) in enumerate(panels):
-            for row, (img, seg) in enumerate(((case.hu[:, :, fg[2]], lab[:, :, fg[2]]),
-                                              (case.hu[:, fg[1], :], lab[:, fg[1], :]))):
-                ax = axes[row][j]
-                ax.imshow(window(img.T.clone(), (-175.0, 250.0)).flip(0), cmap="gray", vmin=0, vmax=1)
-                rgba = np.zeros((*seg.T.shape, 4))
-                shown = seg.T.flip(0).numpy()
-                for organ, colour in OVERLAY_COLOURS.items():
-                    rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
-                ax.imshow(rgba)
-                ax.set_axis_off()
-                if row == 0:
-                    ax.set_title(title, fontsize=7)
-        fig.tight_layout()
+        fig = overlay_figure(case, [("truth", case.label), *((n, predictions[n][i]) for n in runs)])
         path = os.path.join(out_dir, f"overlay_{case.name}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def radiological(plane: torch.Tensor) -> torch.Tensor:
+    """A slice of a working volume as an image (rows, columns) in radiological convention: the
+    patient's right on the image's left; anterior at the top of an axial (x, y) slice, superior
+    at the top of a coronal (x, z) one.
+
+    Working volumes are RAS arrays (data.py): x grows towards the patient's RIGHT (the phantom's
+    liver lies at high x, its spleen at low x; datasets.to_btcv_ids calls high x the right kidney),
+    y towards anterior, z towards superior. imshow draws row 0 at the top and column 0 at the
+    left, so both axes are reversed: high x to the left, high y (or z) to the top."""
+    return plane.T.flip(0).flip(1)
+
+
+def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Figure:
+    """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
+    both through the organs' centre, in radiological convention with R and L marked."""
+    plt = _pyplot()
+    fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
+        else torch.tensor(case.label.shape) // 2
+    sx, sy, sz = case.spacing
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
+    for j, (title, lab) in enumerate(panels):
+        views = ((case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx), (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx))
+        for row, (img, seg, aspect) in enumerate(views):
+            ax = axes[row][j]
+            ax.imshow(window(radiological(img), (-175.0, 250.0)).numpy(), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+            shown = radiological(seg).numpy()
+            rgba = np.zeros((*shown.shape, 4))
+            for organ, colour in OVERLAY_COLOURS.items():
+                rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
+            ax.imshow(rgba, aspect=aspect)
+            for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
+                ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="yellow",
+                        fontsize=7, fontweight="bold")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
@@ -551,47 +713,57 @@ def table_of_runs(folder: str) -> str:
     return "\n".join(table)
 
 
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """How a checkpoint's model is run: the flags re-evaluation and `predict` share."""
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, else MPS, else CPU; default), cpu, cuda[:N] or mps")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: as the training run tested, 0.25)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None,
+                   help="how overlapping windows are blended (default: as the training run tested)")
+    p.add_argument("--head-window", choices=("test", "site"), default=None,
+                   help="segviz/single: window each head sees (default: as trained, see train.py --help)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each organ's largest connected component(s) (default: as the training run)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from datasets import add_source_arguments
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
     p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set (or "
-                                            "another one), segment one scan, or gather finished runs into one "
-                                            "table.")
+                                            "another one), or gather finished runs into one table. "
+                                            "`python eval.py predict -h`: segment a folder of scans.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="model.pt written by train.py")
     what.add_argument("--table", metavar="DIR", help="print one table from every DIR/*/metrics.json")
     what.add_argument("--compare", metavar="DIR",
                       help="write DIR/results.md and results.json: every run's Dice with Wilcoxon tests "
-                           "against SegViz")
+                           "against SegViz, then its HD95 and NSD")
     p.add_argument("--figures", action="store_true",
                    help="with --compare: DIR/figures/dice_boxplot.png (a row per number of nodes), one overlay "
                         "per test case of the setups with the most nodes, and validation curves of runs "
                         "trained with --val-every (needs matplotlib; re-runs those models on the test set)")
     add_source_arguments(p, roles=("test",))
-    p.add_argument("--image", metavar="FILE", help="segment this one scan (NIfTI, HU) into --save-pred OUT.nii.gz")
-    p.add_argument("--save-pred", metavar="PATH",
+    p.add_argument("--save-pred", metavar="DIR",
                    help="write each test case's label map (BTCV ids: 1 spleen, 2 right kidney, 3 left kidney, "
-                        "6 liver, 11 pancreas) on the original scan's grid into this folder; with --image, "
-                        "the output file")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
-    p.add_argument("--head-window", choices=("test", "site"), default=None,
-                   help="segviz/single: window each head sees (default: as trained, see train.py --help)")
-    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep each organ's largest connected component(s) (default: as the training run)")
+                        "6 liver, 11 pancreas) on the original scan's grid into this folder")
+    add_inference_arguments(p)
     p.add_argument("--out", default=None, help="where to write metrics.json (default: beside the checkpoint)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that preprocess real data")
     args = p.parse_args(argv)
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.table:
         print(table_of_runs(args.table))
         return 0
     if args.compare:
+        check_writable(args.compare, "--compare")
         print(compare_runs(args.compare))
         if args.figures:
             runs = read_runs(args.compare)
@@ -606,33 +778,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
                   f"{len(curves)} validation curve(s)")
         return 0
-    if args.image and not (args.save_pred and args.save_pred.endswith((".nii", ".nii.gz"))):
-        p.error("--image needs --save-pred OUT.nii.gz")
     device = resolve_device(args.device, p)
+    # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    if args.save_pred:
+        check_writable(args.save_pred, "--save-pred")
+    check_writable(out_dir, "--out")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
     model = model_from_checkpoint(ckpt, args.head_window)
     primary = primary_scoring(ckpt["mode"])
     organs = ckpt["organs"]
     largest = cfg.get("largest", False) if args.largest is None else args.largest
-    if args.save_pred:
-        target = os.path.dirname(os.path.abspath(args.save_pred)) if args.image else args.save_pred
-        check_writable(target, p, "--save-pred")
-    if args.image:
-        return segment_one(model, ckpt, args, device, largest, primary)
-
-    # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    check_writable(out_dir, p, "--out")
     test = load_test_set(cfg, args)
     t0 = time.time()
-    per_case = evaluate(model, test, organs, cfg["patch"], device, args.overlap, args.blend, largest,
+    roi, overlap, blend = sliding_settings(cfg, args)
+    per_case = evaluate(model, test, organs, roi, device, overlap, blend, largest,
                         save_pred=args.save_pred, primary=primary)
-    summary = summarise(per_case[primary])
-    print(format_table({ckpt["name"]: summary}, organs))
+    scored = scored_metrics(per_case, primary)
+    print(format_metric_tables({ckpt["name"]: scored["by_scoring"][primary]}, organs))
     if args.save_pred:
         print(f"{len(test)} label map(s) written to {args.save_pred}")
-    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, "dice": summary,
+    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": organs, **scored,
                "seconds": round(time.time() - t0, 1), "config": cfg, "checkpoint": os.path.abspath(args.checkpoint),
                "test_cases": [c.name for c in test]}
     os.makedirs(out_dir, exist_ok=True)
@@ -640,16 +807,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_writable(path: str, parser: argparse.ArgumentParser, flag: str) -> None:
-    """Fail before any work if the folder `path` cannot be created or written; create nothing."""
+def check_writable(path: str, flag: str, file: bool = False) -> None:
+    """Fail before any work unless the folder `path` (with `file`: the folder of the file `path`)
+    can be created and written to; leaves the disk as it was.
+
+    Asking os.access would be simpler, but it answers yes to root everywhere, /proc and read-only
+    mounts included; only creating the folder and a file in it tells. The folders created here are
+    removed again, so that an error found later (bad data) leaves nothing behind."""
     full = os.path.abspath(path)
-    if os.path.exists(full) and not os.path.isdir(full):
-        parser.error(f"{flag} {path}: exists and is not a folder")
-    probe = full
-    while not os.path.exists(probe):
+    if file:
+        if os.path.isdir(full):
+            fail(f"{flag} {path}: is a folder, not a file")
+        full = os.path.dirname(full)
+    elif os.path.lexists(full) and not os.path.isdir(full):
+        fail(f"{flag} {path}: exists and is not a folder")
+    created, probe = [], full
+    while not os.path.lexists(probe):
+        created.append(probe)  # deepest first
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: not writable ({probe} does not allow writing)")
+    try:
+        os.makedirs(full, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=full, prefix=".write-check-")
+        os.close(handle)
+        os.remove(tmp)
+    except OSError as e:
+        fail(f"{flag} {path}: not writable ({e.strerror or type(e).__name__})")
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
@@ -675,37 +861,182 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
         fail(str(e))
 
 
-def segment_one(model, ckpt: dict, args: argparse.Namespace, device, largest: bool, scoring: str) -> int:
-    """--image FILE --save-pred OUT.nii.gz: one scan in, one label map on its own grid out."""
-    from data import DataError
-    from datasets import preprocess_arrays, read_nifti
+# ---------------------------------------------------------------------------------------
+# python eval.py predict: segment a folder of scans
+# ---------------------------------------------------------------------------------------
 
-    try:
-        image, affine = read_nifti(args.image)
-        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-            raise DataError(f"{args.image}: NaN or inf voxels")
-    except DataError as e:
-        fail(str(e))
-    case = preprocess_arrays(image, affine, None, None, 0, tuple(ckpt["config"]["spacing"]),
-                             os.path.basename(args.image), os.path.abspath(args.image))
-    del image
-    model = model.to(device).eval()
-    masks = predict_masks(model, case, ckpt["organs"], ckpt["config"]["patch"], scoring, device,
-                          args.overlap, args.blend, largest)
-    save_prediction(masks, case, args.save_pred)
-    voxel_ml = float(np.prod(case.spacing)) / 1000
-    print(f"{args.save_pred}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
+NNUNET_CHANNEL = "_0000"  # nnU-Net names a case's (only) CT channel CASE_0000.nii.gz
+
+
+def scan_name(filename: str) -> str | None:
+    """The case a NIfTI file name stands for (nnU-Net's channel suffix dropped); None if the file
+    is not a NIfTI image, or is hidden (macOS "._" companions, temporary files)."""
+    if filename.startswith(".") or not filename.endswith((".nii.gz", ".nii")):
+        return None
+    stem = filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else filename[: -len(".nii")]
+    return stem[: -len(NNUNET_CHANNEL)] if stem.endswith(NNUNET_CHANNEL) and stem != NNUNET_CHANNEL else stem
+
+
+def list_scans(path: str) -> list[tuple[str, str]]:
+    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted."""
+    if os.path.isfile(path):
+        name = scan_name(os.path.basename(path))
+        if name is None:
+            fail(f"-i {path}: not a NIfTI image (.nii or .nii.gz)")
+        return [(name, path)]
+    if not os.path.isdir(path):
+        fail(f"-i {path}: no such folder")
+    scans: dict[str, str] = {}
+    for filename in sorted(os.listdir(path)):
+        name = scan_name(filename)
+        if name is None or not os.path.isfile(os.path.join(path, filename)):
+            continue
+        if name in scans:
+            fail(f"-i {path}: {os.path.basename(scans[name])} and {filename} are both case {name}")
+        scans[name] = os.path.join(path, filename)
+    if not scans:
+        fail(f"-i {path}: no NIfTI image (.nii or .nii.gz) in it")
+    return sorted(scans.items())
+
+
+def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A scan to segment and its affine, checked: readable, 3-D, not empty, real-valued finite
+    voxels, an affine that places the voxels in space; DataError naming the file and the problem
+    otherwise."""
+    from data import DataError
+    from datasets import read_nifti
+
+    image, affine = read_nifti(path)  # unreadable or not 3-D
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise DataError(f"{path}: voxels of type {image.dtype}; a CT in HU (integers or floats) is expected")
+    if 0 in image.shape:
+        raise DataError(f"{path}: an empty volume of shape {tuple(image.shape)}")
+    axes = affine[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0)
+    # singular or non-finite: no orientation to bring the scan to RAS nor to write the labels back
+    if not (np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3):
+        raise DataError(f"{path}: no usable affine (voxel axes {np.round(axes, 3).tolist()})")
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            raise DataError(f"{path}: {bad} NaN or inf voxel(s)")
+    return image, affine
+
+
+def organ_probabilities(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
+    """Each organ's probability from a model's blended output: a binary head's own, or the
+    multi-class softmax's channel of the organ (channel 0 is background)."""
+    first = 1 if scoring == "classes" else 0
+    return {organ: scores[first + k] for k, organ in enumerate(organs)}
+
+
+def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
+    """One organ's probability on the scan's own grid and affine, atomically.
+
+    Brought back from the working grid by nearest neighbour, as the label map is, so both come
+    from the same working voxel. Stored as int16 with a scale factor that nibabel picks
+    (scl_slope): NIfTI has no float16 type, int16 takes the same two bytes at a finer step (about
+    3e-5), and every NIfTI reader applies the scale factor."""
+    import nibabel as nib
+
+    from datasets import to_original_grid
+
+    data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
+    src = case.geometry.get("source")
+    header = nib.load(src).header.copy() if src and os.path.isfile(src) else None  # qform/sform codes
+    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), header)
+    img.set_data_dtype(np.int16)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+
+
+def predict_main(argv: list[str]) -> int:
+    """python eval.py predict -i IN -o OUT --checkpoint MODEL: every scan in IN segmented."""
+    p = argparse.ArgumentParser(
+        prog="eval.py predict",
+        description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by train.py: "
+                    "OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right kidney, 3 left kidney, "
+                    "6 liver, 11 pancreas; the checkpoint's organs only) on the scan's own grid and affine. "
+                    "nnU-Net's _0000 suffix is dropped from the case name. A scan that cannot be read is "
+                    "named and skipped; the command then exits 1.")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of .nii/.nii.gz scans (or one scan)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
+    p.add_argument("--overwrite", action="store_true", help="predict again the scans OUT already holds")
+    p.add_argument("--save-prob", action="store_true",
+                   help="also write OUT/<case>_<organ>.nii.gz, each organ's probability on the same grid "
+                        "(int16 scaled to [0, 1]: NIfTI has no float16)")
+    add_inference_arguments(p)
+    args = p.parse_args(argv)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        p.error("--overlap must be in [0, 1)")
+    check_writable(args.output, "-o")
+    scans = list_scans(args.input)
+    if any(os.path.realpath(os.path.dirname(f)) == os.path.realpath(args.output) for _, f in scans):
+        fail(f"-o {args.output}: is where the scans are; the label maps would take their names")
+    device = resolve_device(args.device, p)
+    ckpt = load_checkpoint(args.checkpoint)
+    os.makedirs(args.output, exist_ok=True)
+    return predict_scans(ckpt, scans, args, device)
+
+
+def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Namespace, device) -> int:
+    """Segment each (case, file) into args.output; exit status 1 if some scan could not be read."""
+    from data import DataError
+    from datasets import preprocess_arrays
+
+    cfg, organs = ckpt["config"], ckpt["organs"]
+    model = model_from_checkpoint(ckpt, args.head_window).to(device).eval()
+    scoring = primary_scoring(ckpt["mode"])
+    largest = cfg.get("largest", False) if args.largest is None else args.largest
+    roi, overlap, blend = sliding_settings(cfg, args)
+    failed, skipped = [], 0
+    bar = tqdm(scans, desc="predict", unit="scan", disable=None, dynamic_ncols=True)
+    for name, path in bar:
+        out = os.path.join(args.output, f"{name}.nii.gz")
+        probs = {o: os.path.join(args.output, f"{name}_{o}.nii.gz") for o in organs} if args.save_prob else {}
+        if not args.overwrite and all(os.path.exists(f) for f in (out, *probs.values())):
+            skipped += 1
+            bar.write(f"{out}: already written, skipped (--overwrite predicts it again)")
+            continue
+        try:
+            image, affine = read_scan(path)
+        except DataError as e:
+            failed.append(path)
+            bar.write(f"error: {e}; skipped", file=sys.stderr)
+            continue
+        case = preprocess_arrays(image, affine, None, None, 0, tuple(cfg["spacing"]), name, os.path.abspath(path))
+        del image
+        scores = predict_scores(model, case, roi, device, overlap, blend)
+        masks = clean_masks(organ_masks(scores, organs, scoring), largest)
+        for organ, prob in organ_probabilities(scores, organs, scoring).items():
+            if organ in probs:
+                save_probability(prob, case, probs[organ])
+        save_prediction(masks, case, out)  # last: its presence means the case is done
+        voxel_ml = float(np.prod(case.spacing)) / 1000
+        bar.write(f"{out}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
+    bar.close()
+    print(f"{len(scans) - skipped - len(failed)} scan(s) segmented into {args.output}, {skipped} already there, "
+          f"{len(failed)} failed")
+    if failed:
+        print(f"error: {len(failed)} scan(s) could not be segmented: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
-    """--device: auto (the GPU when there is one), cpu or cuda[:N]; a clear error otherwise."""
+    """--device: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda[:N] or mps; one
+    clear line and exit 2 for a device this machine does not have."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        parser.error(f"--device {name}: must be auto, cpu or cuda")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        parser.error(f"--device {name}: must be auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {name}: no CUDA GPU is available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if name == "mps" and not mps:
+        parser.error(f"--device {name}: no Apple MPS device is available on this machine")
     return torch.device(name)
 
 

@@ -83,9 +83,9 @@ def eval_options_table(folders: list[str]) -> str:
                     site_means = []
                     for site, model in site_models(ckpt).items():
                         scored = evaluate(model, cases[site], [site], cfg["roi"], "cpu", cfg["eval_overlap"],
-                                          option[0], option[1])
+                                          option[0], option[1], surface=False)
                         scoring = "heads" if "heads" in scored else "classes"
-                        site_means.append(float(np.mean(scored[scoring][site])))
+                        site_means.append(float(np.mean(scored[scoring]["dice"][site])))
                     per_option[option].append(float(np.mean(site_means)))
             lines.append(f"| {folder} ({name}) | " + " | ".join(mean_std(per_option[o]) for o in OPTIONS) + " |")
     return "\n".join(lines)

@@ -52,11 +52,12 @@ from eval import (
     check_writable,
     evaluate,
     fail,
+    format_metric_tables,
     format_table,
     primary_scoring,
     resolve_device,
     save_torch_atomic,
-    summarise,
+    scored_metrics,
     write_json_atomic,
 )
 from phantom import PhantomSpec, phantom_federation, phantom_validation
@@ -220,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "then the mean ± std across them (default 0)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="after federation, epochs of head-only training per site (default: the preset's)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU, else Apple's MPS, else the CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>-<nodes>)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
@@ -267,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.resume:
             p.error("--mode all resumes by itself: run the same command again")
         args.out = args.out or os.path.join("runs", "all")
-        check_writable(args.out, p, "--out")
+        check_writable(args.out, "--out")
         return args
     if args.nodes is not None and len(args.nodes) != 1:
         p.error("several --nodes values need --mode all")
@@ -340,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = run_name(args.mode, args.nodes, args.fedbn, args.loss == "marginal")
     args.name = name
     args.out = args.resume or args.out or os.path.join("runs", name)
-    check_writable(args.out, p, "--out")
+    check_writable(args.out, "--out")
     return args
 
 
@@ -429,14 +431,23 @@ def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, see
     # first `organs` organs (the oracle's labels hold all four, also with fewer nodes)
     labels = [(c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
               for c in cases]
-    return PatchSampler(images, labels, cfg, device=device, seed=seed)
+    return PatchSampler(images, labels, cfg, device=sampler_device(device), seed=seed)
 
 
-def channels_last(next_batch):
-    """The sampler's batches in the model's memory layout."""
+def sampler_device(device: torch.device | str) -> torch.device:
+    """Where a site's patch sampler keeps its volumes and cuts batches: the training device, but
+    the CPU on Apple's MPS. The sampler resamples labels with nearest-neighbour 3-D grid_sample,
+    which MPS lacks (PyTorch 2.9 added bilinear only); `to_model` then moves each batch over."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def to_model(next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+             ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The sampler's batches on the training device, in the model's memory layout."""
     def batch():
         x, y = next_batch()
-        return x.contiguous(memory_format=torch.channels_last_3d), y
+        return x.to(device).contiguous(memory_format=torch.channels_last_3d), y.to(device)
     return batch
 
 
@@ -511,10 +522,10 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
         loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
-        clients = [fl.new_client("pooled", model, optimizer, channels_last(pooled), loss, store=store)]
+        clients = [fl.new_client("pooled", model, optimizer, to_model(pooled, args.device), loss, store=store)]
         local_steps, keys = {"pooled": sum(steps_per_round(args, train_cases[s]) for s in sites)}, []
     else:
-        clients = [fl.new_client(s, model, optimizer, channels_last(samplers[s].sample),
+        clients = [fl.new_client(s, model, optimizer, to_model(samplers[s].sample, args.device),
                                  site_loss(args.loss, s, args.dice_over == "batch"),
                                  weight=len(train_cases[s]), store=store) for s in local]
         local_steps = {s: steps_per_round(args, train_cases[s]) for s in local}
@@ -583,9 +594,9 @@ def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
                 net = segviz.MultiClassModel(run.unet_cfg, run.clients[0].model_state, windows[site])
                 organs = run.organs
             dice = evaluate(net, val_cases[site], organs, test_roi(args), args.device, args.eval_overlap,
-                            PRESETS[args.preset].blend, args.largest)
+                            PRESETS[args.preset].blend, args.largest, surface=False)
             scoring = "heads" if len(organs) == 1 else "classes"
-            out[site] = round(float(np.mean(dice[scoring][site])), 6)
+            out[site] = round(float(np.mean(dice[scoring]["dice"][site])), 6)
     return out
 
 
@@ -857,8 +868,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     primary = primary_scoring(args.mode)
     per_case = {} if args.no_test else evaluate(net, test_cases, run.organs, test_roi(args), args.device,
                                                  args.eval_overlap, preset.blend, args.largest, primary=primary)
-    by_scoring = {k: summarise(v) for k, v in per_case.items()}
-    summary = by_scoring.get(primary, {})
+    scored = scored_metrics(per_case, primary)
+    by_scoring = scored["by_scoring"]
     t_end = time.time()
     # a resumed run counts the training time of its earlier processes too (not their data loading)
     train_seconds = run.earlier_train_seconds + t_trained - t_data
@@ -879,8 +890,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
         "aggregate": args.aggregate, "max_update_norm": args.max_update_norm, "norm_factor": args.norm_factor,
         "dp_clip": args.dp_clip, "dp_noise": args.dp_noise,
     }
-    metrics = {"mode": args.mode, "nodes": args.nodes, "seed": args.seed, "organs": run.organs, "dice": summary,
-               "scoring": primary, "dice_by_scoring": by_scoring,
+    metrics = {"mode": args.mode, "nodes": args.nodes, "seed": args.seed, "organs": run.organs, **scored,
                "seconds": round(seconds, 1), "data_seconds": round(data_seconds, 1),
                "train_seconds": round(train_seconds, 1), "starts": run.starts, "config": config,
                "device": str(args.device), "losses": {c.name: c.history for c in clients}, "events": run.log,
@@ -889,8 +899,8 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
                             "organs": run.organs, "config": config, "states": states}, metrics)
     print()
     if by_scoring:
-        print(format_table({f"{args.name} ({k})" if len(by_scoring) > 1 else args.name: v
-                            for k, v in by_scoring.items()}, run.organs))
+        print(format_metric_tables({f"{args.name} ({k})" if len(by_scoring) > 1 else args.name: v
+                                    for k, v in by_scoring.items()}, run.organs))
     if run.validation:
         print("validation Dice (own site's cases, last check): " + "  ".join(
             f"{k} {v:.3f}" for k, v in run.validation[-1].items() if k != "round"))

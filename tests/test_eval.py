@@ -13,6 +13,7 @@ from eval import (
     sliding_window,
     summarise,
 )
+from metrics import surface_distances
 
 # ---------------------------------------------------------------------------------------
 # Dice
@@ -117,7 +118,7 @@ def test_evaluate_scores_each_organ_against_its_own_truth():
     case = Case("c", torch.zeros(16, 16, 16), truth, (1.0, 1.0, 1.0))
     organs = ["liver", "spleen", "pancreas", "kidneys"]
     # model channels: background, then the organs in `organs` order (= ORGAN_ID here)
-    got = evaluate(FixedScores(pred, 5), [case], organs, (16, 16, 16))["classes"]
+    got = evaluate(FixedScores(pred, 5), [case], organs, (16, 16, 16))["classes"]["dice"]
     for organ in organs:
         expected = dice(pred == ORGAN_ID[organ], truth == ORGAN_ID[organ])
         assert got[organ] == [pytest.approx(expected, abs=1e-12)], organ
@@ -292,8 +293,44 @@ def test_evaluate_scores_binary_heads_both_merged_and_alone():
     probs = torch.tensor([[0.9, 0.7, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1]]).view(1, 2, 4, 1, 1)
     case = Case("c", torch.zeros(4, 1, 1), truth, (1.0, 1.0, 1.0))
     got = evaluate(Fixed(probs), [case], ["liver", "spleen"], (4, 1, 1))
-    assert got["merged"] == {"liver": [1.0], "spleen": [1.0]}
-    assert got["heads"]["liver"] == [pytest.approx(2 / 3)] and got["heads"]["spleen"] == [1.0]
+    assert got["merged"]["dice"] == {"liver": [1.0], "spleen": [1.0]}
+    assert got["heads"]["dice"]["liver"] == [pytest.approx(2 / 3)] and got["heads"]["dice"]["spleen"] == [1.0]
+    # the same scorings give the surface metrics: merged, perfect; the liver head alone reaches
+    # the spleen's voxel, 1 mm beside its own
+    assert got["merged"]["hd95"] == {"liver": [0.0], "spleen": [0.0]}
+    assert got["heads"]["hd95"]["liver"] == [pytest.approx(0.95)]  # 95th percentile of (0, 1) and (0)
+    assert got["heads"]["nsd"]["liver"] == [1.0]  # 1 mm is within the 2 mm tolerance
+
+
+def test_evaluate_gives_hd95_and_nsd_in_the_cases_spacing_with_monais_empty_mask_rule(monkeypatch):
+    import math
+
+    import eval as ev
+    from data import ORGAN_ID, Case
+
+    truth = torch.zeros(12, 12, 12, dtype=torch.uint8)
+    pred = truth.clone()
+    truth[2, 2, 2] = ORGAN_ID["liver"]
+    pred[5, 2, 2] = ORGAN_ID["liver"]  # 3 voxels along x at 2 mm: 6 mm from the truth
+    truth[6:9, 6:9, 6:9] = ORGAN_ID["spleen"]
+    pred[6:9, 6:9, 6:9] = ORGAN_ID["spleen"]
+    pred[7, 7, 11] = ORGAN_ID["spleen"]  # a stray voxel 3 mm beyond the box's top surface
+    truth[0, 10, 10] = ORGAN_ID["pancreas"]  # missed entirely; kidneys absent from both
+    case = Case("c", torch.zeros(12, 12, 12), truth, (2.0, 1.0, 1.0))
+    calls = []
+    monkeypatch.setattr(ev, "surface_distances", lambda *a: calls.append(a) or surface_distances(*a))
+    got = ev.evaluate(FixedScores(pred, 5), [case], ["liver", "spleen", "pancreas", "kidneys"], (12, 12, 12))
+    hd, nsd = got["classes"]["hd95"], got["classes"]["nsd"]
+    assert hd["liver"] == [pytest.approx(6.0)] and nsd["liver"] == [0.0]
+    # the box's 26 surface voxels match both ways; of 53 surface voxels only the stray is off
+    assert hd["spleen"] == [0.0] and nsd["spleen"] == [pytest.approx(52 / 53)]
+    assert math.isnan(hd["pancreas"][0]) and nsd["pancreas"] == [0.0]  # one mask empty
+    assert math.isnan(hd["kidneys"][0]) and math.isnan(nsd["kidneys"][0])  # both empty
+    assert len(calls) == 4 and all(c[2] == (2.0, 1.0, 1.0) for c in calls)  # one per organ, the case's spacing
+    # validation reads Dice alone and computes no distance
+    calls.clear()
+    only = ev.evaluate(FixedScores(pred, 5), [case], ["liver", "spleen"], (12, 12, 12), surface=False)
+    assert set(only["classes"]) == {"dice"} and not calls
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,7 +456,9 @@ def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
     assert w2 == pytest.approx(w1 * 3 / 2, rel=0.02) and h2 == pytest.approx(2 * h1, rel=0.02)
 
 
-def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None):
+def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None, surface=None):
+    """A metrics.json as train.py wrote it before surface metrics ("dice_by_scoring"), or, with
+    `surface` ({scoring: {"hd95": ..., "nsd": ...}}), as it writes it now ("by_scoring")."""
     import json
     import os
 
@@ -429,7 +468,13 @@ def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_s
     os.makedirs(d)
     m = {"mode": mode, "nodes": nodes, "seed": seed, "organs": list(cases_by_organ),
          "dice": summarise(cases_by_organ), "scoring": scoring, "config": {"fedbn": False, "loss": "dice"}}
-    if by_scoring:
+    by_scoring = by_scoring or {scoring: cases_by_organ}
+    if surface:
+        m["by_scoring"] = {k: {"dice": summarise(v), **{metric: summarise(values)
+                                                        for metric, values in surface.get(k, {}).items()}}
+                           for k, v in by_scoring.items()}
+        m.update({metric: m["by_scoring"][scoring].get(metric, {}) for metric in ("hd95", "nsd")})
+    elif len(by_scoring) > 1:
         m["dice_by_scoring"] = {k: summarise(v) for k, v in by_scoring.items()}
     with open(os.path.join(d, "metrics.json"), "w") as f:
         json.dump(m, f)
@@ -456,3 +501,118 @@ def test_compare_reports_mean_and_std_over_seeds_and_tests_matched_pairs(tmp_pat
     # six matched (seed, case) pairs, every one 0.3 lower: the signed-rank test's smallest p for n = 6
     assert result["central-2"]["liver"]["p_vs_segviz"] == pytest.approx(0.03125)
     assert "0.750 ± 0.100" in text and "3 seed(s)" in text
+
+
+def test_summarise_leaves_undefined_values_out_of_the_mean_and_counts_them():
+    s = summarise({"liver": [2.0, float("nan"), 4.0], "spleen": [float("nan")] * 2, "pancreas": [0.5]})
+    assert s["liver"] == {"mean": 3.0, "std": 1.0, "cases": [2.0, None, 4.0], "nan": 1}
+    assert s["spleen"] == {"mean": None, "std": None, "cases": [None, None], "nan": 2}
+    assert "nan" not in s["pancreas"]  # Dice is always defined: its summary is as before
+
+
+def test_format_table_shows_how_many_cases_had_no_value():
+    from eval import format_metric_tables
+
+    hd = summarise({"liver": [10.0, float("nan"), 14.0], "spleen": [float("nan")]})
+    table = format_table({"segviz": hd}, ("liver", "spleen"), digits=1)
+    assert table_row(table, "segviz") == ["segviz", "12.0 ± 2.0 (1 nan)", "nan (1 nan)"]
+    both = format_metric_tables({"segviz": {"dice": summarise({"liver": [0.5]}), "hd95": hd}}, ("liver",))
+    dice_part, hd_part = both.split("\n\n")
+    assert "0.500 ± 0.000" in dice_part and hd_part.startswith("HD95 in mm") and "12.0 ± 2.0 (1 nan)" in hd_part
+
+
+def md_row(table, name):
+    """The cells of the markdown row named exactly `name`."""
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} |")]
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_compare_adds_hd95_and_nsd_tables_with_means_over_finite_values_and_nan_counts(tmp_path):
+    import json
+
+    from eval import compare_runs
+
+    nan = float("nan")
+    hd95 = {0: [10.0, nan], 1: [12.0, 14.0], 2: [nan, nan]}  # seed means 10 and 13; seed 2 has none
+    nsd = {0: [0.5, 0.7], 1: [0.6, 0.8], 2: [0.9, 0.9]}  # seed means 0.6, 0.7, 0.9
+    for seed in range(3):
+        surface = {"merged": {"hd95": {"liver": hd95[seed]}, "nsd": {"liver": nsd[seed]}},
+                   "heads": {"hd95": {"liver": [5.0, 5.0]}, "nsd": {"liver": [1.0, 1.0]}}}
+        write_run(tmp_path, "segviz", 2, seed, {"liver": [0.8, 0.9]}, "merged",
+                  {"merged": {"liver": [0.8, 0.9]}, "heads": {"liver": [0.7, 0.8]}}, surface)
+        write_run(tmp_path, "central", 2, seed, {"liver": [0.5, 0.6]})  # evaluated before surface metrics
+    text = compare_runs(str(tmp_path))
+    dice_at, hd_at, nsd_at = (text.index(t) for t in ("| setup |", "HD95 in mm", "NSD at 2 mm"))
+    assert dice_at < hd_at < nsd_at
+    hd_table = text[hd_at:nsd_at]
+    # 11.5 = mean of the seeds' 10 and 13; std over those two seeds; three (seed, case) pairs had no value
+    assert md_row(hd_table, "segviz-2") == ["segviz-2", "11.5 ± 2.1 (3 nan)"]
+    assert md_row(hd_table, "segviz-2 (heads)") == ["segviz-2 (heads)", "5.0 ± 0.0"]
+    assert md_row(hd_table, "central-2") == ["central-2", "—"]
+    assert md_row(text[nsd_at:], "segviz-2") == ["segviz-2", "0.733 ± 0.153"]
+    assert md_row(text[dice_at:hd_at], "central-2")[1].endswith("*")  # Dice keeps its Wilcoxon marks
+    result = json.loads((tmp_path / "results.json").read_text())
+    liver = result["segviz-2"]["liver"]
+    assert liver["mean"] == pytest.approx(0.85)  # Dice where it always was
+    assert liver["hd95"]["mean"] == pytest.approx(11.5) and liver["hd95"]["nan"] == 3
+    assert liver["hd95"]["seeds"] == [10.0, 13.0, None]
+    assert liver["nsd"]["mean"] == pytest.approx(0.7333333) and "nan" not in liver["nsd"]
+    assert "hd95" not in result["central-2"]["liver"]
+
+
+def test_a_checkpoint_is_tested_again_with_the_sliding_window_its_run_was_tested_with():
+    import argparse
+
+    from eval import sliding_settings
+
+    paper = {"patch": [128, 128, 32], "roi": [160, 160, 160], "blend": "constant", "eval_overlap": 0.5}
+    assert sliding_settings(paper) == ([160, 160, 160], 0.5, "constant")
+    given = argparse.Namespace(overlap=0.0, blend="gaussian")
+    assert sliding_settings(paper, given) == ([160, 160, 160], 0.0, "gaussian")
+    unset = argparse.Namespace(overlap=None, blend=None)
+    assert sliding_settings(paper, unset) == ([160, 160, 160], 0.5, "constant")
+    older = {"patch": [48, 48, 32], "roi": None}  # before roi/blend/overlap were recorded
+    assert sliding_settings(older, unset) == ([48, 48, 32], 0.25, "gaussian")
+
+
+def test_radiological_puts_the_patients_right_on_the_images_left_and_anterior_up():
+    from eval import radiological
+
+    plane = torch.zeros(4, 3)  # (x, y) of a RAS volume: x grows to the patient's right, y to anterior
+    plane[3, 2] = 1  # right and anterior
+    plane[0, 0] = 2  # left and posterior
+    image = radiological(plane)
+    assert image.shape == (3, 4)  # rows from y, columns from x
+    assert image[0, 0] == 1 and image[-1, -1] == 2
+
+
+def test_overlay_shows_an_organ_on_the_patients_right_on_the_images_left_and_anterior_superior_up():
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from data import ORGAN_ID, Case
+    from eval import overlay_figure
+
+    shape = (40, 30, 20)
+    label = torch.zeros(shape, dtype=torch.uint8)
+    # the patient's right (high x), anterior (high y) and superior (high z): like a liver's dome
+    label[26:36, 18:27, 12:18] = ORGAN_ID["liver"]
+    case = Case("c", torch.zeros(shape), label, (3.0, 3.0, 3.0))
+    fig = overlay_figure(case, [("truth", label)])
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+    height = pixels.shape[0]
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    liver = (r - g > 30) & (r - b > 30)  # the orange overlay; the yellow letters have r == g
+    for ax in fig.axes:  # axial, then coronal
+        box = ax.get_window_extent()
+        top, bottom = height - int(box.y1), height - int(box.y0)
+        rows, cols = np.nonzero(liver[top:bottom, int(box.x0):int(box.x1)])
+        assert len(rows) > 20
+        assert cols.mean() / box.width < 0.4  # image's left: the patient's right
+        assert rows.mean() / box.height < 0.4  # top: anterior (axial) or superior (coronal)
+        letters = {t.get_text(): t.get_position()[0] for t in ax.texts}
+        assert letters["R"] < 0.5 < letters["L"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -287,10 +287,10 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
 
     # one scan in, one label map out, on that scan's own grid (here the KiTS19 I,P,L copy)
     scan = root / "kits19/data/case_00000/imaging.nii.gz"
-    one = run("eval.py", "--checkpoint", str(out / "model.pt"), "--image", str(scan), "--save-pred",
-              str(tmp_path / "one.nii.gz"))
+    one = run("eval.py", "predict", "-i", str(scan), "-o", str(tmp_path / "one"), "--checkpoint",
+              str(out / "model.pt"))
     assert one.returncode == 0, one.stderr[-2000:]
-    seg = nib.load(tmp_path / "one.nii.gz")
+    seg = nib.load(tmp_path / "one" / "imaging.nii.gz")
     assert seg.shape == nib.load(scan).shape and (seg.affine == nib.load(scan).affine).all()
 
 
@@ -470,16 +470,19 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     assert {p.name for p in out.iterdir() if p.is_dir()} == names
     assert all((out / n / "metrics.json").exists() for n in names)
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == names
+    # binary models are also read the other way: "segviz-2 (heads)", "single-2 (merged)"
+    assert {row.split(" ")[0] for row in results} == names
+    assert {"segviz-2 (heads)", "segviz-fedbn-2 (heads)", "single-2 (merged)"} <= set(results)
+    assert "hd95" in results["segviz-2"]["liver"] and "nsd" in results["central-2"]["spleen"]
     assert "mark" in results["fedavg-2"]["liver"] and "mark" not in results["segviz-2"]["liver"]
     md = (out / "results.md").read_text()
-    assert "| oracle-2 |" in md and "Wilcoxon" in md
+    assert "| oracle-2 |" in md and "Wilcoxon" in md and "HD95 in mm" in md and "NSD at 2 mm" in md
     # an unfinished run is resumed and finished ones skipped when the command is issued again
     (out / "central-2" / "metrics.json").unlink()
     (out / "central-2" / "model.pt").unlink()
     again = run(*args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("finished, skipped") == 7 and "central-2: resuming" in again.stdout
+    assert again.stdout.count("finished, skipped") == 7 and "central-2 seed 0: resuming" in again.stdout
     assert (out / "central-2" / "metrics.json").exists()
     compare = run("eval.py", "--compare", str(out), "--figures")
     assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout, compare.stderr[-2000:]
