@@ -647,7 +647,7 @@ def main(argv=None) -> int:
     c.add_argument("cache")
     args = p.parse_args(argv)
     if getattr(args, "out", None):
-        from eval import check_writable
+        from common import check_writable
 
         check_writable(args.out, "--out", file=True)
     if args.what == "_child":
@@ -718,7 +718,7 @@ def merge_json(path: str, key: str, value) -> None:
     """Keep every benchmark's latest result in one bench.json."""
     data = read_json(path)
     data[key] = value
-    from eval import write_json_atomic
+    from common import write_json_atomic
 
     write_json_atomic(path, data)
 

@@ -8,9 +8,6 @@ indexed (x, y, z) in RAS order throughout. This module knows nothing of models.
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +30,6 @@ def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
     """Clip HU to [lo, hi] and scale to [0, 1]."""
     lo, hi = lo_hi
     return ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
-
-
-def write_atomic(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`: a reader
-    (or a run resumed after a kill) never sees half a file, and a failed write leaves none.
-    `suffix` ends the temporary name, for writers that pick the format by it (nibabel)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # Which organ each site labelled, and the raw label values merged into that organ.

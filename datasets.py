@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import NODE_SITES, ORGAN_ID, ORGANS, SITE_ORGAN, Case, DataError, body_box, write_atomic
+from common import write_atomic
+from data import NODE_SITES, ORGAN_ID, ORGANS, SITE_ORGAN, Case, DataError, body_box
 
 # ---------------------------------------------------------------------------------------
 # Real datasets, read from the public archives as they unpack

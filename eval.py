@@ -10,26 +10,20 @@ exactly one empty scores 0; HD95 and NSD follow MONAI's too (metrics.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import ORGAN_ID, Case, window, write_atomic
+from common import check_writable, fail, resolve_device, write_atomic, write_json_atomic
+from data import ORGAN_ID, Case
 from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
 from segviz import MetaModel, merge
-
-if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
-    from matplotlib.figure import Figure
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 METRICS = ("dice", "hd95", "nsd")
@@ -332,22 +326,6 @@ def format_metric_tables(rows: dict[str, dict[str, dict[str, dict]]], organs: Se
     return "\n\n".join(parts)
 
 
-def save_torch_atomic(obj, path: str) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
@@ -364,12 +342,6 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(f"checkpoint {path}: not a checkpoint written by train.py")
     return ckpt
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line on stderr naming the thing and the problem, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def primary_scoring(mode: str) -> str:
@@ -403,314 +375,9 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.n
     return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"])
 
 
-def run_label(m: dict) -> str:
-    """A run's name from its metrics: mode, -fedbn, -marginal, -nodes."""
-    cfg = m.get("config", {})
-    return (f"{m['mode']}{'-fedbn' if cfg.get('fedbn') else ''}"
-            f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
-
-
-def read_runs(folder: str) -> dict[str, list[dict]]:
-    """Every finished training run under `folder` (DIR/metrics.json, DIR/*/metrics.json or
-    DIR/*/*/metrics.json), by setup name, its seeds in order. Each metrics dict gains "dir"."""
-    if not os.path.isdir(folder):
-        fail(f"{folder}: no such folder")
-    runs: dict[str, list[dict]] = {}
-    paths = [os.path.join(folder, "metrics.json")]
-    for d in sorted(os.listdir(folder)):
-        paths.append(os.path.join(folder, d, "metrics.json"))
-        if os.path.isdir(os.path.join(folder, d)):
-            paths += [os.path.join(folder, d, e, "metrics.json") for e in sorted(os.listdir(os.path.join(folder, d)))]
-    for path in paths:
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as f:
-                m = json.load(f)
-            if "checkpoint" in m:  # a re-evaluation written by eval.py, not a training run
-                continue
-            runs.setdefault(run_label(m), []).append({**m, "dir": os.path.dirname(path)})
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"{path}: not a metrics file written by train.py ({e})")
-    if not runs:
-        fail(f"{folder}: no run folder with a metrics.json")
-    return {name: sorted(ms, key=lambda m: m.get("seed", m.get("config", {}).get("seed", 0)))
-            for name, ms in runs.items()}
-
-
-def significance(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
-    """Two-sided Wilcoxon signed-rank test of paired Dice values; p and the poster's mark
-    (** p < 0.01, * p < 0.05, ns otherwise). Identical samples give p = 1."""
-    from scipy.stats import wilcoxon
-
-    diff = np.asarray(a, float) - np.asarray(b, float)
-    if len(diff) < 2 or np.allclose(diff, 0):
-        return 1.0, "ns"
-    p = float(wilcoxon(a, b).pvalue)
-    return p, "**" if p < 0.01 else "*" if p < 0.05 else "ns"
-
-
-def run_metrics(m: dict) -> dict[str, dict[str, dict]]:
-    """{scoring: {metric: {organ: summary}}} of one run's metrics.json, whichever version wrote it:
-    "by_scoring" now, "dice_by_scoring" before surface metrics, else the primary scoring's Dice."""
-    if "by_scoring" in m:
-        return m["by_scoring"]
-    if "dice_by_scoring" in m:
-        return {k: {"dice": v} for k, v in m["dice_by_scoring"].items()}
-    return {m.get("scoring", "classes"): {metric: m[metric] for metric in METRICS if metric in m}}
-
-
-def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """One row per setup and scoring: "segviz-4" (its merged label map) and "segviz-4 (heads)",
-    "single-4" (each head alone) and "single-4 (merged)"; each row's {metric: {organ: summary}}
-    per seed."""
-    rows = {}
-    for name, seeds in runs.items():
-        by = [run_metrics(m) for m in seeds]
-        primary = seeds[0].get("scoring", next(iter(by[0])))
-        for scoring in sorted(by[0], key=lambda k: k != primary):
-            rows[name if scoring == primary else f"{name} ({scoring})"] = [b[scoring] for b in by]
-    return rows
-
-
-def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
-    """Mean ± std over seeds of each seed's mean over its cases, and every (seed, case) value.
-
-    Means are over finite values: a case without a value (None; HD95 beside an empty mask) is
-    left out of its seed's mean and counted in "nan"; a seed without any is left out of the mean
-    over seeds."""
-    if any(organ not in d for d in per_seed):
-        return None
-    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
-    finite = means[np.isfinite(means)]
-    cases = [list(d[organ]["cases"]) for d in per_seed]
-    entry = {"mean": float(finite.mean()) if len(finite) else None,
-             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
-             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
-    nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
-    if nan:
-        entry["nan"] = nan
-    return entry
-
-
-def compare_runs(folder: str) -> str:
-    """results.md and results.json under `folder`: per setup and organ, mean ± std over seeds of
-    Dice (each setup against SegViz with the same number of nodes: Wilcoxon over matched (seed,
-    test case) pairs), then of HD95 and NSD. results.json: {row: {organ: Dice entry, with its
-    "hd95" and "nsd" entries inside}}."""
-    runs = read_runs(folder)
-    rows = scored_rows(runs)
-    nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
-    result, lines = {}, []
-    for nodes in sorted(set(nodes_of.values())):
-        group = [row for row in rows if nodes_of[row] == nodes]
-        organs = max((runs[row.split(" ")[0]][0]["organs"] for row in group), key=len)
-        ref = rows.get(f"segviz-{nodes}")
-        n_seeds = sorted({len(rows[row]) for row in group})
-        lines += [f"### {nodes} node(s), {'/'.join(map(str, n_seeds))} seed(s)", ""]
-        for metric in METRICS:
-            per_row = {row: [seed.get(metric, {}) for seed in rows[row]] for row in group}
-            if metric != "dice" and not any(d for seeds in per_row.values() for d in seeds):
-                continue  # runs evaluated before surface metrics
-            if metric != "dice":
-                lines += [f"{METRIC_TITLES[metric]}, mean ± std over seeds:", ""]
-            lines += ["| setup | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-            for row in group:
-                cells = []
-                if metric == "dice":
-                    result[row] = {}
-                for organ in organs:
-                    entry = across_seeds(per_row[row], organ)
-                    if entry is None:
-                        cells.append("—")
-                        continue
-                    mark = ""
-                    if metric == "dice":
-                        mark = compare_to_segviz(entry, per_row[row], ref, organ, row == f"segviz-{nodes}")
-                        result[row][organ] = entry
-                    elif organ in result[row]:
-                        result[row][organ][metric] = entry
-                    cells.append(format_cell(entry, METRIC_DIGITS[metric]) + (f" {mark}" if mark else ""))
-                lines.append(f"| {row} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines.append("Cells: mean ± std over seeds of each seed's mean over the test cases. Marks: each row "
-                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test of Dice over "
-                 "matched (seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant). HD95 has no "
-                 "value where the prediction or the truth is empty (MONAI's rule): its means are over the "
-                 "other cases, and \"(n nan)\" counts the (seed, case) pairs without one.")
-    text = "\n".join(lines)
-    write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
-    write_json_atomic(os.path.join(folder, "results.json"), result)
-    return text
-
-
-def compare_to_segviz(entry: dict, mine: list[dict], ref: list[dict] | None, organ: str, is_ref: bool) -> str:
-    """The Wilcoxon mark of a row's Dice against SegViz's (p stored in `entry`); "" if not compared."""
-    if ref is None or is_ref or len(ref) != len(mine):
-        return ""
-    theirs = across_seeds([seed["dice"] for seed in ref], organ)
-    if theirs is None:
-        return ""
-    a = [v for case in entry["cases"] for v in case]
-    b = [v for case in theirs["cases"] for v in case]
-    if len(a) != len(b):
-        return ""
-    p, mark = significance(a, b)
-    entry.update(p_vs_segviz=p, mark=mark)
-    return mark
-
-
 # ---------------------------------------------------------------------------------------
-# Figures (matplotlib is optional: only these functions need it)
+# python eval.py --checkpoint: test a trained model again
 # ---------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("figures need matplotlib, an optional dependency: pip install matplotlib")
-    return plt
-
-
-def box_plot(runs: dict[str, dict], path: str) -> None:
-    """Dice per test case as the poster shows it: one panel per organ (columns) and number of
-    nodes (rows), one box per setup."""
-    plt = _pyplot()
-    organs = [o for o in ORGAN_ID if any(o in ms[0]["dice"] for ms in runs.values())]
-    node_counts = sorted({ms[0]["nodes"] for ms in runs.values()})
-    fig, axes = plt.subplots(len(node_counts), len(organs), figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
-                             squeeze=False)
-    for row, nodes in zip(axes, node_counts):
-        for ax, organ in zip(row, organs):
-            names = [n for n, ms in runs.items() if ms[0]["nodes"] == nodes and organ in ms[0]["dice"]]
-            if not names:  # e.g. kidneys with two nodes: no site labelled them
-                ax.set_axis_off()
-                continue
-            # every (seed, test case) Dice of a setup in one box
-            ax.boxplot([[v for m in runs[n] for v in m["dice"][organ]["cases"]] for n in names], showmeans=True)
-            ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
-            ax.set_title(f"{organ}, {nodes} node(s)" if len(node_counts) > 1 else organ)
-            ax.set_ylim(-0.02, 1.02)
-            ax.grid(axis="y", alpha=0.3)
-        row[0].set_ylabel("Dice per test case")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancreas": (0.95, 0.8, 0.2),
-                   "kidneys": (0.3, 0.8, 0.4)}
-
-
-def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
-    """One axial and one coronal slice per test case (through the organs' centre, in radiological
-    convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
-    from its checkpoint."""
-    plt = _pyplot()
-    first = next(iter(runs.values()))[0]
-    test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
-        "cache_dir"), workers=1))
-    predictions = {}
-    for name in runs:
-        ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
-        model = model_from_checkpoint(ckpt).to(device).eval()
-        scoring = primary_scoring(ckpt["mode"])
-        roi, overlap, blend = sliding_settings(ckpt["config"])
-        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], roi, scoring, device, overlap, blend,
-                                                     ckpt["config"].get("largest", False))).cpu() for c in test]
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for i, case in enumerate(test):
-        fig = overlay_figure(case, [("truth", case.label), *((n, predictions[n][i]) for n in runs)])
-        path = os.path.join(out_dir, f"overlay_{case.name}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def radiological(plane: torch.Tensor) -> torch.Tensor:
-    """A slice of a working volume as an image (rows, columns) in radiological convention: the
-    patient's right on the image's left; anterior at the top of an axial (x, y) slice, superior
-    at the top of a coronal (x, z) one.
-
-    Working volumes are RAS arrays (data.py): x grows towards the patient's RIGHT (the phantom's
-    liver lies at high x, its spleen at low x; datasets.to_btcv_ids calls high x the right kidney),
-    y towards anterior, z towards superior. imshow draws row 0 at the top and column 0 at the
-    left, so both axes are reversed: high x to the left, high y (or z) to the top."""
-    return plane.T.flip(0).flip(1)
-
-
-def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Figure:
-    """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
-    both through the organs' centre, in radiological convention with R and L marked."""
-    plt = _pyplot()
-    fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
-        else torch.tensor(case.label.shape) // 2
-    sx, sy, sz = case.spacing
-    fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
-    for j, (title, lab) in enumerate(panels):
-        views = ((case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx), (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx))
-        for row, (img, seg, aspect) in enumerate(views):
-            ax = axes[row][j]
-            ax.imshow(window(radiological(img), (-175.0, 250.0)).numpy(), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-            shown = radiological(seg).numpy()
-            rgba = np.zeros((*shown.shape, 4))
-            for organ, colour in OVERLAY_COLOURS.items():
-                rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
-            ax.imshow(rgba, aspect=aspect)
-            for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
-                ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="yellow",
-                        fontsize=7, fontweight="bold")
-            ax.set_axis_off()
-            if row == 0:
-                ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
-    """Validation Dice per round of each site, one figure per run trained with --val-every."""
-    plt = _pyplot()
-    written = []
-    for name, ms in runs.items():
-        m = ms[0]
-        rows = m.get("validation") or []
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        rounds = [r["round"] for r in rows]
-        for site in (k for k in rows[0] if k != "round"):
-            ax.plot(rounds, [r[site] for r in rows], marker="o", ms=3, label=site,
-                    color=OVERLAY_COLOURS.get(site))
-        ax.set_xlabel("round")
-        ax.set_ylabel("validation Dice (own site)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"validation_{name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def table_of_runs(folder: str) -> str:
-    """The Dice table (plus wall time) of every finished run in a folder."""
-    runs = read_runs(folder)
-    flat = [(f"{name} seed {m.get('seed', 0)}", m) for name, ms in runs.items() for m in ms]
-    table = format_table({label: m["dice"] for label, m in flat}).splitlines()
-    table[0] += " seconds |"
-    table[1] += "---------|"
-    for i, (_, m) in enumerate(flat):
-        table[i + 2] += f" {m['seconds']:>7.0f} |"
-    return "\n".join(table)
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
@@ -734,24 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set (or "
-                                            "another one), or gather finished runs into one table. "
-                                            "`python eval.py predict -h`: segment a folder of scans.")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="model.pt written by train.py")
-    what.add_argument("--table", metavar="DIR", help="print one table from every DIR/*/metrics.json")
-    what.add_argument("--compare", metavar="DIR",
-                      help="write DIR/results.md and results.json: every run's Dice with Wilcoxon tests "
-                           "against SegViz, then its HD95 and NSD")
-    p.add_argument("--figures", action="store_true",
-                   help="with --compare: DIR/figures/dice_boxplot.png (a row per number of nodes), one overlay "
-                        "per test case of the setups with the most nodes, and validation curves of runs "
-                        "trained with --val-every (needs matplotlib; re-runs those models on the test set)")
+                                            "another one). `python eval.py predict -h`: segment a folder of scans.")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
     add_source_arguments(p, roles=("test",))
     p.add_argument("--save-pred", metavar="DIR",
                    help="write each test case's label map (BTCV ids: 1 spleen, 2 right kidney, 3 left kidney, "
                         "6 liver, 11 pancreas) on the original scan's grid into this folder")
     add_inference_arguments(p)
-    p.add_argument("--out", default=None, help="where to write metrics.json (default: beside the checkpoint)")
+    p.add_argument("--out", default=None, help="where to write metrics.json (default: CHECKPOINT's folder/eval)")
     p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -759,25 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
-    if args.table:
-        print(table_of_runs(args.table))
-        return 0
-    if args.compare:
-        check_writable(args.compare, "--compare")
-        print(compare_runs(args.compare))
-        if args.figures:
-            runs = read_runs(args.compare)
-            fig_dir = os.path.join(args.compare, "figures")
-            os.makedirs(fig_dir, exist_ok=True)
-            box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
-            # overlays of the largest federation only: one panel per setup stays readable
-            most = max(ms[0]["nodes"] for ms in runs.values())
-            shown = {n: ms for n, ms in runs.items() if ms[0]["nodes"] == most}
-            written = overlays(args.compare, shown, fig_dir, resolve_device(args.device, p))
-            curves = validation_curves(runs, fig_dir)
-            print(f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
-                  f"{len(curves)} validation curve(s)")
-        return 0
     device = resolve_device(args.device, p)
     # its own folder: training's metrics.json beside the checkpoint stays as training wrote it
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
@@ -805,37 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     return 0
-
-
-def check_writable(path: str, flag: str, file: bool = False) -> None:
-    """Fail before any work unless the folder `path` (with `file`: the folder of the file `path`)
-    can be created and written to; leaves the disk as it was.
-
-    Asking os.access would be simpler, but it answers yes to root everywhere, /proc and read-only
-    mounts included; only creating the folder and a file in it tells. The folders created here are
-    removed again, so that an error found later (bad data) leaves nothing behind."""
-    full = os.path.abspath(path)
-    if file:
-        if os.path.isdir(full):
-            fail(f"{flag} {path}: is a folder, not a file")
-        full = os.path.dirname(full)
-    elif os.path.lexists(full) and not os.path.isdir(full):
-        fail(f"{flag} {path}: exists and is not a folder")
-    created, probe = [], full
-    while not os.path.lexists(probe):
-        created.append(probe)  # deepest first
-        probe = os.path.dirname(probe)
-    try:
-        os.makedirs(full, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=full, prefix=".write-check-")
-        os.close(handle)
-        os.remove(tmp)
-    except OSError as e:
-        fail(f"{flag} {path}: not writable ({e.strerror or type(e).__name__})")
-    finally:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
 
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
@@ -1023,23 +630,5 @@ def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Names
     return 0
 
 
-def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
-    """--device: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda[:N] or mps; one
-    clear line and exit 2 for a device this machine does not have."""
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        parser.error(f"--device {name}: must be auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {name}: no CUDA GPU is available on this machine")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if name == "mps" and not mps:
-        parser.error(f"--device {name}: no Apple MPS device is available on this machine")
-    return torch.device(name)
-
-
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -43,9 +43,9 @@ from flwr.serverapp import Grid, ServerApp
 
 import fl
 import train
+from common import save_torch_atomic, write_json_atomic
 from data import NODE_SITES, Case, DataError
 from datasets import Source, check_labelled, find_sources, load_source, real_federation, split_validation
-from eval import save_torch_atomic, write_json_atomic
 from phantom import PhantomSpec, phantom_federation
 
 State = fl.State

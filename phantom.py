@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import ORGAN_ID, ORGANS, SITE_ORGAN, Case, body_box, write_atomic
+from common import write_atomic
+from data import ORGAN_ID, ORGANS, SITE_ORGAN, Case, body_box
 
 # ---------------------------------------------------------------------------------------
 # Acquisitions

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import fl
 import segviz
+from common import check_writable, fail, resolve_device, save_torch_atomic, write_json_atomic
 from data import (
     COMMON_WINDOW,
     NODE_SITES,
@@ -49,16 +50,11 @@ from data import (
 from datasets import add_source_arguments, real_federation, real_validation, source_overrides
 from eval import (
     CHECKPOINT_FORMAT,
-    check_writable,
     evaluate,
-    fail,
     format_metric_tables,
     format_table,
     primary_scoring,
-    resolve_device,
-    save_torch_atomic,
     scored_metrics,
-    write_json_atomic,
 )
 from phantom import PhantomSpec, phantom_federation, phantom_validation
 from unet3d import UNet3D, UNetConfig
@@ -953,7 +949,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
             run_args = parse_args([*shared, *setup, "--seeds", str(seed), "--out", os.path.join(args.out, name)])
             run_args.out = out
             train(run_args)
-    from eval import compare_runs
+    from experiments import compare_runs
 
     print(compare_runs(args.out))
     return 0

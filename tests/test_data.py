@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import common
 import data
 from data import PatchSampler, SamplerConfig
 
@@ -275,7 +276,7 @@ def test_window_is_linear_inside():
 
 def test_write_atomic_replaces_whole_files_and_a_failed_write_leaves_nothing(tmp_path):
     path = tmp_path / "state.pt"
-    data.write_atomic(str(path), lambda tmp: torch.save({"round": 1}, tmp))
+    common.write_atomic(str(path), lambda tmp: torch.save({"round": 1}, tmp))
     assert torch.load(path, weights_only=True) == {"round": 1}
 
     def dies_half_way(tmp):
@@ -284,6 +285,6 @@ def test_write_atomic_replaces_whole_files_and_a_failed_write_leaves_nothing(tmp
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        data.write_atomic(str(path), dies_half_way)
+        common.write_atomic(str(path), dies_half_way)
     assert torch.load(path, weights_only=True) == {"round": 1}  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
+from common import resolve_device
 from data import Case, SamplerConfig
-from eval import resolve_device
 
 
 def pretend(monkeypatch, cuda: bool, mps: bool, gpus: int = 1):

@@ -235,13 +235,13 @@ def test_table_gathers_finished_runs(tmp_path, cache):
     assert tiny("central", runs / "central", cache).returncode == 0
     assert tiny("segviz", runs / "segviz", cache).returncode == 0
     (runs / "unfinished").mkdir()  # a run without metrics.json is left out
-    result = run("eval.py", "--table", str(runs))
+    result = run("experiments.py", "table", str(runs))
     assert result.returncode == 0, result.stderr
     for name in ("central", "segviz"):
         dice = json.loads((runs / name / "metrics.json").read_text())["dice"]["liver"]
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name}-2 "))
         assert f"{dice['mean']:.3f} ± {dice['std']:.3f}" in row
-    assert run("eval.py", "--table", str(tmp_path / "none")).returncode == 2
+    assert run("experiments.py", "table", str(tmp_path / "none")).returncode == 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def test_marginal_loss_never_teaches_an_unlabelled_organ_as_background():
 
 
 def test_wilcoxon_marks_on_known_inputs():
-    from eval import significance
+    from experiments import significance
 
     a = [0.9] * 8
     b = [0.9 - 0.01 * (i + 1) for i in range(8)]  # eight paired differences, all positive
@@ -484,7 +484,7 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished, skipped") == 7 and "central-2 seed 0: resuming" in again.stdout
     assert (out / "central-2" / "metrics.json").exists()
-    compare = run("eval.py", "--compare", str(out), "--figures")
+    compare = run("experiments.py", "compare", str(out), "--figures")
     assert compare.returncode == 0 and "segviz-fedbn-2" in compare.stdout, compare.stderr[-2000:]
     figures = sorted(p.name for p in (out / "figures").iterdir())
     curves = [f"validation_{n}.png" for n in sorted(names)]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from eval import check_writable
+from common import check_writable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
