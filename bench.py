@@ -166,7 +166,7 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     t = time.time()
     for _ in range(rounds):
-        fl.federated_round(model, optimizer, clients, steps, keys, guard=fl.Guard())
+        fl.federated_round(model, optimizer, clients, steps, keys)
     seconds = time.time() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"clients": n, "peak_rss_bytes": peak, "rss_before_clients": before,
@@ -465,10 +465,10 @@ def speed_fl_round(args) -> dict:
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     spent = {"aggregate": 0.0}
 
-    def timed_average(states, weights=None):
+    def timed_average(states, reference, weights=None):
         _sync(args.device)
         t = time.perf_counter()
-        out = fl.average(states, weights)
+        out = fl.mean(states, reference, weights)
         _sync(args.device)
         spent["aggregate"] += time.perf_counter() - t
         return out
@@ -480,7 +480,7 @@ def speed_fl_round(args) -> dict:
     _sync(args.device)
     t = time.perf_counter()
     for _ in range(rounds):
-        fl.federated_round(model, optimizer, clients, steps, keys, timed_average, guard=fl.Guard())
+        fl.federated_round(model, optimizer, clients, steps, keys, timed_average)
     _sync(args.device)
     total = (time.perf_counter() - t) / rounds
     sent = sum(clients[0].model_state[k].numel() * clients[0].model_state[k].element_size() for k in keys)

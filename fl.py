@@ -5,11 +5,11 @@ training batch. One live model and optimiser on the device are loaded with a cli
 trained for some local steps, and the state is stored back; so simulating N clients costs N
 state dicts, not N models with activations.
 
-After every client present has trained, `federated_round` hands the aggregation function
+After every client present has trained, `federated_round` hands the combining function
 exactly the tensors named by `shared_keys`, nothing else, and writes its result back into
-every client. On the way, a `Guard` refuses updates with NaN/inf or an outlying norm, and an
-optional `Privacy` clips each update and adds Gaussian noise (DP-FedAvg style). Aggregation is
-the (weighted) mean, or the coordinate-wise median or trimmed mean.
+every client. The default is the plain (optionally weighted) mean; screening updates, robust
+aggregation and differential privacy are combining functions passed in (robust.py), and who
+takes part in a round is a list the caller passes.
 
 This module knows nothing of organs or of which keys are shared: the caller says so.
 """
@@ -17,8 +17,6 @@ This module knows nothing of organs or of which keys are shared: the caller says
 from __future__ import annotations
 
 import copy
-import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -130,158 +128,39 @@ def average(states: Sequence[State], weights: Sequence[float] | None = None) -> 
     return out
 
 
-def median(states: Sequence[State], weights: Sequence[float] | None = None) -> State:
-    """Coordinate-wise median (the mean of the two middle values for an even count).
-
-    Robust to a minority of arbitrary updates; ignores weights."""
-    return _order_statistic(states, lambda s, n: (s[(n - 1) // 2] + s[n // 2]) / 2)
-
-
-def trimmed_mean(states: Sequence[State], weights: Sequence[float] | None = None, trim: float = 0.2) -> State:
-    """Coordinate-wise mean after dropping the `trim` share of highest and lowest values
-    (at least one each side from three clients on); ignores weights."""
-    def middle(s, n):
-        k = max(int(trim * n), 1 if n >= 3 else 0)
-        return s[k:n - k].mean(dim=0)
-    return _order_statistic(states, middle)
-
-
-def _order_statistic(states: Sequence[State], pick) -> State:
-    if not states:
-        raise ValueError("nothing to aggregate")
-    out = {}
-    for key in states[0]:
-        ref = states[0][key]
-        s = torch.stack([x[key].double() for x in states]).sort(dim=0).values
-        value = pick(s, len(states))
-        out[key] = (value.round() if not ref.is_floating_point() else value).to(ref.dtype)
-    return out
-
-
-AGGREGATORS = {"mean": average, "median": median, "trimmed-mean": trimmed_mean}
-Aggregate = Callable[[Sequence[State], Sequence[float] | None], State]
-
-
-# ---------------------------------------------------------------------------------------
-# Guarding the exchange: screening updates, and optional differential privacy
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Guard:
-    """Which updates (a client's shared weights minus last round's) are refused.
-
-    Always: any NaN or inf. With `max_norm`: a norm above it. Otherwise, with `factor`: a
-    norm above `factor` times the median norm of the other clients' updates (a scale-free
-    rule; it needs no tuning to the model's size, and a single client is never refused by it).
-    """
-
-    max_norm: float | None = None
-    factor: float | None = 10.0
-
-
-@dataclass
-class Privacy:
-    """DP-FedAvg-style noise on the shared update: each client's update is clipped to norm
-    `clip`, and Gaussian noise of std `noise * clip` is added to the aggregated update.
-
-    Not a formal privacy guarantee on its own: no accountant tracks the privacy budget."""
-
-    clip: float
-    noise: float
-    generator: torch.Generator
-
-
-def update_norm(state: State, reference: State) -> float:
-    """L2 norm over every floating-point key of state - reference."""
-    total = 0.0
-    for k, v in state.items():
-        if v.is_floating_point():
-            total += float(((v.double() - reference[k].double()) ** 2).sum())
-    return math.sqrt(total)
-
-
-def screen(states: Sequence[State], norms: Sequence[float], guard: Guard) -> dict[int, str]:
-    """Index -> reason for every update the guard refuses (norms: each update's L2 norm)."""
-    refused = {}
-    for i, s in enumerate(states):
-        bad = next((k for k, v in s.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        if bad is not None:
-            refused[i] = f"NaN or inf in {bad}"
-    norms = {i: n for i, n in enumerate(norms) if i not in refused}
-    for i, n in norms.items():
-        if guard.max_norm is not None:
-            if n > guard.max_norm:
-                refused[i] = f"update norm {n:.3g} > --max-update-norm {guard.max_norm:g}"
-        elif guard.factor is not None and len(norms) > 1:
-            others = statistics.median(v for j, v in norms.items() if j != i)
-            if n > guard.factor * others:
-                refused[i] = f"update norm {n:.3g} > {guard.factor:g} x median of the others ({others:.3g})"
-    return refused
-
-
-def clip_update(state: State, reference: State, clip: float) -> State:
-    """reference + the update scaled down to norm `clip` (unchanged if already within it)."""
-    scale = min(1.0, clip / max(update_norm(state, reference), 1e-12))
-    return {k: (reference[k] + (v - reference[k]) * scale) if v.is_floating_point() else v
-            for k, v in state.items()}
-
-
-def add_noise(state: State, std: float, generator: torch.Generator) -> State:
-    return {k: v + torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) * std
-            if v.is_floating_point() else v for k, v in state.items()}
-
-
 # ---------------------------------------------------------------------------------------
 # One round
 # ---------------------------------------------------------------------------------------
 
 
-def combine_updates(sent: Sequence[State], reference: State, aggregate: Aggregate = average,
-                    weights: Sequence[float] | None = None, guard: Guard | None = None,
-                    privacy: Privacy | None = None) -> tuple[State, list[float], dict[int, str]]:
-    """The new shared weights from the states the clients sent (each holding only the shared
-    keys), with each update's norm and the refused ones (index -> why).
+Notes = dict  # what a combining function reports: {"refused": {index: why}, "norms": [per update]}
+Combine = Callable[[Sequence[State], State, Sequence[float] | None], tuple[State, Notes]]
 
-    `reference` is last round's shared state, what every client started from. Refused updates
-    are left out; if every update is refused, the result is the reference. Used by
-    `federated_round` here and by a server that receives the states over a network.
-    """
-    norms = [update_norm(s, reference) for s in sent]
-    refused = screen(sent, norms, guard) if guard is not None else {}
-    accepted = [i for i in range(len(sent)) if i not in refused]
-    if not accepted:
-        return reference, norms, refused
-    states = [sent[i] for i in accepted]
-    if privacy is not None:
-        states = [clip_update(s, reference, privacy.clip) for s in states]
-    merged = aggregate(states, [weights[i] for i in accepted] if weights is not None else None)
-    if privacy is not None:
-        merged = add_noise(merged, privacy.noise * privacy.clip, privacy.generator)
-    return merged, norms, refused
+
+def mean(sent: Sequence[State], reference: State, weights: Sequence[float] | None = None) -> tuple[State, Notes]:
+    """The default way to combine the clients' shared weights: their (weighted) mean."""
+    return average(sent, weights), {}
 
 
 @dataclass
 class RoundReport:
     losses: dict[str, float]  # mean local loss of each client that trained
     absent: list[str]  # clients that did not take part
-    refused: dict[str, str]  # clients whose update was not aggregated, and why
-    norms: dict[str, float]  # L2 norm of each present client's update to the shared weights
+    refused: dict[str, str]  # clients whose update was not combined, and why (robust.py's guard)
+    norms: dict[str, float]  # L2 norm of each present client's update, where the combining function measures it
 
 
 def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients: Sequence[Client],
-                    local_steps: int | Mapping[str, int], shared_keys: Sequence[str], aggregate: Aggregate = average,
+                    local_steps: int | Mapping[str, int], shared_keys: Sequence[str], combine: Combine = mean,
                     weighted: bool = False, progress: Callable[[], None] | None = None,
-                    lr: float | None = None, present: Sequence[Client] | None = None,
-                    guard: Guard | None = None, privacy: Privacy | None = None) -> RoundReport:
-    """One round: local training at the clients present, then aggregation of the shared keys.
+                    lr: float | None = None, present: Sequence[Client] | None = None) -> RoundReport:
+    """One round: local training at the clients present, then the shared keys combined.
 
-    `local_steps`: optimiser steps of every client, or of each client by name.
-    The aggregation function receives, per accepted client, a dict holding only `shared_keys`;
-    its result is copied into every client's weights (absent clients receive it when they
-    return; they have not trained meanwhile). Every client starts a round with the same shared
-    weights, so any client's copy is last round's global state: the reference for updates.
-    A round in which nobody is present, or every update is refused, keeps those weights.
+    `local_steps`: optimiser steps of every client, or of each client by name. `combine`
+    receives, per present client, a dict holding only `shared_keys`, and last round's shared
+    state (what every client started from); its result is copied into every client's weights
+    (absent clients receive it when they return; they have not trained meanwhile). A round in
+    which nobody is present keeps the weights.
     """
     present = list(clients) if present is None else list(present)
     reference = {k: clients[0].model_state[k].clone() for k in shared_keys}
@@ -291,10 +170,9 @@ def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients:
     if not shared_keys or not present:
         return report
     sent = [{k: c.model_state[k] for k in shared_keys} for c in present]
-    merged, norms, refused = combine_updates(sent, reference, aggregate,
-                                             [c.weight for c in present] if weighted else None, guard, privacy)
-    report.norms = {c.name: n for c, n in zip(present, norms)}
-    report.refused = {present[i].name: why for i, why in refused.items()}
+    merged, notes = combine(sent, reference, [c.weight for c in present] if weighted else None)
+    report.norms = {c.name: n for c, n in zip(present, notes.get("norms", []))}
+    report.refused = {present[i].name: why for i, why in notes.get("refused", {}).items()}
     for c in clients:
         for k in shared_keys:
             c.model_state[k] = merged[k].clone()

@@ -10,7 +10,7 @@ This file holds the Flower app (declared in pyproject.toml, [tool.flwr.app]):
   (the task block, Adam's moments, the sampler's random state) stays in the node's
   Context.state between rounds, and in a file on the node for resuming.
 - `server`, the ServerApp. It sends the shared weights (`segviz.shared_keys`: `rep.*` in
-  segviz, every key in fedavg), combines what comes back with `fl.combine_updates` (mean,
+  segviz, every key in fedavg), combines what comes back with `robust.combine_updates` (mean,
   median or trimmed mean; the Guard's refusals; optional DP noise), counts a node that does not
   answer in time as absent, and after the last round collects each site's task block once to
   assemble the meta-model, which `train.finish` tests and saves (model.pt and metrics.json, as
@@ -42,6 +42,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import fl
+import robust
 import train
 from common import save_torch_atomic, write_json_atomic
 from data import NODE_SITES, Case, DataError
@@ -546,9 +547,10 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     absent = [c.name for c in run.clients if c.name not in record["received"]]
     norms = {}
     if run.keys and answered:
-        merged, norm_list, refused_at = fl.combine_updates(
-            sent, reference, fl.AGGREGATORS[args.aggregate], [c.weight for c in answered] if args.weighted else None,
-            fl.Guard(args.max_update_norm, args.norm_factor or None), run.privacy)
+        weights = [c.weight for c in answered] if args.weighted else None
+        merged, norm_list, refused_at = robust.combine_updates(
+            sent, reference, robust.AGGREGATORS[args.aggregate], weights,
+            robust.Guard(args.max_update_norm, args.norm_factor or None), run.privacy)
         norms = {c.name: n for c, n in zip(answered, norm_list)}
         refused |= {answered[i].name: why for i, why in refused_at.items()}
         for c in run.clients:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fl
+import robust
 import segviz
 from common import check_writable, fail, resolve_device, save_torch_atomic, write_json_atomic
 from data import (
@@ -239,13 +240,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "larger --rounds may be given)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="each round each client is absent with this probability (seeded; default 0)")
-    p.add_argument("--aggregate", default="mean", choices=tuple(fl.AGGREGATORS),
+    p.add_argument("--aggregate", default="mean", choices=tuple(robust.AGGREGATORS),
                    help="how shared weights are combined: mean (default), coordinate-wise median, trimmed-mean")
     p.add_argument("--max-update-norm", type=float, default=None,
-                   help="refuse a client's update (its shared weights minus last round's) above this L2 norm; "
-                        "without it, updates above --norm-factor x the median of the others' are refused")
+                   help="refuse a client's update (its shared weights minus last round's) above this L2 norm "
+                        "(default: no limit)")
     p.add_argument("--norm-factor", type=float, default=10.0,
-                   help="the robust rule's multiple of the other clients' median update norm (default 10; 0: off)")
+                   help="refuse a client's update above this multiple of the other clients' median update norm "
+                        "(default 10)")
     p.add_argument("--dp-clip", type=float, default=None,
                    help="differential privacy: clip each client's update to this L2 norm")
     p.add_argument("--dp-noise", type=float, default=0.0,
@@ -324,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--dropout applies to federated modes (central has one pooled client)")
     if args.max_update_norm is not None and args.max_update_norm <= 0:
         p.error("--max-update-norm must be positive")
-    if args.norm_factor < 0:
+    if args.norm_factor is not None and args.norm_factor <= 0:
         p.error("--norm-factor must be >= 0")
     if args.dp_clip is not None and args.dp_clip <= 0:
         p.error("--dp-clip must be positive")
@@ -478,7 +480,7 @@ class Run:
     keys: list[str]  # the shared state-dict keys
     local_steps: dict[str, int]  # optimiser steps per round of each client
     dropout_rng: torch.Generator
-    privacy: fl.Privacy | None
+    privacy: robust.Privacy | None
     log: list[str]  # absences and refused updates, one line each
     norms: list[dict[str, float]]  # per round: each present client's update norm
     validation: list[dict]  # {"round": r, site: Dice on that site's validation cases}
@@ -530,7 +532,8 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
         keys = segviz.shared_keys(model.state_dict(), args.mode, args.fedbn, parameters)
     privacy = None
     if args.dp_clip is not None:
-        privacy = fl.Privacy(args.dp_clip, args.dp_noise, torch.Generator().manual_seed(seed_for(args.seed, "dp")))
+        privacy = robust.Privacy(args.dp_clip, args.dp_noise,
+                                 torch.Generator().manual_seed(seed_for(args.seed, "dp")))
     return Run(sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps,
                torch.Generator().manual_seed(seed_for(args.seed, "dropout")), privacy, [], [], [])
 
@@ -633,12 +636,6 @@ def finetune_heads(run: Run, args: argparse.Namespace, val_cases: dict[str, list
         run.log.append(f"fine-tuned {client.name}'s head: best validation Dice {best[0]:.3f}")
     for p in run.model.parameters():
         p.requires_grad_(True)
-
-
-def present_clients(run: Run, p: float) -> list[fl.Client]:
-    """Who takes part this round: each client independently, with probability 1 - p."""
-    draw = torch.rand(len(run.clients), generator=run.dropout_rng)
-    return [c for c, u in zip(run.clients, draw.tolist()) if u >= p]
 
 
 def exchange_summary(run: Run) -> str:
@@ -791,8 +788,7 @@ def train(args: argparse.Namespace) -> dict:
         start = restore_state(run, load_state(path), path)
         print(f"resuming {path} after round {start}/{args.rounds}")
 
-    guard = fl.Guard(args.max_update_norm, args.norm_factor or None)
-    aggregate = fl.AGGREGATORS[args.aggregate]
+    combine = combining(args, run)
     run.started = t_data  # this process's training time starts with building the run
     every = args.val_every or (1 if preset.keep == "best" else 0)
     steps = sum(run.local_steps.values())
@@ -803,11 +799,10 @@ def train(args: argparse.Namespace) -> dict:
                disable=None, dynamic_ncols=True)
     try:
         for r in range(start, args.rounds):
-            present = present_clients(run, args.dropout) if args.dropout else run.clients
-            report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys, aggregate,
+            present = robust.present(run.clients, args.dropout, run.dropout_rng) if args.dropout else run.clients
+            report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys, combine,
                                         weighted=args.weighted, progress=bar.update,
-                                        lr=round_lr(args.lr, r, args.rounds, args.schedule), present=present,
-                                        guard=guard, privacy=run.privacy)
+                                        lr=round_lr(args.lr, r, args.rounds, args.schedule), present=present)
             bar.update(sum(run.local_steps[name] for name in report.absent))
             line = f"round {r + 1:>3}/{args.rounds}  loss " + "  ".join(
                 f"{k} {v:.3f}" for k, v in report.losses.items())
@@ -838,6 +833,16 @@ def train(args: argparse.Namespace) -> dict:
         finetune_heads(run, args, val_cases, args.finetune_epochs)
     t_trained = time.time()
     return finish(args, run, test_cases, spec, spacing, data_info, (t_start, t_data, t_trained))
+
+
+def combining(args: argparse.Namespace, run: Run) -> fl.Combine:
+    """The plain mean, unless a robustness option asks for a guard, another aggregate or DP."""
+    guard = None
+    if args.max_update_norm is not None or args.norm_factor is not None:
+        guard = robust.Guard(args.max_update_norm, args.norm_factor)
+    if guard is None and run.privacy is None and args.aggregate == "mean":
+        return fl.mean
+    return robust.combiner(robust.AGGREGATORS[args.aggregate], guard, run.privacy)
 
 
 def validates(args: argparse.Namespace) -> bool:

@@ -33,10 +33,10 @@ def run_round(mode, fedbn=False, cfg=CFG):
     before = [{k: v.clone() for k, v in c.model_state.items()} for c in clients]
     trained = {}
 
-    def capture_then_average(states, weights):
+    def capture_then_average(states, reference, weights):
         for c in clients:
             trained[c.name] = {k: v.clone() for k, v in c.model_state.items()}
-        return fl.average(states, weights)
+        return fl.mean(states, reference, weights)
 
     keys = segviz.shared_keys(clients[0].model_state, mode, fedbn)
     fl.federated_round(model, opt, clients, 3, keys, capture_then_average)
@@ -168,12 +168,12 @@ def exchanged(mode, fedbn=False):
     keys = segviz.shared_keys(clients[0].model_state, mode, fedbn)
     record = []
 
-    def instrumented(states, weights):
+    def instrumented(states, reference, weights):
         record.extend(states)
-        return fl.average(states, weights)
+        return fl.mean(states, reference, weights)
 
     for _ in range(2):
-        fl.federated_round(model, opt, clients, 1, keys, instrumented, guard=fl.Guard())
+        fl.federated_round(model, opt, clients, 1, keys, instrumented)
     return record, clients[0].model_state
 
 
