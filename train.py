@@ -245,9 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-update-norm", type=float, default=None,
                    help="refuse a client's update (its shared weights minus last round's) above this L2 norm "
                         "(default: no limit)")
-    p.add_argument("--norm-factor", type=float, default=10.0,
-                   help="refuse a client's update above this multiple of the other clients' median update norm "
-                        "(default 10)")
+    p.add_argument("--norm-factor", type=float, default=None,
+                   help="refuse a client's update above this multiple of the other clients' median update norm, "
+                        "e.g. 10 (default: off)")
     p.add_argument("--dp-clip", type=float, default=None,
                    help="differential privacy: clip each client's update to this L2 norm")
     p.add_argument("--dp-noise", type=float, default=0.0,
