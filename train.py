@@ -23,7 +23,6 @@ import functools
 import hashlib
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -369,10 +368,7 @@ def adopt_saved_settings(args: argparse.Namespace, p: argparse.ArgumentParser, g
         p.error(f"--resume {args.resume} writes to its own folder; drop --out {args.out}")
     for key in RUN_SETTINGS:
         mine = getattr(args, key)
-        # a setting newer than the state was, for that run, at its default
-        theirs = saved.get(key, p.get_default(key))
-        if key == "channels" and theirs is None:
-            theirs = PRESETS[saved.get("preset", "phantom")].channels
+        theirs = saved[key]
         if key == "seed":
             given = given | {"seed"} if "seeds" in given else given
             mine = args.seeds[0]
@@ -651,7 +647,7 @@ def exchange_summary(run: Run) -> str:
 # ---------------------------------------------------------------------------------------
 
 STATE_FILE = "state.pt"
-STATE_FORMAT = "segviz-state/1"
+STATE_FORMAT = "segviz-state/2"  # /1: the double-conv U-Net's states, which this network cannot load
 
 
 def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -> None:
@@ -665,7 +661,7 @@ def save_state(out: str, run: Run, rounds_done: int, args: argparse.Namespace) -
         "pooled_position": run.pooled.position[0] if run.pooled is not None else 0,
         "dropout_rng": run.dropout_rng.get_state(),
         "dp_rng": run.privacy.generator.get_state() if run.privacy else None,
-        "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state(),
+        "torch_rng": torch.get_rng_state(),
         "train_seconds": run.earlier_train_seconds + time.time() - run.started, "starts": run.starts,
         "best": run.best,
     }
@@ -709,38 +705,17 @@ def restore_state(run: Run, blob: dict, path: str) -> int:
     if run.privacy is not None:
         run.privacy.generator.set_state(blob["dp_rng"])
     torch.set_rng_state(blob["torch_rng"])
-    _set_numpy_rng_state(blob["numpy_rng"])
-    _set_python_rng_state(blob["python_rng"])
     run.log[:] = blob["log"]
-    run.norms[:] = blob.get("norms", [])
-    run.validation[:] = blob.get("validation", [])
-    run.best = blob.get("best")
-    run.earlier_train_seconds = float(blob.get("train_seconds", 0.0))  # states before it existed: 0
-    run.starts = int(blob.get("starts", 1)) + 1
+    run.norms[:] = blob["norms"]
+    run.validation[:] = blob["validation"]
+    run.best = blob["best"]
+    run.earlier_train_seconds = float(blob["train_seconds"])
+    run.starts = int(blob["starts"]) + 1
     return int(blob["round"])
 
 
 def settings_of(args: argparse.Namespace) -> dict:
     return {k: _norm(getattr(args, k)) for k in (*RUN_SETTINGS, "rounds")}
-
-
-def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def _set_numpy_rng_state(s: dict) -> None:
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
-
-
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_python_rng_state(s: list) -> None:
-    random.setstate((s[0], tuple(s[1]), s[2]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -385,6 +385,31 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
     # the resumed run's time includes the training done before the interruption
     assert ma["starts"] == 1 and mb["starts"] == 2 and mb["train_seconds"] > earlier_seconds
     assert "over 2 starts" in resumed.stdout
+    # and its final state is the uninterrupted run's: every tensor and random state, the clock aside
+    sa = torch.load(uninterrupted / "state.pt", weights_only=True)
+    sb = torch.load(out / "state.pt", weights_only=True)
+    assert_same(without_clock(sa), without_clock(sb))
+
+
+def without_clock(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in ("train_seconds", "starts")}
+
+
+def assert_same(a, b, where="state"):
+    """Equal nested containers of tensors and plain values, tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def test_dropout_runs_to_the_end_and_logs_every_absence(uninterrupted):
