@@ -174,10 +174,13 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
         assert model.windows == {s: ORIGINAL_WINDOWS[s] for s in ("liver", "spleen")}
     else:
         assert model.window == ORIGINAL_POOLED
-    # the checkpoint alone reproduces the evaluation (into a folder that does not exist yet)
-    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "again"))
+    # the checkpoint alone reproduces the evaluation, into its own folder beside the checkpoint:
+    # training's metrics.json (losses, events, curves) survives byte for byte
+    trained = (out / "metrics.json").read_bytes()
+    again = run("eval.py", "--checkpoint", str(out / "model.pt"))
     assert again.returncode == 0, again.stderr[-2000:]
-    re_metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert (out / "metrics.json").read_bytes() == trained
+    re_metrics = json.loads((out / "eval" / "metrics.json").read_text())
     for organ in metrics["organs"]:
         assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
 
