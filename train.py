@@ -150,15 +150,6 @@ def _soft_dice(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = Fal
 LOSSES = {"dice": dice_loss, "dicece": dice_ce_loss, "marginal": marginal_loss}
 
 
-def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
-    """Learning rate of round r (0-based): nnU-Net's polynomial decay, or constant.
-
-    Decaying to zero lets the last rounds settle: the sites' heads and the averaged
-    representation stop drifting apart just before the meta-model is assembled.
-    """
-    return lr * (1 - r / rounds) ** 0.9 if schedule == "poly" else lr
-
-
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
@@ -187,9 +178,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="federated rounds (default from the preset)")
     p.add_argument("--local-steps", type=int, help="optimiser steps per site per round (default from the preset)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default from the preset)")
-    p.add_argument("--schedule", default="constant", choices=("constant", "poly"),
-                   help="learning rate over rounds: constant, as the original (default); poly decays it to 0 "
-                        "as nnU-Net does")
     p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy; dice: Dice alone, as the original (default: the preset's); "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
@@ -349,7 +337,7 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "schedule", "loss",
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss",
                 "dice_over",
                 "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
                 "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
@@ -801,8 +789,7 @@ def train(args: argparse.Namespace) -> dict:
         for r in range(start, args.rounds):
             present = robust.present(run.clients, args.dropout, run.dropout_rng) if args.dropout else run.clients
             report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys, combine,
-                                        weighted=args.weighted, progress=bar.update,
-                                        lr=round_lr(args.lr, r, args.rounds, args.schedule), present=present)
+                                        weighted=args.weighted, progress=bar.update, present=present)
             bar.update(sum(run.local_steps[name] for name in report.absent))
             line = f"round {r + 1:>3}/{args.rounds}  loss " + "  ".join(
                 f"{k} {v:.3f}" for k, v in report.losses.items())
@@ -879,7 +866,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
-        "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr, "schedule": args.schedule,
+        "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr,
         "loss": args.loss, "dice_over": args.dice_over, "window": args.window, "head_window": args.head_window,
         "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
         "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
