@@ -93,7 +93,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def later_defaults(args: argparse.Namespace) -> dict:
-    return {"dice_over": "sample", "channels": list(train.PRESETS[args.preset].channels)}
+    return {"channels": list(train.PRESETS[args.preset].channels)}
 
 
 def settings_key(args: argparse.Namespace) -> str:

@@ -108,19 +108,18 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
-    """Soft Dice on the softmax output per class (background included), averaged over classes,
-    and over samples unless `batch_dice` pools the whole batch into one Dice per class."""
-    return _soft_dice(torch.softmax(logits, dim=1), target, batch_dice)
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice on the softmax output per sample and class (background included), averaged
+    over both."""
+    return _soft_dice(torch.softmax(logits, dim=1), target)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice (as `dice_loss`) plus voxel-wise cross-entropy."""
-    return dice_loss(logits, target, batch_dice) + F.cross_entropy(logits, target)
+    return dice_loss(logits, target) + F.cross_entropy(logits, target)
 
 
-def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int],
-                  batch_dice: bool = False) -> torch.Tensor:
+def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
     """Dice + cross-entropy over background and the `labelled` classes only, with the
     probabilities of every class the site did not label merged into background (Shi et al.
     2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
@@ -131,17 +130,12 @@ def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence
     index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
     index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
     t = index[target]
-    return _soft_dice(merged.exp(), t, batch_dice) + F.nll_loss(merged, t)
+    return _soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
 
 
-def _soft_dice(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
-               eps: float = 1e-5) -> torch.Tensor:
-    # Per sample, a patch that holds none of the organ (many of the background-centred half)
-    # has an organ loss of ~1 for any prediction but a near-perfect zero, so its gradient is
-    # ~0 and its false positives go unpunished by the Dice term; pooled over the batch they
-    # count against the organ's Dice (nnU-Net's "batch Dice").
+def _soft_dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = (0, *range(2, probs.dim())) if batch_dice else tuple(range(2, probs.dim()))
+    dims = tuple(range(2, probs.dim()))  # the voxels of each sample
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
@@ -181,8 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy; dice: Dice alone, as the original (default: the preset's); "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
-    p.add_argument("--dice-over", default="sample", choices=("sample", "batch"),
-                   help="soft Dice per patch, averaged (default, as the original), or pooled over the batch")
     p.add_argument("--window", default="site", choices=("site", "common"),
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="site", choices=("site", "test"),
@@ -338,7 +330,6 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
 RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss",
-                "dice_over",
                 "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
                 "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
                 "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
@@ -507,12 +498,12 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     store = fl.choose_store(torch.device(args.device), len(sites), fl.state_bytes(model))
     if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
-        loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
+        loss = pooled_loss(args.loss, pooled, sites)
         clients = [fl.new_client("pooled", model, optimizer, to_model(pooled, args.device), loss, store=store)]
         local_steps, keys = {"pooled": sum(steps_per_round(args, train_cases[s]) for s in sites)}, []
     else:
         clients = [fl.new_client(s, model, optimizer, to_model(samplers[s].sample, args.device),
-                                 site_loss(args.loss, s, args.dice_over == "batch"),
+                                 site_loss(args.loss, s),
                                  weight=len(train_cases[s]), store=store) for s in local]
         local_steps = {s: steps_per_round(args, train_cases[s]) for s in local}
         # the original averaged named_parameters(): normalisation statistics (buffers) stayed local
@@ -537,19 +528,19 @@ def steps_per_round(args: argparse.Namespace, cases: list) -> int:
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def site_loss(name: str, site: str, batch_dice: bool = False) -> Loss:
+def site_loss(name: str, site: str) -> Loss:
     """The loss of one site's batches; the marginal loss knows which organ the site labelled."""
     if name == "marginal":
-        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]], batch_dice=batch_dice)
-    return functools.partial(LOSSES[name], batch_dice=batch_dice)
+        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]])
+    return LOSSES[name]
 
 
-def pooled_loss(name: str, pooled: Callable, sites: Sequence[str], batch_dice: bool = False) -> Loss:
+def pooled_loss(name: str, pooled: Callable, sites: Sequence[str]) -> Loss:
     """The pooled model's loss: each batch comes from one site in turn (round_robin), so the
     marginal loss reads which site the batch just drawn came from."""
     if name != "marginal":
-        return functools.partial(LOSSES[name], batch_dice=batch_dice)
-    per_site = [site_loss(name, s, batch_dice) for s in sites]
+        return LOSSES[name]
+    per_site = [site_loss(name, s) for s in sites]
     return lambda logits, target: per_site[(pooled.position[0] - 1) % len(sites)](logits, target)
 
 
@@ -867,7 +858,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
         "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr,
-        "loss": args.loss, "dice_over": args.dice_over, "window": args.window, "head_window": args.head_window,
+        "loss": args.loss, "window": args.window, "head_window": args.head_window,
         "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
         "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch), "roi": list(test_roi(args)),
