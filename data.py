@@ -82,10 +82,6 @@ class SamplerConfig:
     max_scale: float = 0.1
     p_intensity: float = 0.5  # probability of each of scale and shift
     intensity: float = 0.1  # scale factor 1 +- 0.1 and shift +- 0.1 (of the [0, 1] window)
-    p_noise: float = 0.0  # probability of additive Gaussian noise
-    noise_std: float = 0.05  # its standard deviation, drawn up to this (of the [0, 1] window)
-    p_contrast: float = 0.0  # probability of a contrast change about the patch mean
-    contrast: float = 0.25  # factor 1 +- 0.25
     max_candidates: int = 65536  # background centre candidates kept per volume
 
     @property
@@ -242,17 +238,7 @@ class PatchSampler:
         f = f * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
         o = (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.intensity
         o = o * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
-        img = img * (1 + f) + o
-        if cfg.p_contrast > 0:
-            c = 1 + (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.contrast
-            c = torch.where(torch.rand(shape, generator=g, device=d) < cfg.p_contrast, c, torch.ones_like(c))
-            mean = img.mean(dim=(2, 3, 4), keepdim=True)
-            img = (img - mean) * c + mean
-        if cfg.p_noise > 0:
-            std = torch.rand(shape, generator=g, device=d) * cfg.noise_std
-            std = std * (torch.rand(shape, generator=g, device=d) < cfg.p_noise)
-            img = img + torch.randn(img.shape, generator=g, device=d) * std
-        return img
+        return img * (1 + f) + o
 
 
 def _identity_grid(patch, device) -> torch.Tensor:

@@ -179,13 +179,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="site: each dataset's own HU window, as the original; common: one window everywhere")
     p.add_argument("--head-window", default="site", choices=("site", "test"),
                    help="window each binary head sees at test time: its own site's (default) or the test set's")
-    p.add_argument("--noise-aug", type=float, default=0.0, metavar="P",
-                   help="probability of additive Gaussian noise (std up to 0.05 of the window) per patch; "
-                        "default 0 (off)")
-    p.add_argument("--contrast-aug", type=float, default=0.0, metavar="P",
-                   help="probability of a contrast change about the patch mean per patch; default 0 (off)")
-    p.add_argument("--contrast-range", type=float, default=0.25, metavar="R",
-                   help="contrast factor drawn from 1 +- R (default 0.25)")
     p.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
     p.add_argument("--task-stages", type=int, default=1, help="decoder stages in the task block (default 1)")
     p.add_argument("--channels", type=channel_list, default=None, metavar="C,C,...",
@@ -269,10 +262,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rounds and --local-steps must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
-    if not (0 <= args.noise_aug <= 1 and 0 <= args.contrast_aug <= 1):
-        p.error("--noise-aug and --contrast-aug are probabilities in [0, 1]")
-    if not 0 <= args.contrast_range < 1:
-        p.error("--contrast-range must be in [0, 1)")
     if args.max_cases is not None and args.max_cases < 1:
         p.error("--max-cases must be at least 1")
     if args.fedbn and args.mode != "segviz":
@@ -330,7 +319,7 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
 RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss",
-                "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
+                "window", "head_window", "weighted", "task_stages",
                 "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
                 "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
                 "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
@@ -486,8 +475,7 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
                           norm=args.norm, task_stages=args.task_stages)
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                                 patches_per_volume=preset.patches_per_volume, p_spatial=preset.p_affine,
-                                p_intensity=preset.p_intensity, p_noise=args.noise_aug,
-                                p_contrast=args.contrast_aug, contrast=args.contrast_range)
+                                p_intensity=preset.p_intensity)
     samplers = {s: make_sampler(train_cases[s], windows[s], binary, sampler_cfg, args.device,
                                 seed_for(args.seed, s), len(organs)) for s in local}
     # channels-last 3D convolutions are ~12% faster on CPU (oneDNN) and the layout Tensor Cores want
@@ -860,7 +848,6 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
         "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr,
         "loss": args.loss, "window": args.window, "head_window": args.head_window,
         "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
-        "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch), "roi": list(test_roi(args)),
         "blend": preset.blend, "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing),
         "data": data_info, "max_cases": args.max_cases, "windows": {k: list(v) for k, v in windows.items()},
