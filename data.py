@@ -19,11 +19,9 @@ NODE_SITES = {1: ("liver",), 2: ("liver", "spleen"), 3: ("liver", "spleen", "pan
               4: ("liver", "spleen", "pancreas", "kidneys")}
 
 # Intensity windows of the original SegViz code, in HU, each scaled to [0, 1]: one per site's
-# binary model, and "pooled" for its multi-class central model. "test" is a common abdominal
-# window (for --window common and --head-window test).
+# binary model, and "pooled" for its multi-class central model.
 WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.0, 199.0),
-           "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0), "test": (-175.0, 250.0)}
-COMMON_WINDOW = WINDOWS["test"]  # `--window common`: every site and head uses this one
+           "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0)}
 
 
 def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:

@@ -298,7 +298,7 @@ def receive_shared(site: Site, record: ArrayRecord) -> None:
 def save_site_model(site: Site) -> str:
     """keep-heads-local: this site's binary model (shared representation + its own head)."""
     path = os.path.join(site.folder, f"{site.name}-model.pt")
-    windows = train.site_windows(site.run.sites, site.args.window, site.args.mode)
+    windows = train.site_windows(site.run.sites, site.args.mode)
     save_torch_atomic({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.args.mode,
                  "fedbn": site.args.fedbn, "unet": site.run.unet_cfg.to_dict(), "window": list(windows[site.name]),
                  "shared_keys": list(site.run.keys), "state": dict(site.client.model_state)}, path)

@@ -39,7 +39,6 @@ import robust
 import segviz
 from common import check_writable, fail, resolve_device, save_torch_atomic, write_json_atomic
 from data import (
-    COMMON_WINDOW,
     NODE_SITES,
     ORGAN_ID,
     WINDOWS,
@@ -175,10 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy; dice: Dice alone, as the original (default: the preset's); "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
-    p.add_argument("--window", default="site", choices=("site", "common"),
-                   help="site: each dataset's own HU window, as the original; common: one window everywhere")
-    p.add_argument("--head-window", default="site", choices=("site", "test"),
-                   help="window each binary head sees at test time: its own site's (default) or the test set's")
     p.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
     p.add_argument("--task-stages", type=int, default=1, help="decoder stages in the task block (default 1)")
     p.add_argument("--channels", type=channel_list, default=None, metavar="C,C,...",
@@ -318,11 +313,10 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss",
-                "window", "head_window", "weighted", "task_stages",
-                "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
-                "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
-                "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss", "weighted",
+                "task_stages", "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas",
+                "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout",
+                "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -368,26 +362,15 @@ def seed_for(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def site_windows(sites, which: str, mode: str = "segviz") -> dict[str, tuple[float, float]]:
-    """The HU window of each site's training images and of the test images.
+def site_windows(sites, mode: str = "segviz") -> dict[str, tuple[float, float]]:
+    """The HU window of each site's model, in training, validation and test alike.
 
-    Binary site models see their own site's window. A multi-class model sees one window
-    everywhere, in training and at test: the original's central model used -200..304 HU."""
-    if which == "common":
-        return {**dict.fromkeys(sites, COMMON_WINDOW), "test": COMMON_WINDOW}
+    A binary site model sees its own site's window, as the original's heads were trained and
+    tested. A multi-class model sees one window everywhere: the original's central model used
+    -200..304 HU."""
     if mode not in ("single", "segviz"):
-        return {**dict.fromkeys(sites, WINDOWS["pooled"]), "test": WINDOWS["pooled"]}
-    return {**{s: WINDOWS[s] for s in sites}, "test": WINDOWS["test"]}
-
-
-def head_windows(windows: dict, sites, which: str) -> dict[str, tuple[float, float]]:
-    """The window through which each binary model sees a test image.
-
-    "site" (default): each head sees the test image as its site's images looked in training,
-    through that site's window. "test" (as the original code): the test set's window for every
-    head, so that one representation pass serves all heads.
-    """
-    return {s: windows["test"] if which == "test" else windows[s] for s in sites}
+        return dict.fromkeys(sites, WINDOWS["pooled"])
+    return {s: WINDOWS[s] for s in sites}
 
 
 def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, seed: int,
@@ -469,7 +452,7 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     sites = NODE_SITES[args.nodes]
     local = sites if only is None else tuple(only)
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
-    windows = site_windows(sites, args.window, args.mode)
+    windows = site_windows(sites, args.mode)
     binary = args.mode in ("single", "segviz")
     unet_cfg = UNetConfig(classes=2 if binary else len(organs) + 1, channels=tuple(args.channels),
                           norm=args.norm, task_stages=args.task_stages)
@@ -547,7 +530,7 @@ def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
              sites: Sequence[str] | None = None) -> dict[str, float]:
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
-    windows = site_windows(run.sites, args.window, args.mode)
+    windows = site_windows(run.sites, args.mode)
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
         for site in sites or run.sites:
@@ -821,17 +804,17 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     """Assemble the final model, test it, write model.pt and metrics.json."""
     t_start, t_data, t_trained = times
     preset = PRESETS[args.preset]
-    windows = site_windows(run.sites, args.window, args.mode)
+    windows = site_windows(run.sites, args.mode)
     clients = run.clients
     # one representation pass serves every head only where the sites share all of it
     rep_keys = [k for k in clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
     shared_rep = args.mode == "segviz" and set(rep_keys) <= set(run.keys)
     if args.mode in ("single", "segviz"):
         states = {c.name: c.model_state for c in clients}
-        net = segviz.MetaModel(run.unet_cfg, states, head_windows(windows, run.sites, args.head_window), shared_rep)
+        net = segviz.MetaModel(run.unet_cfg, states, windows, shared_rep)
     else:
         states = {"global": clients[0].model_state}
-        net = segviz.MultiClassModel(run.unet_cfg, states["global"], windows["test"])
+        net = segviz.MultiClassModel(run.unet_cfg, states["global"], WINDOWS["pooled"])
     primary = primary_scoring(args.mode)
     per_case = {} if args.no_test else evaluate(net, test_cases, run.organs, test_roi(args), args.device,
                                                  args.eval_overlap, preset.blend, args.largest, primary=primary)
@@ -846,7 +829,7 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
         "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr,
-        "loss": args.loss, "window": args.window, "head_window": args.head_window,
+        "loss": args.loss,
         "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch), "roi": list(test_roi(args)),
         "blend": preset.blend, "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing),
