@@ -19,11 +19,9 @@ NODE_SITES = {1: ("liver",), 2: ("liver", "spleen"), 3: ("liver", "spleen", "pan
               4: ("liver", "spleen", "pancreas", "kidneys")}
 
 # Intensity windows of the original SegViz code, in HU, each scaled to [0, 1]: one per site's
-# binary model, and "pooled" for its multi-class central model. "test" is a common abdominal
-# window (for --window common and --head-window test).
+# binary model, and "pooled" for its multi-class central model.
 WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.0, 199.0),
-           "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0), "test": (-175.0, 250.0)}
-COMMON_WINDOW = WINDOWS["test"]  # `--window common`: every site and head uses this one
+           "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0)}
 
 
 def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
@@ -82,10 +80,6 @@ class SamplerConfig:
     max_scale: float = 0.1
     p_intensity: float = 0.5  # probability of each of scale and shift
     intensity: float = 0.1  # scale factor 1 +- 0.1 and shift +- 0.1 (of the [0, 1] window)
-    p_noise: float = 0.0  # probability of additive Gaussian noise
-    noise_std: float = 0.05  # its standard deviation, drawn up to this (of the [0, 1] window)
-    p_contrast: float = 0.0  # probability of a contrast change about the patch mean
-    contrast: float = 0.25  # factor 1 +- 0.25
     max_candidates: int = 65536  # background centre candidates kept per volume
 
     @property
@@ -242,17 +236,7 @@ class PatchSampler:
         f = f * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
         o = (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.intensity
         o = o * (torch.rand(shape, generator=g, device=d) < cfg.p_intensity)
-        img = img * (1 + f) + o
-        if cfg.p_contrast > 0:
-            c = 1 + (torch.rand(shape, generator=g, device=d) * 2 - 1) * cfg.contrast
-            c = torch.where(torch.rand(shape, generator=g, device=d) < cfg.p_contrast, c, torch.ones_like(c))
-            mean = img.mean(dim=(2, 3, 4), keepdim=True)
-            img = (img - mean) * c + mean
-        if cfg.p_noise > 0:
-            std = torch.rand(shape, generator=g, device=d) * cfg.noise_std
-            std = std * (torch.rand(shape, generator=g, device=d) < cfg.p_noise)
-            img = img + torch.randn(img.shape, generator=g, device=d) * std
-        return img
+        return img * (1 + f) + o
 
 
 def _identity_grid(patch, device) -> torch.Tensor:

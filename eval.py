@@ -352,15 +352,14 @@ def primary_scoring(mode: str) -> str:
 
 def sliding_settings(cfg: dict, args: argparse.Namespace | None = None) -> tuple[list[int], float, str]:
     """Window size, overlap and blending of the sliding window, as the training run tested its
-    model (train.py's test_roi, --eval-overlap and the preset's blend) unless the command line
-    says otherwise; checkpoints older than those settings get their defaults of the time."""
+    model (train.py's test_roi, --eval-overlap and the preset's blend; the overlap may be given
+    on the command line); checkpoints older than those settings get their defaults of the time."""
     overlap = getattr(args, "overlap", None)
-    blend = getattr(args, "blend", None)
     return (list(cfg.get("roi") or cfg["patch"]), cfg.get("eval_overlap", 0.25) if overlap is None else overlap,
-            cfg.get("blend", "gaussian") if blend is None else blend)
+            cfg.get("blend", "gaussian"))
 
 
-def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """The HU-in model of a checkpoint."""
     from segviz import MultiClassModel
     from unet3d import UNetConfig
@@ -368,11 +367,11 @@ def model_from_checkpoint(ckpt: dict, head_window: str | None = None) -> torch.n
     cfg = ckpt["config"]
     net_cfg = UNetConfig.from_dict(cfg["unet"])
     mode = ckpt["mode"]
-    if mode in ("segviz", "single"):
-        which = head_window or cfg.get("head_window", "site")
-        windows = {site: cfg["windows"]["test" if which == "test" else site] for site in ckpt["states"]}
+    if mode in ("segviz", "single"):  # each head through its own site's window, as it trained
+        windows = {site: cfg["windows"][site] for site in ckpt["states"]}
         return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=cfg["shared_rep"])
-    return MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"]["test"])
+    # a multi-class model trained through one window at every site
+    return MultiClassModel(net_cfg, ckpt["states"]["global"], next(iter(cfg["windows"].values())))
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,10 +385,6 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (CUDA, else MPS, else CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: as the training run tested, 0.25)")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default=None,
-                   help="how overlapping windows are blended (default: as the training run tested)")
-    p.add_argument("--head-window", choices=("test", "site"), default=None,
-                   help="segviz/single: window each head sees (default: as trained, see train.py --help)")
     p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each organ's largest connected component(s) (default: as the training run)")
 
@@ -424,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(out_dir, "--out")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
-    model = model_from_checkpoint(ckpt, args.head_window)
+    model = model_from_checkpoint(ckpt)
     primary = primary_scoring(ckpt["mode"])
     organs = ckpt["organs"]
     largest = cfg.get("largest", False) if args.largest is None else args.largest
@@ -592,7 +587,7 @@ def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Names
     from datasets import preprocess_arrays
 
     cfg, organs = ckpt["config"], ckpt["organs"]
-    model = model_from_checkpoint(ckpt, args.head_window).to(device).eval()
+    model = model_from_checkpoint(ckpt).to(device).eval()
     scoring = primary_scoring(ckpt["mode"])
     largest = cfg.get("largest", False) if args.largest is None else args.largest
     roi, overlap, blend = sliding_settings(cfg, args)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from data import ORGAN_ID, Case, window
+from data import NODE_SITES, ORGAN_ID, Case, window
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -406,7 +406,7 @@ def validation_cases(cfg: dict) -> dict[str, list]:
     if cfg["data"]["source"] != "phantom":
         raise SystemExit("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
     spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
-    return phantom_validation(tuple(cfg["windows"])[:-1], 4, seed=cfg["seed"], spec=spec, cache_dir=cfg["cache_dir"])
+    return phantom_validation(NODE_SITES[cfg["nodes"]], 4, seed=cfg["seed"], spec=spec, cache_dir=cfg["cache_dir"])
 
 
 OPTIONS = [("gaussian", True), ("gaussian", False), ("constant", True), ("constant", False)]

@@ -80,17 +80,14 @@ def choose_store(device: torch.device, clients: int, per_client: int, share: flo
 
 
 def local_train(model: nn.Module, optimizer: torch.optim.Optimizer, client: Client, steps: int,
-                progress: Callable[[], None] | None = None, lr: float | None = None) -> float:
+                progress: Callable[[], None] | None = None) -> float:
     """Load the client into the live model, take `steps` optimiser steps, store it back.
 
-    `lr`, when given, replaces the learning rate stored with the client's optimiser state
-    (a schedule set by the caller). Returns the mean training loss over the steps.
+    The learning rate is the one stored with the client's optimiser state. Returns the mean
+    training loss over the steps.
     """
     model.load_state_dict(client.model_state)
     optimizer.load_state_dict(client.optim_state)
-    if lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
     model.train()
     total = torch.zeros((), device=next(model.parameters()).device)
     for _ in range(steps):
@@ -153,7 +150,7 @@ class RoundReport:
 def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients: Sequence[Client],
                     local_steps: int | Mapping[str, int], shared_keys: Sequence[str], combine: Combine = mean,
                     weighted: bool = False, progress: Callable[[], None] | None = None,
-                    lr: float | None = None, present: Sequence[Client] | None = None) -> RoundReport:
+                    present: Sequence[Client] | None = None) -> RoundReport:
     """One round: local training at the clients present, then the shared keys combined.
 
     `local_steps`: optimiser steps of every client, or of each client by name. `combine`
@@ -165,7 +162,7 @@ def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients:
     present = list(clients) if present is None else list(present)
     reference = {k: clients[0].model_state[k].clone() for k in shared_keys}
     steps = local_steps if isinstance(local_steps, Mapping) else dict.fromkeys((c.name for c in clients), local_steps)
-    losses = {c.name: local_train(model, optimizer, c, steps[c.name], progress, lr) for c in present}
+    losses = {c.name: local_train(model, optimizer, c, steps[c.name], progress) for c in present}
     report = RoundReport(losses, [c.name for c in clients if all(c is not p for p in present)], {}, {})
     if not shared_keys or not present:
         return report

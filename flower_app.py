@@ -6,7 +6,7 @@ This file holds the Flower app (declared in pyproject.toml, [tool.flwr.app]):
   its data is (`--node-config "site='liver' data-root='...'"`; the phantom when there is no
   data-root). A round of local training is `fl.local_train` on the very client that
   `train.build_run` builds for the in-process loop: same sampler seed, same initial weights
-  from the run's seed, same Adam, loss and learning-rate schedule. What never leaves the site
+  from the run's seed, same Adam, learning rate and loss. What never leaves the site
   (the task block, Adam's moments, the sampler's random state) stays in the node's
   Context.state between rounds, and in a file on the node for resuming.
 - `server`, the ServerApp. It sends the shared weights (`segviz.shared_keys`: `rep.*` in
@@ -93,7 +93,7 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def later_defaults(args: argparse.Namespace) -> dict:
-    return {"dice_over": "sample", "channels": list(train.PRESETS[args.preset].channels)}
+    return {"channels": list(train.PRESETS[args.preset].channels)}
 
 
 def settings_key(args: argparse.Namespace) -> str:
@@ -298,7 +298,7 @@ def receive_shared(site: Site, record: ArrayRecord) -> None:
 def save_site_model(site: Site) -> str:
     """keep-heads-local: this site's binary model (shared representation + its own head)."""
     path = os.path.join(site.folder, f"{site.name}-model.pt")
-    windows = train.site_windows(site.run.sites, site.args.window, site.args.mode)
+    windows = train.site_windows(site.run.sites, site.args.mode)
     save_torch_atomic({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.args.mode,
                  "fedbn": site.args.fedbn, "unet": site.run.unet_cfg.to_dict(), "window": list(windows[site.name]),
                  "shared_keys": list(site.run.keys), "state": dict(site.client.model_state)}, path)
@@ -329,8 +329,7 @@ def train_round(msg: Message, context: Context) -> Message:
     site = open_site(context)
     restore_state(site, context, counted, tag)
     receive_shared(site, msg.content["shared"])
-    loss = fl.local_train(site.run.model, site.run.optimizer, site.client, site.run.local_steps[site.name],
-                          lr=float(cfg["lr"]))
+    loss = fl.local_train(site.run.model, site.run.optimizer, site.client, site.run.local_steps[site.name])
     keep_state(site, context, round_, tag, counted)
     sent = {k: site.client.model_state[k] for k in site.run.keys}
     return Message(RecordDict({"shared": to_record(sent), "metrics": MetricRecord({"loss": loss})}), reply_to=msg)
@@ -522,10 +521,9 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     rejoined = refresh_nodes(grid, co)
     present = train.present_clients(run, args.dropout) if args.dropout else list(run.clients)
     reference = {k: v.clone() for k, v in co.shared.items()}
-    lr = train.round_lr(args.lr, r, args.rounds, args.schedule)
     shared = to_record(reference)
     messages = [Message(RecordDict({"shared": shared, "config": ConfigRecord(
-        {"round": r + 1, "lr": lr, "tag": co.tag, "counted": co.counted[c.name]})}), dst_node_id=co.nodes[c.name],
+        {"round": r + 1, "tag": co.tag, "counted": co.counted[c.name]})}), dst_node_id=co.nodes[c.name],
         message_type="train", group_id=str(r + 1), ttl=co.opts.timeout) for c in present]
     replies = exchange(grid, messages, co.opts.timeout)
     record = {"round": r + 1, "sent_to": [c.name for c in present], "received": {}}

@@ -38,7 +38,6 @@ import robust
 import segviz
 from common import check_writable, fail, resolve_device, save_torch_atomic, write_json_atomic
 from data import (
-    COMMON_WINDOW,
     NODE_SITES,
     ORGAN_ID,
     WINDOWS,
@@ -107,19 +106,18 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
-    """Soft Dice on the softmax output per class (background included), averaged over classes,
-    and over samples unless `batch_dice` pools the whole batch into one Dice per class."""
-    return _soft_dice(torch.softmax(logits, dim=1), target, batch_dice)
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice on the softmax output per sample and class (background included), averaged
+    over both."""
+    return _soft_dice(torch.softmax(logits, dim=1), target)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice (as `dice_loss`) plus voxel-wise cross-entropy."""
-    return dice_loss(logits, target, batch_dice) + F.cross_entropy(logits, target)
+    return dice_loss(logits, target) + F.cross_entropy(logits, target)
 
 
-def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int],
-                  batch_dice: bool = False) -> torch.Tensor:
+def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
     """Dice + cross-entropy over background and the `labelled` classes only, with the
     probabilities of every class the site did not label merged into background (Shi et al.
     2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
@@ -130,32 +128,18 @@ def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence
     index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
     index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
     t = index[target]
-    return _soft_dice(merged.exp(), t, batch_dice) + F.nll_loss(merged, t)
+    return _soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
 
 
-def _soft_dice(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
-               eps: float = 1e-5) -> torch.Tensor:
-    # Per sample, a patch that holds none of the organ (many of the background-centred half)
-    # has an organ loss of ~1 for any prediction but a near-perfect zero, so its gradient is
-    # ~0 and its false positives go unpunished by the Dice term; pooled over the batch they
-    # count against the organ's Dice (nnU-Net's "batch Dice").
+def _soft_dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = (0, *range(2, probs.dim())) if batch_dice else tuple(range(2, probs.dim()))
+    dims = tuple(range(2, probs.dim()))  # the voxels of each sample
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
 
 
 LOSSES = {"dice": dice_loss, "dicece": dice_ce_loss, "marginal": marginal_loss}
-
-
-def round_lr(lr: float, r: int, rounds: int, schedule: str) -> float:
-    """Learning rate of round r (0-based): nnU-Net's polynomial decay, or constant.
-
-    Decaying to zero lets the last rounds settle: the sites' heads and the averaged
-    representation stop drifting apart just before the meta-model is assembled.
-    """
-    return lr * (1 - r / rounds) ** 0.9 if schedule == "poly" else lr
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,25 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="federated rounds (default from the preset)")
     p.add_argument("--local-steps", type=int, help="optimiser steps per site per round (default from the preset)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default from the preset)")
-    p.add_argument("--schedule", default="constant", choices=("constant", "poly"),
-                   help="learning rate over rounds: constant, as the original (default); poly decays it to 0 "
-                        "as nnU-Net does")
     p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="dicece: Dice + cross-entropy; dice: Dice alone, as the original (default: the preset's); "
                         "marginal (central, fedavg): unlabelled organs merged into background, not taught as it")
-    p.add_argument("--dice-over", default="sample", choices=("sample", "batch"),
-                   help="soft Dice per patch, averaged (default, as the original), or pooled over the batch")
-    p.add_argument("--window", default="site", choices=("site", "common"),
-                   help="site: each dataset's own HU window, as the original; common: one window everywhere")
-    p.add_argument("--head-window", default="site", choices=("site", "test"),
-                   help="window each binary head sees at test time: its own site's (default) or the test set's")
-    p.add_argument("--noise-aug", type=float, default=0.0, metavar="P",
-                   help="probability of additive Gaussian noise (std up to 0.05 of the window) per patch; "
-                        "default 0 (off)")
-    p.add_argument("--contrast-aug", type=float, default=0.0, metavar="P",
-                   help="probability of a contrast change about the patch mean per patch; default 0 (off)")
-    p.add_argument("--contrast-range", type=float, default=0.25, metavar="R",
-                   help="contrast factor drawn from 1 +- R (default 0.25)")
     p.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
     p.add_argument("--task-stages", type=int, default=1, help="decoder stages in the task block (default 1)")
     p.add_argument("--channels", type=channel_list, default=None, metavar="C,C,...",
@@ -288,10 +256,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rounds and --local-steps must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
-    if not (0 <= args.noise_aug <= 1 and 0 <= args.contrast_aug <= 1):
-        p.error("--noise-aug and --contrast-aug are probabilities in [0, 1]")
-    if not 0 <= args.contrast_range < 1:
-        p.error("--contrast-range must be in [0, 1)")
     if args.max_cases is not None and args.max_cases < 1:
         p.error("--max-cases must be at least 1")
     if args.fedbn and args.mode != "segviz":
@@ -348,12 +312,10 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
-RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "schedule", "loss",
-                "dice_over",
-                "window", "head_window", "noise_aug", "contrast_aug", "contrast_range", "weighted", "task_stages",
-                "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test",
-                "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout", "aggregate",
-                "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
+RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss", "weighted",
+                "task_stages", "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas",
+                "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout",
+                "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -396,26 +358,15 @@ def seed_for(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def site_windows(sites, which: str, mode: str = "segviz") -> dict[str, tuple[float, float]]:
-    """The HU window of each site's training images and of the test images.
+def site_windows(sites, mode: str = "segviz") -> dict[str, tuple[float, float]]:
+    """The HU window of each site's model, in training, validation and test alike.
 
-    Binary site models see their own site's window. A multi-class model sees one window
-    everywhere, in training and at test: the original's central model used -200..304 HU."""
-    if which == "common":
-        return {**dict.fromkeys(sites, COMMON_WINDOW), "test": COMMON_WINDOW}
+    A binary site model sees its own site's window, as the original's heads were trained and
+    tested. A multi-class model sees one window everywhere: the original's central model used
+    -200..304 HU."""
     if mode not in ("single", "segviz"):
-        return {**dict.fromkeys(sites, WINDOWS["pooled"]), "test": WINDOWS["pooled"]}
-    return {**{s: WINDOWS[s] for s in sites}, "test": WINDOWS["test"]}
-
-
-def head_windows(windows: dict, sites, which: str) -> dict[str, tuple[float, float]]:
-    """The window through which each binary model sees a test image.
-
-    "site" (default): each head sees the test image as its site's images looked in training,
-    through that site's window. "test" (as the original code): the test set's window for every
-    head, so that one representation pass serves all heads.
-    """
-    return {s: windows["test"] if which == "test" else windows[s] for s in sites}
+        return dict.fromkeys(sites, WINDOWS["pooled"])
+    return {s: WINDOWS[s] for s in sites}
 
 
 def make_sampler(cases, hu_window, binary: bool, cfg: SamplerConfig, device, seed: int,
@@ -497,14 +448,13 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     sites = NODE_SITES[args.nodes]
     local = sites if only is None else tuple(only)
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
-    windows = site_windows(sites, args.window, args.mode)
+    windows = site_windows(sites, args.mode)
     binary = args.mode in ("single", "segviz")
     unet_cfg = UNetConfig(classes=2 if binary else len(organs) + 1, channels=tuple(args.channels),
                           norm=args.norm, task_stages=args.task_stages)
     sampler_cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                                 patches_per_volume=preset.patches_per_volume, p_spatial=preset.p_affine,
-                                p_intensity=preset.p_intensity, p_noise=args.noise_aug,
-                                p_contrast=args.contrast_aug, contrast=args.contrast_range)
+                                p_intensity=preset.p_intensity)
     samplers = {s: make_sampler(train_cases[s], windows[s], binary, sampler_cfg, args.device,
                                 seed_for(args.seed, s), len(organs)) for s in local}
     # channels-last 3D convolutions are ~12% faster on CPU (oneDNN) and the layout Tensor Cores want
@@ -515,12 +465,12 @@ def build_run(args: argparse.Namespace, train_cases: dict, only: Sequence[str] |
     store = fl.choose_store(torch.device(args.device), len(sites), fl.state_bytes(model))
     if args.mode in POOLED:
         pooled = round_robin([samplers[s] for s in sites])
-        loss = pooled_loss(args.loss, pooled, sites, args.dice_over == "batch")
+        loss = pooled_loss(args.loss, pooled, sites)
         clients = [fl.new_client("pooled", model, optimizer, to_model(pooled, args.device), loss, store=store)]
         local_steps, keys = {"pooled": sum(steps_per_round(args, train_cases[s]) for s in sites)}, []
     else:
         clients = [fl.new_client(s, model, optimizer, to_model(samplers[s].sample, args.device),
-                                 site_loss(args.loss, s, args.dice_over == "batch"),
+                                 site_loss(args.loss, s),
                                  weight=len(train_cases[s]), store=store) for s in local]
         local_steps = {s: steps_per_round(args, train_cases[s]) for s in local}
         # the original averaged named_parameters(): normalisation statistics (buffers) stayed local
@@ -545,19 +495,19 @@ def steps_per_round(args: argparse.Namespace, cases: list) -> int:
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def site_loss(name: str, site: str, batch_dice: bool = False) -> Loss:
+def site_loss(name: str, site: str) -> Loss:
     """The loss of one site's batches; the marginal loss knows which organ the site labelled."""
     if name == "marginal":
-        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]], batch_dice=batch_dice)
-    return functools.partial(LOSSES[name], batch_dice=batch_dice)
+        return functools.partial(marginal_loss, labelled=[ORGAN_ID[site]])
+    return LOSSES[name]
 
 
-def pooled_loss(name: str, pooled: Callable, sites: Sequence[str], batch_dice: bool = False) -> Loss:
+def pooled_loss(name: str, pooled: Callable, sites: Sequence[str]) -> Loss:
     """The pooled model's loss: each batch comes from one site in turn (round_robin), so the
     marginal loss reads which site the batch just drawn came from."""
     if name != "marginal":
-        return functools.partial(LOSSES[name], batch_dice=batch_dice)
-    per_site = [site_loss(name, s, batch_dice) for s in sites]
+        return LOSSES[name]
+    per_site = [site_loss(name, s) for s in sites]
     return lambda logits, target: per_site[(pooled.position[0] - 1) % len(sites)](logits, target)
 
 
@@ -576,7 +526,7 @@ def validate(run: Run, args: argparse.Namespace, val_cases: dict[str, list],
              sites: Sequence[str] | None = None) -> dict[str, float]:
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
-    windows = site_windows(run.sites, args.window, args.mode)
+    windows = site_windows(run.sites, args.mode)
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
         for site in sites or run.sites:
@@ -776,8 +726,7 @@ def train(args: argparse.Namespace) -> dict:
         for r in range(start, args.rounds):
             present = robust.present(run.clients, args.dropout, run.dropout_rng) if args.dropout else run.clients
             report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys, combine,
-                                        weighted=args.weighted, progress=bar.update,
-                                        lr=round_lr(args.lr, r, args.rounds, args.schedule), present=present)
+                                        weighted=args.weighted, progress=bar.update, present=present)
             bar.update(sum(run.local_steps[name] for name in report.absent))
             line = f"round {r + 1:>3}/{args.rounds}  loss " + "  ".join(
                 f"{k} {v:.3f}" for k, v in report.losses.items())
@@ -830,17 +779,17 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
     """Assemble the final model, test it, write model.pt and metrics.json."""
     t_start, t_data, t_trained = times
     preset = PRESETS[args.preset]
-    windows = site_windows(run.sites, args.window, args.mode)
+    windows = site_windows(run.sites, args.mode)
     clients = run.clients
     # one representation pass serves every head only where the sites share all of it
     rep_keys = [k for k in clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
     shared_rep = args.mode == "segviz" and set(rep_keys) <= set(run.keys)
     if args.mode in ("single", "segviz"):
         states = {c.name: c.model_state for c in clients}
-        net = segviz.MetaModel(run.unet_cfg, states, head_windows(windows, run.sites, args.head_window), shared_rep)
+        net = segviz.MetaModel(run.unet_cfg, states, windows, shared_rep)
     else:
         states = {"global": clients[0].model_state}
-        net = segviz.MultiClassModel(run.unet_cfg, states["global"], windows["test"])
+        net = segviz.MultiClassModel(run.unet_cfg, states["global"], WINDOWS["pooled"])
     primary = primary_scoring(args.mode)
     per_case = {} if args.no_test else evaluate(net, test_cases, run.organs, test_roi(args), args.device,
                                                  args.eval_overlap, preset.blend, args.largest, primary=primary)
@@ -854,10 +803,9 @@ def finish(args, run: Run, test_cases, spec, spacing, data_info, times) -> dict:
 
     config = {
         "mode": args.mode, "nodes": args.nodes, "fedbn": args.fedbn, "preset": args.preset, "seed": args.seed,
-        "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr, "schedule": args.schedule,
-        "loss": args.loss, "dice_over": args.dice_over, "window": args.window, "head_window": args.head_window,
+        "rounds": args.rounds, "local_steps": run.local_steps, "lr": args.lr,
+        "loss": args.loss,
         "weighted": args.weighted, "finetune_epochs": args.finetune_epochs, "shared_rep": shared_rep,
-        "noise_aug": args.noise_aug, "contrast_aug": args.contrast_aug, "contrast_range": args.contrast_range,
         "unet": run.unet_cfg.to_dict(), "patch": list(preset.patch), "roi": list(test_roi(args)),
         "blend": preset.blend, "batch": run.samplers[run.sites[0]].cfg.batch, "spacing": list(spacing),
         "data": data_info, "max_cases": args.max_cases, "windows": {k: list(v) for k, v in windows.items()},

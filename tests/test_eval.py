@@ -442,9 +442,9 @@ def test_a_checkpoint_is_tested_again_with_the_sliding_window_its_run_was_tested
 
     paper = {"patch": [128, 128, 32], "roi": [160, 160, 160], "blend": "constant", "eval_overlap": 0.5}
     assert sliding_settings(paper) == ([160, 160, 160], 0.5, "constant")
-    given = argparse.Namespace(overlap=0.0, blend="gaussian")
-    assert sliding_settings(paper, given) == ([160, 160, 160], 0.0, "gaussian")
-    unset = argparse.Namespace(overlap=None, blend=None)
+    given = argparse.Namespace(overlap=0.0)
+    assert sliding_settings(paper, given) == ([160, 160, 160], 0.0, "constant")
+    unset = argparse.Namespace(overlap=None)
     assert sliding_settings(paper, unset) == ([160, 160, 160], 0.5, "constant")
     older = {"patch": [48, 48, 32], "roi": None}  # before roi/blend/overlap were recorded
     assert sliding_settings(older, unset) == ([48, 48, 32], 0.25, "gaussian")

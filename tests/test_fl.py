@@ -167,8 +167,8 @@ def poisoned_round(poison, guard, n=3, aggregate=fl.average):
 
     real_train = fl.local_train
 
-    def train_then_poison(model, optimizer, client, steps, progress=None, lr=None):
-        loss = real_train(model, optimizer, client, steps, progress, lr)
+    def train_then_poison(model, optimizer, client, steps, progress=None):
+        loss = real_train(model, optimizer, client, steps, progress)
         if client is clients[-1]:
             client.model_state["0.weight"] = poison(client.model_state["0.weight"])
         return loss

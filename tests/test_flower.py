@@ -92,11 +92,11 @@ def test_a_state_from_before_the_newer_settings_still_matches(tmp_path, monkeypa
     cfg = {**app_config(), "out": str(tmp_path / "run")}
     args = flower_app.server_args(cfg, flower_app.options(cfg))
     now = flower_app.settings_key(args)
-    older = tuple(k for k in train.RUN_SETTINGS if k not in ("dice_over", "channels"))
+    older = tuple(k for k in train.RUN_SETTINGS if k != "channels")
     monkeypatch.setattr(train, "RUN_SETTINGS", older)
     assert flower_app.settings_key(args) == now  # what a state file written before them holds
     monkeypatch.undo()
-    args.dice_over = "batch"
+    args.channels = [8, 16, 32, 64]
     assert flower_app.settings_key(args) != now
 
 

@@ -23,9 +23,8 @@ def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0)) -> str:
     cfg = UNetConfig(classes=2, channels=(4, 8), norm="instance")
     torch.manual_seed(0)
     states = {site: UNet3D(cfg).state_dict() for site in ("liver", "spleen")}
-    config = {"unet": cfg.to_dict(), "windows": {"liver": [-200.0, 200.0], "spleen": [-57.0, 164.0],
-                                                  "test": [-175.0, 250.0]},
-              "shared_rep": False, "head_window": "site", "spacing": list(spacing), "patch": [16, 16, 16],
+    config = {"unet": cfg.to_dict(), "windows": {"liver": [-200.0, 200.0], "spleen": [-57.0, 164.0]},
+              "shared_rep": False, "spacing": list(spacing), "patch": [16, 16, 16],
               "roi": None, "blend": "gaussian", "eval_overlap": 0.25, "largest": False}
     torch.save({"format": ev.CHECKPOINT_FORMAT, "name": "segviz-2", "mode": "segviz", "nodes": 2,
                 "organs": ["liver", "spleen"], "config": config, "states": states}, path)
@@ -132,7 +131,7 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
     block = (slice(3, 9), slice(10, 14), slice(5, 20))  # array indices as stored, under an L,S,P affine
     nib.save(ct((24, 16, 28), FLIPPED, bright=block), folder / "b.nii.gz")
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
-    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt, head_window=None: Bright())
+    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt: Bright())
     out = tmp_path / "out"
     assert ev.main(["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
     assert sorted(os.listdir(out)) == ["b.nii.gz", "b_liver.nii.gz", "b_spleen.nii.gz"]
@@ -219,7 +218,7 @@ def test_the_real_ct_is_segmented_on_its_own_grid_in_any_orientation(tmp_path, m
     ipl, ipl_affine = layouts.reoriented(image, affine, "IPL")  # as KiTS19 stores its scans
     layouts.save(folder / "ipl.nii.gz", ipl, ipl_affine)
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(6.0, 6.0, 6.0))
-    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt, head_window=None: Bright())
+    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt: Bright())
     out = tmp_path / "out"
     assert ev.main(["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model]) == 0
     ras, back = nib.load(out / "ras.nii.gz"), nib.load(out / "ipl.nii.gz")

@@ -75,25 +75,6 @@ def test_dice_loss_is_zero_for_a_perfect_prediction_and_high_for_a_wrong_one():
     assert float(train.dice_loss(-perfect, target)) > 0.99
 
 
-def test_batch_dice_pools_the_batch_so_false_positives_on_an_empty_patch_count():
-    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
-    target[0, :2] = 1  # sample 0 holds the organ, sample 1 (a negative patch) does not
-    clean = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 40 - 20
-    noisy = clean.clone()
-    noisy[1, 1, 0] = 20  # false positives on the negative patch only
-    noisy[1, 0, 0] = -20
-    clean_loss = float(train.dice_loss(clean, target, batch_dice=True))
-    noisy_loss = float(train.dice_loss(noisy, target, batch_dice=True))
-    assert clean_loss < 1e-4 and noisy_loss > 0.05
-    # pooled: organ Dice 2 x 32 / (32 + 16 + 32), background 2 x 80 / (80 + 96)
-    assert noisy_loss == pytest.approx((1 - 64 / 80 + 1 - 160 / 176) / 2, abs=1e-3)
-    # per sample, the negative patch's organ term jumps from 0 to ~1 for a few false positives
-    # and stays there however many it predicts: no gradient towards fewer
-    per_sample_clean = float(train.dice_loss(clean, target))
-    per_sample_noisy = float(train.dice_loss(noisy, target))
-    assert per_sample_clean == pytest.approx(0, abs=1e-4) and per_sample_noisy > 0.2
-
-
 def test_round_robin_draws_from_each_site_in_turn():
     class Fake:
         def __init__(self, name):
@@ -185,13 +166,12 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
         assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
 
 
-def test_channels_and_batch_dice_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
+def test_channels_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
     out = tmp_path / "run"
-    result = tiny("segviz", out, cache, "--channels", "4,8,16,32,64", "--dice-over", "batch")
+    result = tiny("segviz", out, cache, "--channels", "4,8,16,32,64")
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["config"]["unet"]["channels"] == [4, 8, 16, 32, 64]
-    assert ckpt["config"]["dice_over"] == "batch"
     widths = {v.shape[0] for k, v in ckpt["states"]["liver"].items() if k.startswith("rep.") and k.endswith(".weight")
               and v.dim() == 5}
     assert {4, 8, 16, 32, 64} <= widths
