@@ -519,7 +519,7 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     nodes; returns the round's line."""
     args, run = co.args, co.run
     rejoined = refresh_nodes(grid, co)
-    present = train.present_clients(run, args.dropout) if args.dropout else list(run.clients)
+    present = robust.present(run.clients, args.dropout, run.dropout_rng) if args.dropout else list(run.clients)
     reference = {k: v.clone() for k, v in co.shared.items()}
     shared = to_record(reference)
     messages = [Message(RecordDict({"shared": shared, "config": ConfigRecord(
