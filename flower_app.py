@@ -61,7 +61,7 @@ FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central
 SERVER_KEYS = {"out", "cache", "device", "test-data", "keep-heads-local", "resume", "timeout", "wait-for-nodes"}
 # TOML has no null: 0 (and "" for channels) stands for "not given", so train.py's default
 # applies (the preset's learning rate and widths, every case, no limit)
-ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "dp-clip", "channels"}
+ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "norm-factor", "dp-clip", "channels"}
 NEGATABLE = {"largest"}  # on by default in train.py: false must be said (--no-largest)
 # settings that may differ between the machines of one run (paths) or grow on resume
 MACHINE_SETTINGS = {"cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test", "rounds"}

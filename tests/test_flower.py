@@ -239,7 +239,7 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         finally:
             torch.set_num_threads(threads)
         wait_for_port(link, deadline)
-        run_config = (f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seed=3 out='{out}' "
+        run_config = (f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' "
                       f"cache='{cache}' timeout=120 wait-for-nodes=60")
         run = start([executable("flwr"), "run", ROOT, "segviz-test", "--stream", "--run-config", run_config],
                     logs["run"])
