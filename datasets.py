@@ -8,6 +8,7 @@ The only module that imports nibabel.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -658,12 +659,24 @@ def add_source_arguments(p, roles=(*ORGANS, "test")) -> None:
     p.add_argument("--data-root", metavar="DIR",
                    help="folder holding the public datasets as unpacked (Task03_Liver, Task09_Spleen, "
                         "Task07_Pancreas, kits19 or Task040_KiTS, BTCV); without it the phantom is used")
-    for role in roles:
-        p.add_argument(f"--{role}", metavar="PATH", help=f"the {role} dataset, if not under --data-root")
+    p.add_argument("--data", action="append", default=[], metavar="SITE=PATH", type=site_path(roles),
+                   help=f"a dataset that is not under --data-root, one flag per dataset; SITE is one of "
+                        f"{', '.join(roles)}")
+
+
+def site_path(roles):
+    """argparse type of --data: SITE=PATH with a known SITE."""
+    def parse(text: str) -> tuple[str, str]:
+        site, sep, path = text.partition("=")
+        if not sep or site not in roles or not path:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=PATH with SITE one of {', '.join(roles)}")
+        return site, path
+    return parse
 
 
 def source_overrides(args) -> dict[str, str]:
-    return {role: getattr(args, role) for role in (*ORGANS, "test") if getattr(args, role, None)}
+    """--data SITE=PATH flags as {site: path} (the last one wins for a site named twice)."""
+    return dict(getattr(args, "data", None) or [])
 
 
 def inspect_source(source: Source, read_data: bool = True) -> dict:

@@ -261,7 +261,7 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
     from its checkpoint."""
     plt = _pyplot()
     first = next(iter(runs.values()))[0]
-    test = load_test_set(first["config"], argparse.Namespace(data_root=None, test=None, cache=first["config"].get(
+    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=first["config"].get(
         "cache_dir"), workers=1))
     predictions = {}
     for name in runs:

@@ -64,7 +64,7 @@ SERVER_KEYS = {"out", "cache", "device", "test-data", "keep-heads-local", "resum
 ZERO_IS_UNSET = {"lr", "max-cases", "max-update-norm", "norm-factor", "dp-clip", "channels"}
 NEGATABLE = {"largest"}  # on by default in train.py: false must be said (--no-largest)
 # settings that may differ between the machines of one run (paths) or grow on resume
-MACHINE_SETTINGS = {"cache", "data_root", "liver", "spleen", "pancreas", "kidneys", "test", "rounds"}
+MACHINE_SETTINGS = {"cache", "data_root", "data", "rounds"}
 
 
 def train_argv(run_config: Mapping) -> list[str]:

@@ -313,9 +313,9 @@ def run_name(mode: str, nodes: int, fedbn: bool = False, marginal: bool = False)
 
 # Settings that define a run: a resumed run takes them from its state, and refuses others.
 RUN_SETTINGS = ("mode", "nodes", "fedbn", "preset", "finetune_epochs", "local_steps", "lr", "loss", "weighted",
-                "task_stages", "channels", "norm", "seed", "cache", "data_root", "liver", "spleen", "pancreas",
-                "kidneys", "test", "spacing", "val_split", "max_cases", "largest", "eval_overlap", "dropout",
-                "aggregate", "max_update_norm", "norm_factor", "dp_clip", "dp_noise", "val_every")
+                "task_stages", "channels", "norm", "seed", "cache", "data_root", "data", "spacing", "val_split",
+                "max_cases", "largest", "eval_overlap", "dropout", "aggregate", "max_update_norm", "norm_factor",
+                "dp_clip", "dp_noise", "val_every")
 
 
 def explicit_flags(argv: list[str]) -> set[str]:

@@ -343,7 +343,7 @@ def test_inspect_reports_every_site_and_problems(root, tmp_path):
     broken = tmp_path / "broken"
     base = layouts.msd_spleen(broken)
     os.remove(base / "imagesTr" / "spleen_0.nii.gz")
-    r = subprocess.run([sys.executable, "datasets.py", "inspect", "--spleen", str(base), "--nodes", "2"],
+    r = subprocess.run([sys.executable, "datasets.py", "inspect", "--data", f"spleen={base}", "--nodes", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert "spleen_0.nii.gz, which does not exist" in r.stdout
