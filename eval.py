@@ -60,7 +60,7 @@ def importance_map(roi: Sequence[int], mode: str, device) -> torch.Tensor:
     return w.clamp(min=w[w > 0].min())  # no zero weights at the corners
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: the outputs are only ever scored
 def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor, roi: Sequence[int],
                    overlap: float = 0.25, blend: str = "gaussian", batch: int = 4,
                    pad_value: float = -1024.0) -> torch.Tensor:
@@ -88,7 +88,7 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torc
         for j, (a, b, c) in enumerate(chunk):
             out[0, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += y[j] * weight
             norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
-    out = out / norm
+    out /= norm
     if any(pad):
         sl = [slice(n // 2, n // 2 + s) for n, s in zip(pad, shape)]
         out = out[:, :, sl[0], sl[1], sl[2]]
