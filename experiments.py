@@ -1,12 +1,17 @@
 """Experiments around SegViz: comparing setups, figures, and choosing defaults on validation.
 
+    python experiments.py suite --out DIR [--nodes 2 3 4] [--seeds 0 1 2] [train.py flags]
     python experiments.py compare DIR [--figures]    # results.md/json: every setup over seeds, Wilcoxon marks
     python experiments.py table DIR                  # one row per finished run (and seed)
     python experiments.py validation DIR [DIR ...]   # each candidate's validation Dice over seeds
     python experiments.py eval-options DIR [DIR ...] # blending and clean-up, scored on validation
 
-`compare` reads every finished run under DIR (DIR/<setup>/metrics.json or
-DIR/<setup>/seed-S/metrics.json, as `train.py --mode all` writes them). A candidate for
+`suite` trains the paper's figure 2 (single, central, fedavg, segviz), SegViz with FedBN, the
+central and FedAvg models with the marginal loss, and the oracle (phantom only), for every node
+count and seed, each as its own `python train.py` process writing DIR/<setup>[/seed-S]; a
+finished run is skipped and an unfinished one resumed, so the command can simply be issued
+again; then it compares them. `compare` reads every finished run under DIR (DIR/<setup>/metrics.json or
+DIR/<setup>/seed-S/metrics.json, as `suite` writes them). A candidate for
 `validation` is a folder of runs trained with `train.py --no-test --seeds ...` (one folder per
 seed under it): it tabulates each site's Dice on its own validation cases at the last check,
 mean ± std over seeds. `eval-options` rebuilds each run's per-site models from its checkpoint
@@ -21,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -50,6 +56,56 @@ from unet3d import UNetConfig
 
 if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
     from matplotlib.figure import Figure
+
+
+# ---------------------------------------------------------------------------------------
+# The suite: every setup, node count and seed, one train.py process each
+# ---------------------------------------------------------------------------------------
+
+# the paper's figure 2, SegViz with FedBN, the stronger baselines and the upper bound
+SETUPS = (("single", []), ("central", []), ("central", ["--loss", "marginal"]), ("fedavg", []),
+          ("fedavg", ["--loss", "marginal"]), ("segviz", []), ("segviz", ["--fedbn"]), ("oracle", []))
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def suite_plan(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list[str],
+               real: bool) -> list[tuple[str, str, list[str]]]:
+    """(setup name, its folder, the train.py arguments) of every run of the suite. The user's
+    other flags apply to every run; each setup's own flags come after them and win."""
+    plan = []
+    for n in nodes:
+        for mode, extra in SETUPS:
+            if (mode == "oracle" and real) or (mode != "single" and n == 1):
+                continue
+            name = f"{mode}{'-fedbn' if '--fedbn' in extra else ''}{'-marginal' if 'marginal' in extra else ''}-{n}"
+            for seed in seeds:
+                folder = os.path.join(out, name, f"seed-{seed}") if len(seeds) > 1 else os.path.join(out, name)
+                plan.append((name, folder, [*passed, "--nodes", str(n), "--mode", mode, *extra,
+                                            "--seeds", str(seed), "--out", folder]))
+    return plan
+
+
+def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list[str]) -> int:
+    """Every run of the suite that has not finished, then the comparison."""
+    real = any(a == "--data-root" or a.startswith(("--data-root=", "--data")) for a in passed)
+    plan = suite_plan(out, nodes, seeds, passed, real)
+    device = [a for i, a in enumerate(passed) if a.startswith("--device") or (i and passed[i - 1] == "--device")]
+    print(f"suite: {len(plan)} runs under {out}")
+    for i, (name, folder, argv) in enumerate(plan, 1):
+        seed = argv[argv.index("--seeds") + 1]
+        if os.path.exists(os.path.join(folder, "metrics.json")):
+            print(f"[{i}/{len(plan)}] {name} seed {seed}: finished, skipped")
+            continue
+        if os.path.exists(os.path.join(folder, "state.pt")):
+            print(f"[{i}/{len(plan)}] {name} seed {seed}: resuming")
+            argv = ["--resume", folder, *device]
+        else:
+            print(f"[{i}/{len(plan)}] {name} seed {seed}")
+        result = subprocess.run([sys.executable, TRAIN, *argv], check=False)
+        if result.returncode != 0:
+            fail(f"suite: {name} seed {seed} stopped (exit {result.returncode}); issue the command again to go on")
+    print(compare_runs(out))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,6 +494,12 @@ def eval_options_table(folders: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("suite", help="every setup for every node count and seed (train.py runs), then compare; "
+                                     "other flags go to train.py")
+    s.add_argument("--out", default=os.path.join("runs", "paper"), help="folder of the runs (default runs/paper)")
+    s.add_argument("--nodes", type=int, nargs="+", default=[2, 3, 4], choices=(1, 2, 3, 4),
+                   help="node counts (default 2 3 4)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     c = sub.add_parser("compare", help="DIR/results.md and results.json: every setup over seeds, with Wilcoxon "
                                        "tests against SegViz, then its HD95 and NSD")
     c.add_argument("folder", metavar="DIR")
@@ -452,7 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("folders", nargs="+")
     e = sub.add_parser("eval-options", help="blending and clean-up scored on the validation cases")
     e.add_argument("folders", nargs="+")
-    args = p.parse_args(argv)
+    args, passed = p.parse_known_args(argv)
+    if passed and args.what != "suite":
+        p.error(f"unrecognized arguments: {' '.join(passed)}")
+    if args.what == "suite":
+        if {"--mode", "--fedbn", "--resume"} & {a.split("=")[0] for a in passed}:
+            p.error("suite: --mode, --fedbn and --resume are the suite's own (it resumes by itself)")
+        check_writable(args.out, "--out")
+        return run_suite(args.out, sorted(set(args.nodes)), args.seeds, passed)
     if args.what == "table":
         print(table_of_runs(args.folder))
     elif args.what == "compare":

@@ -8,9 +8,8 @@ Modes (the paper's figure 2):
     fedavg   C  the central model trained at each site; every key averaged each round
     segviz   D  shared representation averaged, task heads kept local; --fedbn keeps norms local too
     oracle      phantom only: the central model with every organ labelled at every site (upper bound)
-    all         every setup above (and central/fedavg with --loss marginal) for each --nodes value
 
-    python train.py --nodes 2 3 4 --mode all --out runs/paper   # re-run it to finish what is missing
+Every setup for several node counts and seeds, and their comparison: `python experiments.py suite`.
 
 Every mode gets the same budget: nodes x rounds x local steps optimiser steps of one batch.
 The state is saved every round; `python train.py --resume OUT` continues a killed run.
@@ -160,10 +159,9 @@ def channel_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, nargs="+", default=None, choices=(1, 2, 3, 4),
-                   help="number of sites: 1 liver, 2 + spleen, 3 + pancreas, 4 + kidneys (default 4; several "
-                        "values with --mode all, default 2 3 4)")
-    p.add_argument("--mode", default="segviz", choices=(*MODES, "all"), help="training setup (default segviz)")
+    p.add_argument("--nodes", type=int, default=4, choices=(1, 2, 3, 4),
+                   help="number of sites: 1 liver, 2 + spleen, 3 + pancreas, 4 + kidneys (default 4)")
+    p.add_argument("--mode", default="segviz", choices=MODES, help="training setup (default segviz)")
     p.add_argument("--fedbn", action="store_true", help="segviz only: keep normalisation layers local (FedBN)")
     p.add_argument("--preset", default="phantom", choices=tuple(PRESETS),
                    help="phantom: small model for a CPU (default); paper: the original's model and patch size")
@@ -229,16 +227,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-test", action="store_true",
                    help="train (and validate) only: the test set is not read (choosing settings on validation)")
     args = p.parse_args(argv)
-    if args.mode == "all":
-        args.nodes = sorted(set(args.nodes or [2, 3, 4]))
-        if args.resume:
-            p.error("--mode all resumes by itself: run the same command again")
-        args.out = args.out or os.path.join("runs", "all")
-        check_writable(args.out, "--out")
-        return args
-    if args.nodes is not None and len(args.nodes) != 1:
-        p.error("several --nodes values need --mode all")
-    args.nodes = 4 if args.nodes is None else args.nodes[0]
     args.seed = args.seeds[0]
     if args.resume:
         adopt_saved_settings(args, p, explicit_flags(sys.argv[1:] if argv is None else argv))
@@ -844,59 +832,6 @@ def save_outputs(out: str, checkpoint: dict, metrics: dict) -> None:
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
 
 
-# --mode all: the paper's table (figure 2's setups), the stronger baselines and the upper bound
-ALL_SETUPS = (("single", []), ("central", []), ("central", ["--loss", "marginal"]), ("fedavg", []),
-              ("fedavg", ["--loss", "marginal"]), ("segviz", []), ("segviz", ["--fedbn"]), ("oracle", []))
-
-
-def run_all(args: argparse.Namespace, argv: list[str]) -> int:
-    """Every setup for every --nodes value and seed, in OUT/<setup>/seed-S. A finished run (it
-    has metrics.json) is skipped and an unfinished one (state.pt only) resumed, so the command
-    can simply be issued again after an interruption."""
-    # the user's other flags apply to every run; each setup's own flags come last and win
-    shared = strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn", "--seeds"})
-    real = bool(args.data_root or source_overrides(args))
-    plan = []
-    for nodes in args.nodes:
-        for mode, extra in ALL_SETUPS:
-            if (mode == "oracle" and real) or (mode != "single" and nodes == 1):
-                continue
-            name = run_name(mode, nodes, "--fedbn" in extra, "marginal" in extra)
-            plan += [(name, seed, ["--nodes", str(nodes), "--mode", mode, *extra]) for seed in args.seeds]
-    print(f"--mode all: {len(plan)} runs under {args.out}")
-    for i, (name, seed, setup) in enumerate(plan, 1):
-        out = seed_folder(os.path.join(args.out, name), seed) if len(args.seeds) > 1 else os.path.join(args.out, name)
-        if os.path.exists(os.path.join(out, "metrics.json")):
-            print(f"[{i}/{len(plan)}] {name} seed {seed}: finished, skipped")
-            continue
-        if os.path.exists(os.path.join(out, STATE_FILE)):
-            print(f"[{i}/{len(plan)}] {name} seed {seed}: resuming")
-            train(parse_args(["--resume", out, *strip_flags(shared, set(), keep_only_device=True)]))
-        else:
-            print(f"[{i}/{len(plan)}] {name} seed {seed}")
-            run_args = parse_args([*shared, *setup, "--seeds", str(seed), "--out", os.path.join(args.out, name)])
-            run_args.out = out
-            train(run_args)
-    from experiments import compare_runs
-
-    print(compare_runs(args.out))
-    return 0
-
-
-def strip_flags(argv: list[str], drop: set[str], keep_only_device: bool = False) -> list[str]:
-    """argv without the given flags and their values; or with --device only (for a resume)."""
-    out, i = [], 0
-    while i < len(argv):
-        flag = argv[i].split("=")[0]
-        j = i + 1
-        while "=" not in argv[i] and j < len(argv) and not argv[j].startswith("--"):
-            j += 1  # the flag's values
-        if (flag == "--device") if keep_only_device else (flag not in drop):
-            out += argv[i:j]
-        i = j
-    return out
-
-
 def seed_summary(results: dict[int, dict]) -> str:
     """Each seed's mean Dice per organ, then the mean ± std across seeds (of those means)."""
     first = next(iter(results.values()))
@@ -914,8 +849,6 @@ def seed_summary(results: dict[int, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.mode == "all":
-        return run_all(args, argv)
     if args.resume:
         train(args)
         return 0

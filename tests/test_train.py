@@ -467,10 +467,10 @@ def test_wilcoxon_marks_on_known_inputs():
     assert significance(a, a) == (1.0, "ns")
 
 
-def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, cache):
+def test_the_suite_runs_every_setup_skips_finished_ones_and_compares(tmp_path, cache):
     out = tmp_path / "paper"
-    args = ("train.py", "--nodes", "2", "--mode", "all", "--rounds", "2", "--local-steps", "1", "--max-cases", "1",
-            "--val-every", "1", "--cache", str(cache), "--out", str(out))
+    args = ("experiments.py", "suite", "--nodes", "2", "--seeds", "0", "--out", str(out), "--rounds", "2",
+            "--local-steps", "1", "--max-cases", "1", "--val-every", "1", "--cache", str(cache))
     first = run(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     names = {"single-2", "central-2", "central-marginal-2", "fedavg-2", "fedavg-marginal-2", "segviz-2",
@@ -503,16 +503,22 @@ def test_mode_all_runs_every_setup_skips_finished_ones_and_compares(tmp_path, ca
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
 
 
-def test_mode_all_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_path):
-    argv = ["--nodes", "2", "3", "--mode", "all", "--loss", "dice", "--fedbn", "--rounds", "1", "--out", "x"]
-    shared = train.strip_flags(argv, {"--mode", "--nodes", "--out", "--fedbn"})
-    assert shared == ["--loss", "dice", "--rounds", "1"]
-    marginal = train.parse_args([*shared, "--nodes", "2", "--mode", "fedavg", "--loss", "marginal",
-                                 "--out", str(tmp_path / "a")])
+def test_the_suite_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_path):
+    from experiments import suite_plan
+
+    plan = suite_plan(str(tmp_path), [2, 3], [0, 1], ["--loss", "dice", "--rounds", "1"], real=False)
+    assert len(plan) == 2 * 8 * 2  # node counts x setups x seeds
+    _, folder, argv = next(p for p in plan if p[0] == "fedavg-marginal-2" and p[1].endswith("seed-1"))
+    assert folder == str(tmp_path / "fedavg-marginal-2" / "seed-1")
+    marginal = train.parse_args(argv)  # the setup's own --loss comes last and wins
     assert marginal.loss == "marginal" and marginal.rounds == 1 and marginal.name == "fedavg-marginal-2"
-    plain = train.parse_args([*shared, "--nodes", "2", "--mode", "central", "--out", str(tmp_path / "b")])
-    assert plain.loss == "dice"
-    assert train.strip_flags(["--rounds", "3", "--device", "cpu"], set(), keep_only_device=True) == ["--device", "cpu"]
+    plain = train.parse_args(next(p[2] for p in plan if p[0] == "central-3"))
+    assert plain.loss == "dice" and plain.nodes == 3
+    # real data has no oracle; one seed writes DIR/<setup> directly
+    real = suite_plan(str(tmp_path), [4], [0], [], real=True)
+    assert [p[0] for p in real] == ["single-4", "central-4", "central-marginal-4", "fedavg-4", "fedavg-marginal-4",
+                                    "segviz-4", "segviz-fedbn-4"]
+    assert real[0][1] == str(tmp_path / "single-4")
 
 
 def test_paper_preset_runs_end_to_end(tmp_path, cache):

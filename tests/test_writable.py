@@ -81,14 +81,14 @@ def assert_one_line_exit_2(result, flag, path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "train.py --mode all", "eval.py predict", "eval.py --save-pred",
+@pytest.mark.parametrize("script", ["train.py", "experiments.py suite", "eval.py predict", "eval.py --save-pred",
                                     "eval.py --out", "bench.py"])
 def test_every_script_that_writes_refuses_before_any_work(script, tmp_path):
     # /proc/nope where there is /proc (the case os.access gets wrong for root), else under a file
     path = unwritable_paths(tmp_path)[1 if os.path.isdir("/proc/self") else 0]
     missing = str(tmp_path / "absent.pt")  # checked after the output: the output is refused first
     argv = {"train.py": ["train.py", "--out", path],
-            "train.py --mode all": ["train.py", "--mode", "all", "--out", path],
+            "experiments.py suite": ["experiments.py", "suite", "--out", path],
             "eval.py predict": ["eval.py", "predict", "-i", str(tmp_path), "-o", path, "--checkpoint", missing],
             "eval.py --save-pred": ["eval.py", "--checkpoint", missing, "--save-pred", path],
             "eval.py --out": ["eval.py", "--checkpoint", missing, "--out", path],
