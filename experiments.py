@@ -479,9 +479,10 @@ def eval_options_table(folders: list[str]) -> str:
                 ckpt = load_checkpoint(f"{m['dir']}/model.pt")
                 cfg = ckpt["config"]
                 cases = validation_cases(cfg)
+                models = site_models(ckpt)
                 for option in OPTIONS:
                     site_means = []
-                    for site, model in site_models(ckpt).items():
+                    for site, model in models.items():
                         scored = evaluate(model, cases[site], [site], cfg["roi"], "cpu", cfg["eval_overlap"],
                                           option[0], option[1], surface=False)
                         scoring = "heads" if "heads" in scored else "classes"

@@ -477,7 +477,12 @@ def steps_per_round(args: argparse.Namespace, cases: list) -> int:
     data, an epoch being one pass of batches over its cases (as the original's 10 epochs)."""
     if args.local_steps:
         return args.local_steps
-    return PRESETS[args.preset].local_epochs * math.ceil(len(cases) / PRESETS[args.preset].volumes_per_batch)
+    return PRESETS[args.preset].local_epochs * epoch_steps(args, len(cases))
+
+
+def epoch_steps(args: argparse.Namespace, cases: int) -> int:
+    """One pass over a site's cases, in batches of the preset's volumes."""
+    return math.ceil(cases / PRESETS[args.preset].volumes_per_batch)
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -555,7 +560,7 @@ def finetune_heads(run: Run, args: argparse.Namespace, val_cases: dict[str, list
     gradient, and only task parameters get one."""
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
-    per_epoch = {c.name: math.ceil(len(run.samplers[c.name]) / PRESETS[args.preset].volumes_per_batch)
+    per_epoch = {c.name: epoch_steps(args, len(run.samplers[c.name]))
                  for c in run.clients}
     def score(site: str) -> float:  # without validation cases the last epoch is kept
         return validate(run, args, val_cases, [site]).get(site, -1.0)
@@ -836,13 +841,10 @@ def seed_summary(results: dict[int, dict]) -> str:
     """Each seed's mean Dice per organ, then the mean ± std across seeds (of those means)."""
     first = next(iter(results.values()))
     organs = first["organs"]
-    rows = {f"seed {seed}": {o: {"mean": m["dice"][o]["mean"], "std": m["dice"][o]["std"]} for o in organs}
-            for seed, m in results.items()}
-    across = {}
-    for o in organs:
-        means = np.array([m["dice"][o]["mean"] for m in results.values()])
-        across[o] = {"mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0}
-    rows[f"mean of {len(results)} seeds"] = across
+    from experiments import across_seeds
+
+    rows = {f"seed {seed}": m["dice"] for seed, m in results.items()}
+    rows[f"mean of {len(results)} seeds"] = {o: across_seeds(list(rows.values()), o) for o in organs}
     return format_table(rows, organs)
 
 
