@@ -116,11 +116,11 @@ def report(r: dict) -> str:
 def bench_exchange(args) -> dict:
     """Keys and bytes each site sends (and receives) per round, per preset and mode."""
     import segviz
-    import train
+    from config import PRESETS
     from unet3d import UNet3D, UNetConfig
 
     out = {}
-    for preset_name, preset in train.PRESETS.items():
+    for preset_name, preset in PRESETS.items():
         rows = {}
         for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
                             ("segviz", True)):
@@ -144,25 +144,26 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
 
     import fl
     import segviz
-    import train
-    from data import NODE_SITES, SamplerConfig
+    from config import PRESETS
+    from data import NODE_SITES, WINDOWS, SamplerConfig, site_sampler
     from phantom import PhantomSpec, phantom_federation
+    from training import dice_ce_loss, on_device
     from unet3d import UNet3D, UNetConfig
 
     torch.set_num_threads(2)
-    preset = train.PRESETS["phantom"]
+    preset = PRESETS["phantom"]
     sites = NODE_SITES[4]
     cases, _ = phantom_federation(sites, seed=0, spec=PhantomSpec(spacing=preset.spacing),
                                   cache_dir=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")))
     cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                         patches_per_volume=preset.patches_per_volume)
     # the data stay fixed (one sampler per site, shared by that site's clients): only clients grow
-    samplers = {s: train.make_sampler(cases[s], train.WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)}
+    samplers = {s: site_sampler(cases[s], WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)}
     model = UNet3D(UNetConfig(channels=preset.channels)).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    clients = [fl.new_client(f"c{i}", model, optimizer, train.channels_last(samplers[sites[i % 4]].sample),
-                             train.dice_ce_loss) for i in range(n)]
+    clients = [fl.new_client(f"c{i}", model, optimizer, on_device(samplers[sites[i % 4]].sample, "cpu"),
+                             dice_ce_loss) for i in range(n)]
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     t = time.time()
     for _ in range(rounds):
@@ -352,10 +353,10 @@ def speed_sliding_window(args, monai) -> dict:
     import torch
 
     import eval as ev
-    import train
+    from config import PRESETS
     from unet3d import UNet3D, UNetConfig
 
-    preset = train.PRESETS["phantom"]
+    preset = PRESETS["phantom"]
     torch.manual_seed(0)
     net = UNet3D(UNetConfig(classes=5, channels=preset.channels)).to(args.device).eval()
     shape = SIZES["sliding_window"]["quick" if args.quick else "full"]
@@ -386,10 +387,11 @@ def speed_train_step(args, monai) -> dict:
     """Voxels per second of one optimiser step at the paper preset (quick: the phantom preset)."""
     import torch
 
-    import train
+    from config import PRESETS
+    from training import dice_ce_loss
     from unet3d import UNet3D, UNetConfig
 
-    preset = train.PRESETS["phantom" if args.quick else "paper"]
+    preset = PRESETS["phantom" if args.quick else "paper"]
     batch = preset.volumes_per_batch * preset.patches_per_volume
     if args.device == "cpu" and not args.quick:
         batch = 2  # a CPU step of 8 patches of 128 x 128 x 32 takes minutes; the ratio is what matters
@@ -423,7 +425,7 @@ def speed_train_step(args, monai) -> dict:
 
             def step(m=m, xx=xx, opt=opt, bf16=bf16):
                 with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = train.dice_ce_loss(m(xx).float(), y)
+                    loss = dice_ce_loss(m(xx).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -447,11 +449,12 @@ def speed_fl_round(args) -> dict:
 
     import fl
     import segviz
-    import train
+    from config import PRESETS
     from data import PatchSampler, SamplerConfig
+    from training import dice_ce_loss
     from unet3d import UNet3D, UNetConfig
 
-    preset = train.PRESETS["phantom"]
+    preset = PRESETS["phantom"]
     torch.manual_seed(0)
     model = UNet3D(UNetConfig(channels=preset.channels)).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
@@ -461,7 +464,7 @@ def speed_fl_round(args) -> dict:
     for i in range(4):
         img, lab = synthetic_volume((110, 86, 86), args.device, seed=i)
         sampler = PatchSampler([img], [lab], cfg, device=args.device, seed=i)
-        clients.append(fl.new_client(f"site{i}", model, optimizer, sampler.sample, train.dice_ce_loss))
+        clients.append(fl.new_client(f"site{i}", model, optimizer, sampler.sample, dice_ce_loss))
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     spent = {"aggregate": 0.0}
 

@@ -1,5 +1,5 @@
-"""What every run needs: the organs and sites, intensity windows, `write_atomic`, the `Case`
-record, `DataError`, and the device-resident patch sampler.
+"""What every run needs: the organs and sites, intensity windows, the `Case` record,
+`DataError`, loading a federation's cases, and the device-resident patch sampler.
 
 The built-in phantom federation is in phantom.py, the real datasets in datasets.py. Arrays are
 indexed (x, y, z) in RAS order throughout. This module knows nothing of models.
@@ -22,6 +22,15 @@ NODE_SITES = {1: ("liver",), 2: ("liver", "spleen"), 3: ("liver", "spleen", "pan
 # binary model, and "pooled" for its multi-class central model.
 WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.0, 199.0),
            "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0)}
+
+
+def site_windows(sites, binary: bool) -> dict[str, tuple[float, float]]:
+    """The HU window of each site's model, in training, validation and test alike.
+
+    A binary site model sees its own site's window, as the original's heads were trained and
+    tested. A multi-class model sees one window everywhere: the original's central model used
+    -200..304 HU."""
+    return {s: WINDOWS[s] for s in sites} if binary else dict.fromkeys(sites, WINDOWS["pooled"])
 
 
 def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
@@ -60,6 +69,70 @@ class Case:
 
 class DataError(ValueError):
     """Bad input data; the message names the file or folder and the problem."""
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a federation: the built-in phantom (phantom.py) or real datasets (datasets.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a run's cases come from: the phantom (no data_root and no paths), else real data."""
+
+    cache: str | None
+    spacing: tuple[float, float, float]
+    max_cases: int | None = None
+    data_root: str | None = None
+    paths: tuple[tuple[str, str], ...] = ()  # (site, path) of datasets outside data_root
+    val_split: str = "auto"
+    workers: int = 1
+
+    @property
+    def real(self) -> bool:
+        return bool(self.data_root or self.paths)
+
+
+def load_federation(sites: tuple[str, ...], source: Source, seed: int, full_labels: bool = False
+                    ) -> tuple[dict[str, list[Case]], list[Case], dict]:
+    """Each site's training cases, the fully labelled test set, and a note of where they came
+    from. `full_labels` (phantom only) labels every organ at every site: the oracle."""
+    if source.real:
+        from datasets import real_federation
+
+        train, test, info = real_federation(sites, source.data_root, dict(source.paths), source.spacing,
+                                            source.cache, source.workers, source.val_split, seed, source.max_cases)
+        return train, test, {"source": "real", **info, "val_split": source.val_split}
+    from phantom import phantom_federation
+
+    train, test = phantom_federation(sites, seed=seed, spec=phantom_spec(source), cache_dir=source.cache,
+                                     full_labels=full_labels)
+    return train, test, {"source": "phantom"}
+
+
+def load_validation(sites: tuple[str, ...], source: Source, seed: int) -> dict[str, list[Case]]:
+    """Each site's validation cases, labelled as the site labels: real data's held-out split,
+    or up to 4 extra phantom cases per site."""
+    if source.real:
+        from datasets import real_validation
+
+        return real_validation(sites, source.data_root, dict(source.paths), source.spacing, source.cache,
+                               source.workers, source.val_split, seed, source.max_cases)
+    from phantom import phantom_validation
+
+    return phantom_validation(sites, min(4, source.max_cases or 4), seed=seed, spec=phantom_spec(source),
+                              cache_dir=source.cache)
+
+
+def phantom_spec(source: Source):
+    """The phantom's size (cases per site, capped by max_cases) on the source's grid."""
+    from phantom import PhantomSpec
+
+    spec = PhantomSpec(spacing=source.spacing)
+    if source.max_cases:
+        spec = PhantomSpec(cases={k: min(v, source.max_cases) for k, v in spec.cases.items()},
+                           spacing=source.spacing)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,3 +326,38 @@ def _pack(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor
     starts = torch.cumsum(counts, 0) - counts
     flat = torch.cat(parts) if sum(len(p) for p in parts) else torch.zeros(1, dtype=torch.long)
     return flat.to(device), starts.to(device), counts.to(device)
+
+
+def site_sampler(cases: list[Case], hu_window: tuple[float, float], binary: bool, cfg: SamplerConfig,
+                 device: torch.device | str, seed: int, organs: int = len(ORGANS)) -> PatchSampler:
+    """A site's sampler over its cases, seen through `hu_window`. A binary model learns "its"
+    organ against the rest; a multi-class model the ORGAN_ID classes of the first `organs`
+    organs (the oracle's labels hold all four, also with fewer sites)."""
+    images = [window(c.hu.clone(), hu_window) for c in cases]
+    labels = [(c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
+              for c in cases]
+    return PatchSampler(images, labels, cfg, device=sampler_device(device), seed=seed)
+
+
+def sampler_device(device: torch.device | str) -> torch.device:
+    """Where a site's patch sampler keeps its volumes and cuts batches: the training device, but
+    the CPU on Apple's MPS. The sampler resamples labels with nearest-neighbour 3-D grid_sample,
+    which MPS lacks (PyTorch 2.9 added bilinear only); batches are moved over after."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def round_robin(samplers: list[PatchSampler]):
+    """Pooled data (the central model): consecutive batches come from each site in turn.
+
+    The position is kept in `next_batch.position` (a one-item list) so a resumed run goes on
+    where it stopped."""
+    position = [0]
+
+    def next_batch():
+        s = samplers[position[0] % len(samplers)]
+        position[0] += 1
+        return s.sample()
+
+    next_batch.position = position
+    return next_batch

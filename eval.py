@@ -288,6 +288,26 @@ def scored_metrics(per_case: dict[str, dict[str, dict[str, list[float]]]], prima
             "nsd_tolerance_mm": NSD_TOLERANCE_MM, "by_scoring": by_scoring}
 
 
+def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
+    """Mean ± std over seeds of each seed's mean over its cases, and every (seed, case) value.
+
+    Means are over finite values: a case without a value (None; HD95 beside an empty mask) is
+    left out of its seed's mean and counted in "nan"; a seed without any is left out of the mean
+    over seeds."""
+    if any(organ not in d for d in per_seed):
+        return None
+    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
+    finite = means[np.isfinite(means)]
+    cases = [list(d[organ]["cases"]) for d in per_seed]
+    entry = {"mean": float(finite.mean()) if len(finite) else None,
+             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
+             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
+    nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
+    if nan:
+        entry["nan"] = nan
+    return entry
+
+
 def format_cell(d: dict | None, digits: int = 3) -> str:
     """mean ± std, "(n nan)" when some cases had no value, "nan" when none had, "—" if not scored."""
     if d is None:

@@ -1,17 +1,21 @@
 """Experiments around SegViz: comparing setups, figures, and choosing defaults on validation.
 
     python experiments.py suite --out DIR [--nodes 2 3 4] [--seeds 0 1 2] [train.py flags]
+    python experiments.py train [train.py flags] [--marginal | --oracle | robustness flags]
     python experiments.py compare DIR [--figures]    # results.md/json: every setup over seeds, Wilcoxon marks
     python experiments.py table DIR                  # one row per finished run (and seed)
     python experiments.py validation DIR [DIR ...]   # each candidate's validation Dice over seeds
     python experiments.py eval-options DIR [DIR ...] # blending and clean-up, scored on validation
 
+`train` is train.py with a variant that is not SegViz itself, passed into `training.train` as
+functions: the marginal loss (central, fedavg), the oracle (central with every organ labelled,
+phantom only), weighted or robust aggregation, screening updates, absent clients and DP.
 `suite` trains the paper's figure 2 (single, central, fedavg, segviz), SegViz with FedBN, the
 central and FedAvg models with the marginal loss, and the oracle (phantom only), for every node
-count and seed, each as its own `python train.py` process writing DIR/<setup>[/seed-S]; a
-finished run is skipped and an unfinished one resumed, so the command can simply be issued
-again; then it compares them. `compare` reads every finished run under DIR (DIR/<setup>/metrics.json or
-DIR/<setup>/seed-S/metrics.json, as `suite` writes them). A candidate for
+count and seed, each as its own `train.py` (or `experiments.py train`) process writing
+DIR/<setup>[/seed-S]; a finished run is skipped and an unfinished one resumed, so the command
+can simply be issued again; then it compares them. `compare` reads every finished run under
+DIR (DIR/<setup>/metrics.json or DIR/<setup>/seed-S/metrics.json, as `suite` writes them). A candidate for
 `validation` is a folder of runs trained with `train.py --no-test --seeds ...` (one folder per
 seed under it): it tabulates each site's Dice on its own validation cases at the last check,
 mean ± std over seeds. `eval-options` rebuilds each run's per-site models from its checkpoint
@@ -23,23 +27,27 @@ chosen this way.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import robust
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
+from config import Config, add_config_arguments, config_of, resumed_config
 from data import NODE_SITES, ORGAN_ID, Case, window
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
     METRICS,
+    across_seeds,
     evaluate,
     format_cell,
     format_table,
@@ -52,6 +60,7 @@ from eval import (
     sliding_settings,
 )
 from segviz import MetaModel, MultiClassModel
+from training import STATE_FILE, Extensions, Loss, load_state, seed_for, soft_dice, train_seeds
 from unet3d import UNetConfig
 
 if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
@@ -62,26 +71,37 @@ if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
 # The suite: every setup, node count and seed, one train.py process each
 # ---------------------------------------------------------------------------------------
 
-# the paper's figure 2, SegViz with FedBN, the stronger baselines and the upper bound
-SETUPS = (("single", []), ("central", []), ("central", ["--loss", "marginal"]), ("fedavg", []),
-          ("fedavg", ["--loss", "marginal"]), ("segviz", []), ("segviz", ["--fedbn"]), ("oracle", []))
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+# the paper's figure 2, SegViz with FedBN, the stronger baselines and the upper bound: (name stem,
+# the flags of its run); the last three are variants that `experiments.py train` runs
+SETUPS = (("single", ["--mode", "single"]), ("central", ["--mode", "central"]),
+          ("central-marginal", ["--mode", "central", "--marginal"]), ("fedavg", ["--mode", "fedavg"]),
+          ("fedavg-marginal", ["--mode", "fedavg", "--marginal"]), ("segviz", ["--mode", "segviz"]),
+          ("segviz-fedbn", ["--mode", "segviz", "--fedbn"]), ("oracle", ["--mode", "central", "--oracle"]))
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANT_FLAGS = ("--marginal", "--oracle")
+
+
+def script_of(flags: Sequence[str]) -> list[str]:
+    """The command that trains a setup: train.py, or experiments.py train for a variant."""
+    if any(f in VARIANT_FLAGS for f in flags):
+        return [sys.executable, os.path.join(HERE, "experiments.py"), "train"]
+    return [sys.executable, os.path.join(HERE, "train.py")]
 
 
 def suite_plan(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list[str],
                real: bool) -> list[tuple[str, str, list[str]]]:
-    """(setup name, its folder, the train.py arguments) of every run of the suite. The user's
-    other flags apply to every run; each setup's own flags come after them and win."""
+    """(setup name, its folder, its flags) of every run of the suite. The user's other flags
+    apply to every run; each setup's own flags come after them."""
     plan = []
     for n in nodes:
-        for mode, extra in SETUPS:
-            if (mode == "oracle" and real) or (mode != "single" and n == 1):
+        for stem, flags in SETUPS:
+            if (stem == "oracle" and real) or (stem != "single" and n == 1):
                 continue
-            name = f"{mode}{'-fedbn' if '--fedbn' in extra else ''}{'-marginal' if 'marginal' in extra else ''}-{n}"
             for seed in seeds:
-                folder = os.path.join(out, name, f"seed-{seed}") if len(seeds) > 1 else os.path.join(out, name)
-                plan.append((name, folder, [*passed, "--nodes", str(n), "--mode", mode, *extra,
-                                            "--seeds", str(seed), "--out", folder]))
+                folder = os.path.join(out, f"{stem}-{n}", f"seed-{seed}") if len(seeds) > 1 else \
+                    os.path.join(out, f"{stem}-{n}")
+                plan.append((f"{stem}-{n}", folder, [*passed, "--nodes", str(n), *flags, "--seeds", str(seed),
+                                                     "--out", folder]))
     return plan
 
 
@@ -93,6 +113,7 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
     print(f"suite: {len(plan)} runs under {out}")
     for i, (name, folder, argv) in enumerate(plan, 1):
         seed = argv[argv.index("--seeds") + 1]
+        command = script_of(argv)
         if os.path.exists(os.path.join(folder, "metrics.json")):
             print(f"[{i}/{len(plan)}] {name} seed {seed}: finished, skipped")
             continue
@@ -101,11 +122,127 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
             argv = ["--resume", folder, *device]
         else:
             print(f"[{i}/{len(plan)}] {name} seed {seed}")
-        result = subprocess.run([sys.executable, TRAIN, *argv], check=False)
+        result = subprocess.run([*command, *argv], check=False)
         if result.returncode != 0:
             fail(f"suite: {name} seed {seed} stopped (exit {result.returncode}); issue the command again to go on")
     print(compare_runs(out))
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Variants of a training run that are not SegViz itself, passed into training.train
+# ---------------------------------------------------------------------------------------
+
+
+def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
+    """Dice + cross-entropy over background and the `labelled` classes only, with the
+    probabilities of every class the site did not label merged into background (Shi et al.
+    2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
+    of the organs this site labelled"."""
+    others = [c for c in range(1, logits.shape[1]) if c not in labelled]
+    logp = torch.log_softmax(logits, dim=1)
+    merged = torch.cat([torch.logsumexp(logp[:, [0, *others]], dim=1, keepdim=True), logp[:, list(labelled)]], 1)
+    index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
+    index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
+    t = index[target]
+    return soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
+
+
+def marginal_for(cfg: Config, sites: Sequence[str], which: Callable[[], int]) -> Loss:
+    """The marginal loss of a client whose batches come from `sites`; `which()` tells which of
+    them gave the batch just drawn (the pooled model draws from each site in turn)."""
+    per_site = [functools.partial(marginal_loss, labelled=[ORGAN_ID[s]]) for s in sites]
+    return lambda logits, target: per_site[which()](logits, target)
+
+
+def add_variant_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("variants (experiments.py train only)")
+    g.add_argument("--marginal", action="store_true",
+                   help="central, fedavg: the marginal loss (unlabelled organs merged into background, not taught "
+                        "as it; Shi et al. 2021) instead of the plain one")
+    g.add_argument("--oracle", action="store_true",
+                   help="central on the phantom with every organ labelled at every site: an upper bound")
+    g.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="each round each client is absent with this probability (seeded; default 0)")
+    g.add_argument("--aggregate", default="mean", choices=tuple(robust.AGGREGATORS),
+                   help="how shared weights are combined: mean (default), coordinate-wise median, trimmed-mean")
+    g.add_argument("--max-update-norm", type=float,
+                   help="refuse a client's update (its shared weights minus last round's) above this L2 norm")
+    g.add_argument("--norm-factor", type=float,
+                   help="refuse a client's update above this multiple of the other clients' median update norm")
+    g.add_argument("--dp-clip", type=float, help="differential privacy: clip each client's update to this L2 norm")
+    g.add_argument("--dp-noise", type=float, default=0.0,
+                   help="differential privacy: Gaussian noise of std DP_NOISE x DP_CLIP on the aggregated update")
+
+
+VARIANT_KEYS = ("marginal", "oracle", "weighted", "dropout", "aggregate", "max_update_norm", "norm_factor",
+                "dp_clip", "dp_noise")
+
+
+def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentParser) -> dict:
+    """The variant flags that differ from their defaults, checked against the config."""
+    checks = [
+        (a.marginal and cfg.mode not in ("central", "fedavg"), "--marginal applies to --mode central and fedavg"),
+        (a.oracle and (cfg.mode != "central" or bool(cfg.data_root or cfg.data)),
+         "--oracle needs --mode central and the phantom (every organ labelled at every site)"),
+        (not 0 <= a.dropout < 1, "--dropout must be in [0, 1)"),
+        (a.dropout and cfg.mode == "central", "--dropout applies to federated modes (central has one client)"),
+        (a.max_update_norm is not None and a.max_update_norm <= 0, "--max-update-norm must be positive"),
+        (a.norm_factor is not None and a.norm_factor <= 0, "--norm-factor must be positive"),
+        (a.dp_clip is not None and a.dp_clip <= 0, "--dp-clip must be positive"),
+        (a.dp_noise < 0 or (a.dp_noise and a.dp_clip is None), "--dp-noise needs --dp-clip and must be >= 0"),
+    ]
+    for bad, why in checks:
+        if bad:
+            p.error(why)
+    defaults = {"marginal": False, "oracle": False, "weighted": False, "dropout": 0.0, "aggregate": "mean",
+                "max_update_norm": None, "norm_factor": None, "dp_clip": None, "dp_noise": 0.0}
+    return {k: getattr(a, k) for k in VARIANT_KEYS if getattr(a, k) != defaults[k]}
+
+
+def variant_name(cfg: Config, v: dict) -> str:
+    """The stem of a variant's run name: oracle, <mode>-marginal, or the mode."""
+    return "oracle" if v.get("oracle") else f"{cfg.mode}-marginal" if v.get("marginal") else ""
+
+
+def extensions(cfg: Config, v: dict) -> Extensions:
+    """The functions a variant passes into training.train, with its random state seeded from the run's."""
+    ext = Extensions(name=variant_name(cfg, v), settings=dict(v), full_labels=bool(v.get("oracle")),
+                     weighted=bool(v.get("weighted")), loss=marginal_for if v.get("marginal") else None)
+    guard = None
+    if v.get("max_update_norm") is not None or v.get("norm_factor") is not None:
+        guard = robust.Guard(v.get("max_update_norm"), v.get("norm_factor"))
+    privacy = None
+    if v.get("dp_clip") is not None:
+        ext.generators["dp"] = torch.Generator().manual_seed(seed_for(cfg.seed, "dp"))
+        privacy = robust.Privacy(v["dp_clip"], v.get("dp_noise", 0.0), ext.generators["dp"])
+    if guard or privacy or v.get("aggregate", "mean") != "mean":
+        ext.combine = robust.combiner(robust.AGGREGATORS[v.get("aggregate", "mean")], guard, privacy)
+    if v.get("dropout"):
+        rng = ext.generators["dropout"] = torch.Generator().manual_seed(seed_for(cfg.seed, "dropout"))
+        ext.present = lambda clients: robust.present(clients, v["dropout"], rng)
+    return ext
+
+
+def train_main(argv: list[str]) -> int:
+    """python experiments.py train [train.py flags] [variant flags]: one run with a variant."""
+    p = argparse.ArgumentParser(prog="experiments.py train",
+                                description="train.py with a variant that is not SegViz itself (marginal loss, "
+                                            "oracle, weighted or robust aggregation, absent clients, DP)")
+    add_config_arguments(p)
+    add_variant_arguments(p)
+    p.add_argument("--resume", metavar="OUT", help="continue the run whose state OUT/state.pt holds "
+                                                   "(--device and a larger --rounds may be given)")
+    a = p.parse_args(argv)
+    if a.resume:
+        state = load_state(os.path.join(a.resume, STATE_FILE))
+        cfg = resumed_config(state["config"], a.resume, argv, a, p)
+        return train_seeds(cfg, [cfg.seed], True, lambda c: extensions(c, state["extensions"]))
+    probe = config_of(a, p, check_out=False)
+    v = variant_settings(a, probe, p)
+    cfg = config_of(a, p, variant_name(probe, v))
+    return train_seeds(cfg, a.seeds, ext_for=lambda c: extensions(c, v))
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +251,9 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
 
 
 def run_label(m: dict) -> str:
-    """A run's name from its metrics: mode, -fedbn, -marginal, -nodes."""
+    """A run's name from its metrics (older runs: mode, -fedbn, -marginal, -nodes)."""
+    if "name" in m:
+        return m["name"]
     cfg = m.get("config", {})
     return (f"{m['mode']}{'-fedbn' if cfg.get('fedbn') else ''}"
             f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
@@ -181,26 +320,6 @@ def scored_rows(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
         for scoring in sorted(by[0], key=lambda k: k != primary):
             rows[name if scoring == primary else f"{name} ({scoring})"] = [b[scoring] for b in by]
     return rows
-
-
-def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
-    """Mean ± std over seeds of each seed's mean over its cases, and every (seed, case) value.
-
-    Means are over finite values: a case without a value (None; HD95 beside an empty mask) is
-    left out of its seed's mean and counted in "nan"; a seed without any is left out of the mean
-    over seeds."""
-    if any(organ not in d for d in per_seed):
-        return None
-    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
-    finite = means[np.isfinite(means)]
-    cases = [list(d[organ]["cases"]) for d in per_seed]
-    entry = {"mean": float(finite.mean()) if len(finite) else None,
-             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
-             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
-    nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
-    if nan:
-        entry["nan"] = nan
-    return entry
 
 
 def compare_runs(folder: str) -> str:
@@ -493,8 +612,13 @@ def eval_options_table(folders: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("train", help="one run of train.py with a variant: --marginal, --oracle, --weighted, robust "
+                                 "aggregation, absent clients, DP (see experiments.py train -h)")
     s = sub.add_parser("suite", help="every setup for every node count and seed (train.py runs), then compare; "
                                      "other flags go to train.py")
     s.add_argument("--out", default=os.path.join("runs", "paper"), help="folder of the runs (default runs/paper)")

@@ -6,7 +6,8 @@ import argparse
 import pytest
 import torch
 
-import train
+import data
+import training
 from common import resolve_device
 from data import Case, SamplerConfig
 
@@ -46,10 +47,18 @@ def test_a_missing_or_unknown_device_is_one_line_and_exit_2(name, cuda, mps, mes
     assert last.startswith("train.py: error:") and message in last
 
 
+def parse(argv):
+    from config import add_config_arguments, config_of
+
+    p = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(p)
+    return config_of(p.parse_args(argv), p)
+
+
 def test_train_refuses_mps_without_mps_before_writing_anything(monkeypatch, tmp_path, capsys):
     pretend(monkeypatch, cuda=False, mps=False)
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--device", "mps", "--out", str(tmp_path / "run")])
+        parse(["--device", "mps", "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and "--device mps" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -57,8 +66,8 @@ def test_train_refuses_mps_without_mps_before_writing_anything(monkeypatch, tmp_
 @pytest.mark.parametrize("device, expected", [("mps", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"),
                                               ("cpu", "cpu")])
 def test_the_sampler_stays_on_the_cpu_for_mps_only(device, expected):
-    assert train.sampler_device(torch.device(device)) == torch.device(expected)
-    assert train.sampler_device(device) == torch.device(expected)
+    assert data.sampler_device(torch.device(device)) == torch.device(expected)
+    assert data.sampler_device(device) == torch.device(expected)
 
 
 def test_on_mps_the_sampler_is_built_on_the_cpu_and_its_batches_moved_to_the_device():
@@ -66,11 +75,11 @@ def test_on_mps_the_sampler_is_built_on_the_cpu_and_its_batches_moved_to_the_dev
     label[5:10, 5:10, 5:10] = 1
     case = Case("c", torch.full((20, 20, 20), 100.0), label, (3.0, 3.0, 3.0))
     cfg = SamplerConfig(patch=(8, 8, 8), volumes_per_batch=1, patches_per_volume=2)
-    sampler = train.make_sampler([case], (-100, 200), True, cfg, torch.device("mps"), 0)
+    sampler = data.site_sampler([case], (-100, 200), True, cfg, torch.device("mps"), 0)
     assert sampler.device == torch.device("cpu") and sampler.img.device.type == "cpu"
     # "meta" stands in for the MPS device here: any device the CPU batches must be moved to
-    x, y = train.to_model(sampler.sample, torch.device("meta"))()
+    x, y = training.on_device(sampler.sample, torch.device("meta"))()
     assert x.device.type == "meta" and y.device.type == "meta"
     assert x.shape == (2, 1, 8, 8, 8) and x.is_contiguous(memory_format=torch.channels_last_3d)
-    cpu_x, cpu_y = train.to_model(sampler.sample, "cpu")()
+    cpu_x, cpu_y = training.on_device(sampler.sample, "cpu")()
     assert cpu_x.device.type == "cpu" and cpu_y.dtype == torch.long

@@ -1,4 +1,5 @@
-"""The command line end to end at a tiny size, its outputs, and its answers to bad input."""
+"""A training run end to end at a tiny size through train.py and experiments.py train: its
+outputs, resume, and its answers to bad input."""
 
 import json
 import os
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import train
+import data
+import training
+from config import Config, resolve
 from data import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,43 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--mode", "bogus"], "invalid choice"),
-    (["--nodes", "5"], "invalid choice"),
-    (["--device", "tpu"], "--device tpu"),
-    (["--mode", "fedavg", "--fedbn"], "--fedbn"),
-    (["--rounds", "0"], "--rounds"),
-    (["--channels", "8,x"], "comma-separated"),
-    (["--channels", "8"], "at least two levels"),
-    (["--channels", "8,16,32,64,128,256"], "divisible by 32"),
-    (["--channels", "8,16", "--task-stages", "2"], "--task-stages"),
-])
-def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        train.parse_args([*argv, "--out", str(out)])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--device", "cuda", "--out", str(tmp_path / "run")])
-    assert e.value.code == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_out_is_refused_as_non_root(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--out", str(locked / "run")])
-    assert e.value.code == 2
 
 
 def test_unwritable_out_is_refused(tmp_path):
@@ -71,8 +37,8 @@ def test_dice_loss_is_zero_for_a_perfect_prediction_and_high_for_a_wrong_one():
     target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
     target[0, :2] = 1
     perfect = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 40 - 20
-    assert float(train.dice_loss(perfect, target)) < 1e-4
-    assert float(train.dice_loss(-perfect, target)) > 0.99
+    assert float(training.dice_loss(perfect, target)) < 1e-4
+    assert float(training.dice_loss(-perfect, target)) > 0.99
 
 
 def test_round_robin_draws_from_each_site_in_turn():
@@ -83,7 +49,7 @@ def test_round_robin_draws_from_each_site_in_turn():
         def sample(self):
             return self.name
 
-    nxt = train.round_robin([Fake("a"), Fake("b"), Fake("c")])
+    nxt = data.round_robin([Fake("a"), Fake("b"), Fake("c")])
     assert [nxt() for _ in range(5)] == ["a", "b", "c", "a", "b"]
 
 
@@ -91,10 +57,10 @@ def test_binary_sampler_labels_and_multiclass_labels():
     label = torch.zeros(20, 20, 20, dtype=torch.uint8)
     label[5:10, 5:10, 5:10] = 3
     case = Case("c", torch.full((20, 20, 20), 100.0), label, (3.0, 3.0, 3.0))
-    cfg = train.SamplerConfig(patch=(8, 8, 8), volumes_per_batch=1, patches_per_volume=4, augment=False)
-    _, y = train.make_sampler([case], (-100, 200), True, cfg, "cpu", 0).sample()
+    cfg = data.SamplerConfig(patch=(8, 8, 8), volumes_per_batch=1, patches_per_volume=4, augment=False)
+    _, y = data.site_sampler([case], (-100, 200), True, cfg, "cpu", 0).sample()
     assert set(y.unique().tolist()) <= {0, 1} and (y == 1).any()
-    _, y = train.make_sampler([case], (-100, 200), False, cfg, "cpu", 0).sample()
+    _, y = data.site_sampler([case], (-100, 200), False, cfg, "cpu", 0).sample()
     assert set(y.unique().tolist()) <= {0, 3} and (y == 3).any()
 
 
@@ -113,18 +79,21 @@ def test_each_model_trains_through_the_originals_window(mode, monkeypatch, tmp_p
         seen[cases[0].name.split("-")[0]] = tuple(hu_window)
         return real(cases, hu_window, *rest, **kw)
 
-    real = train.make_sampler
-    monkeypatch.setattr(train, "make_sampler", recording)
-    args = train.parse_args(["--mode", mode, "--out", str(tmp_path)])
+    real = training.site_sampler
+    monkeypatch.setattr(training, "site_sampler", recording)
     cases = {s: [Case(f"{s}-0", torch.zeros(48, 48, 32), torch.zeros(48, 48, 32, dtype=torch.uint8), (3.0,) * 3)]
              for s in ORIGINAL_WINDOWS}
-    train.build_run(args, cases)
+    training.build_run(resolve(Config(mode=mode, out=str(tmp_path))), cases, training.Extensions())
     expected = ORIGINAL_WINDOWS if mode in ("segviz", "single") else dict.fromkeys(ORIGINAL_WINDOWS, ORIGINAL_POOLED)
     assert seen == expected
 
 
+VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
+
+
 def tiny(mode, out, cache, *extra):
-    return run("train.py", "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
+    script = ("experiments.py", "train") if any(a in VARIANTS for a in extra) else ("train.py",)
+    return run(*script, "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
                "--max-cases", "2", "--out", str(out), "--cache", str(cache), *extra)
 
 
@@ -133,15 +102,16 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.mark.parametrize("mode, extra", [("segviz", []), ("single", []), ("central", []), ("fedavg", []),
-                                         ("segviz", ["--fedbn"]), ("central", ["--loss", "marginal"]),
-                                         ("fedavg", ["--loss", "marginal"]), ("oracle", [])])
-def test_every_mode_trains_evaluates_and_reloads(mode, extra, tmp_path, cache):
+@pytest.mark.parametrize("mode, extra, name", [
+    ("segviz", [], "segviz-2"), ("single", [], "single-2"), ("central", [], "central-2"), ("fedavg", [], "fedavg-2"),
+    ("segviz", ["--fedbn"], "segviz-fedbn-2"), ("central", ["--marginal"], "central-marginal-2"),
+    ("fedavg", ["--marginal"], "fedavg-marginal-2"), ("central", ["--oracle"], "oracle-2")])
+def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, cache):
     out = tmp_path / "run"
     result = tiny(mode, out, cache, *extra)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["mode"] == mode and metrics["nodes"] == 2
+    assert metrics["mode"] == mode and metrics["nodes"] == 2 and metrics["name"] == name
     assert metrics["organs"] == ["liver", "spleen"]
     for organ in metrics["organs"]:
         d = metrics["dice"][organ]
@@ -248,7 +218,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
     root = layouts.data_root(tmp_path / "data")
     out, cache, pred = tmp_path / "run", tmp_path / "cache", tmp_path / "pred"
     result = run("train.py", "--nodes", "4", "--mode", "segviz", "--data-root", str(root), "--rounds", "1",
-                 "--local-steps", "1", "--val-split", "0", "--spacing", "6", "6", "6", "--workers", "1",
+                 "--local-steps", "1", "--val-split", "0", "--spacing", "6", "6", "6",
                  "--cache", str(cache), "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -285,7 +255,7 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
     scan = root / "Task09_Spleen/imagesTr/spleen_0.nii.gz"
     scan.write_bytes(scan.read_bytes()[:2000])  # truncated
     out, cache = tmp_path / "run", tmp_path / "cache"
-    result = run("train.py", "--nodes", "2", "--data-root", str(root), "--val-split", "0", "--workers", "2",
+    result = run("train.py", "--nodes", "2", "--data-root", str(root), "--val-split", "0",
                  "--spacing", "6", "6", "6", "--cache", str(cache), "--out", str(out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -304,14 +274,15 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
 # Resume, dropout, refused updates, through the command line
 # ---------------------------------------------------------------------------------------
 
-RESUMABLE = ("--nodes", "2", "--mode", "segviz", "--rounds", "12", "--local-steps", "1", "--max-cases", "1",
-             "--dropout", "0.5", "--device", "cpu")
+# a variant with random state of its own (who is absent each round): experiments.py train
+RESUMABLE = ("experiments.py", "train", "--nodes", "2", "--mode", "segviz", "--rounds", "12", "--local-steps", "1",
+             "--max-cases", "1", "--dropout", "0.5", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run("train.py", *RESUMABLE, "--cache", str(cache), "--out", str(out))
+    result = run(*RESUMABLE, "--cache", str(cache), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
@@ -339,7 +310,7 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
 
     out = tmp_path / "run"
     # a suite started in the background (`cmd &`) inherits an ignored SIGINT; give the run the default back
-    proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--cache", str(cache), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, *RESUMABLE, "--cache", str(cache), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_round(out / "state.pt", proc, 2)
@@ -354,7 +325,7 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupt
     stopped_at, earlier_seconds = state["round"], state["train_seconds"]
     assert 2 <= stopped_at < 12 and earlier_seconds > 0
 
-    resumed = run("train.py", "--resume", str(out))
+    resumed = run("experiments.py", "train", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after round {stopped_at}/12" in resumed.stdout
     a = torch.load(uninterrupted / "model.pt", weights_only=True)["states"]
@@ -405,12 +376,12 @@ def test_dropout_runs_to_the_end_and_logs_every_absence(uninterrupted):
 
 
 def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path):
-    for flag, value, message in [("--mode", "fedavg", "--mode segviz, not fedavg"),
-                                 ("--nodes", "3", "--nodes 2, not 3"),
-                                 ("--preset", "paper", "--preset phantom, not paper"),
-                                 ("--task-stages", "2", "--task-stages 1, not 2")]:
-        result = run("train.py", "--resume", str(uninterrupted), flag, value)
-        assert result.returncode == 2 and message in result.stderr, (flag, result.stderr)
+    for flag, value in [("--mode", "fedavg"), ("--nodes", "3"), ("--preset", "paper"), ("--task-stages", "2")]:
+        result = run("experiments.py", "train", "--resume", str(uninterrupted), flag, value)
+        assert result.returncode == 2 and f"{flag} cannot be given" in result.stderr, (flag, result.stderr)
+    # train.py does not know the variant's functions: it points to experiments.py
+    result = run("train.py", "--resume", str(uninterrupted))
+    assert result.returncode == 2 and "python experiments.py train --resume" in result.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     state = (uninterrupted / "state.pt").read_bytes()
@@ -428,17 +399,21 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
 
 
 def test_marginal_loss_is_dice_ce_when_every_organ_is_labelled():
+    from experiments import marginal_loss
+
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 6, 6, 4)
     target = torch.randint(0, 5, (2, 6, 6, 4))
-    torch.testing.assert_close(train.marginal_loss(logits, target, [1, 2, 3, 4]), train.dice_ce_loss(logits, target))
+    torch.testing.assert_close(marginal_loss(logits, target, [1, 2, 3, 4]), training.dice_ce_loss(logits, target))
 
 
 def test_marginal_loss_never_teaches_an_unlabelled_organ_as_background():
+    from experiments import marginal_loss
+
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 6, 6, 4, requires_grad=True)
     target = torch.randint(0, 2, (2, 6, 6, 4))  # a liver site: background 0 and liver 1 only
-    loss = train.marginal_loss(logits, target, [1])
+    loss = marginal_loss(logits, target, [1])
     loss.backward()
     g, p = logits.grad, torch.softmax(logits.detach(), 1)
     # within the merged group {background, spleen, pancreas, kidneys} the gradient only moves
@@ -448,9 +423,9 @@ def test_marginal_loss_never_teaches_an_unlabelled_organ_as_background():
     # so swapping an unlabelled organ's logit with background's leaves the loss unchanged...
     swapped = logits.detach().clone()
     swapped[:, [0, 2]] = swapped[:, [2, 0]]
-    torch.testing.assert_close(train.marginal_loss(swapped, target, [1]), loss.detach())
+    torch.testing.assert_close(marginal_loss(swapped, target, [1]), loss.detach())
     # ...which the ordinary loss, teaching the spleen as background, does not
-    assert not torch.allclose(train.dice_ce_loss(swapped, target), train.dice_ce_loss(logits.detach(), target))
+    assert not torch.allclose(training.dice_ce_loss(swapped, target), training.dice_ce_loss(logits.detach(), target))
 
 
 def test_wilcoxon_marks_on_known_inputs():
@@ -503,17 +478,30 @@ def test_the_suite_runs_every_setup_skips_finished_ones_and_compares(tmp_path, c
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
 
 
+def parse_train(argv):
+    import argparse
+
+    from config import add_config_arguments, config_of
+    from experiments import add_variant_arguments
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    add_variant_arguments(p)
+    return config_of(p.parse_args(argv), p)
+
+
 def test_the_suite_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_path):
-    from experiments import suite_plan
+    from experiments import script_of, suite_plan
 
     plan = suite_plan(str(tmp_path), [2, 3], [0, 1], ["--loss", "dice", "--rounds", "1"], real=False)
     assert len(plan) == 2 * 8 * 2  # node counts x setups x seeds
     _, folder, argv = next(p for p in plan if p[0] == "fedavg-marginal-2" and p[1].endswith("seed-1"))
     assert folder == str(tmp_path / "fedavg-marginal-2" / "seed-1")
-    marginal = train.parse_args(argv)  # the setup's own --loss comes last and wins
-    assert marginal.loss == "marginal" and marginal.rounds == 1 and marginal.name == "fedavg-marginal-2"
-    plain = train.parse_args(next(p[2] for p in plan if p[0] == "central-3"))
-    assert plain.loss == "dice" and plain.nodes == 3
+    assert script_of(argv)[-1] == "train" and "--marginal" in argv  # a variant: experiments.py train
+    marginal = parse_train(argv)
+    assert marginal.loss == "dice" and marginal.rounds == 1 and marginal.out == folder
+    plain = next(p[2] for p in plan if p[0] == "central-3")
+    assert script_of(plain)[-1].endswith("train.py") and parse_train(plain).nodes == 3
     # real data has no oracle; one seed writes DIR/<setup> directly
     real = suite_plan(str(tmp_path), [4], [0], [], real=True)
     assert [p[0] for p in real] == ["single-4", "central-4", "central-marginal-4", "fedavg-4", "fedavg-marginal-4",
