@@ -2,7 +2,7 @@
 
 `python eval.py --checkpoint OUT/model.pt` rebuilds the model and the test set from what the
 checkpoint holds and prints the tables again. `python eval.py predict -i SCANS -o LABELS
---checkpoint OUT/model.pt` segments every scan of a folder on its own grid. Dice conventions
+--checkpoint OUT/model.pt` segments every scan of a folder on its own grid (predict.py). Dice conventions
 follow MONAI's users' expectations: an empty prediction against an empty truth scores 1,
 exactly one empty scores 0; HD95 and NSD follow MONAI's too (metrics.py).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import check_writable, fail, resolve_device, write_atomic, write_json_atomic
+from common import check_writable, fail, resolve_device, write_json_atomic
 from data import ORGAN_ID, Case
 from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
 from segviz import MetaModel, merge
@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
+        from predict import main as predict_main
+
         return predict_main(argv[1:])
     p = argparse.ArgumentParser(description="Re-evaluate a checkpoint written by train.py on its test set (or "
                                             "another one). `python eval.py predict -h`: segment a folder of scans.")
@@ -481,168 +483,6 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
         return cases
     except DataError as e:
         fail(str(e))
-
-
-# ---------------------------------------------------------------------------------------
-# python eval.py predict: segment a folder of scans
-# ---------------------------------------------------------------------------------------
-
-NNUNET_CHANNEL = "_0000"  # nnU-Net names a case's (only) CT channel CASE_0000.nii.gz
-
-
-def scan_name(filename: str) -> str | None:
-    """The case a NIfTI file name stands for (nnU-Net's channel suffix dropped); None if the file
-    is not a NIfTI image, or is hidden (macOS "._" companions, temporary files)."""
-    if filename.startswith(".") or not filename.endswith((".nii.gz", ".nii")):
-        return None
-    stem = filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else filename[: -len(".nii")]
-    return stem[: -len(NNUNET_CHANNEL)] if stem.endswith(NNUNET_CHANNEL) and stem != NNUNET_CHANNEL else stem
-
-
-def list_scans(path: str) -> list[tuple[str, str]]:
-    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted."""
-    if os.path.isfile(path):
-        name = scan_name(os.path.basename(path))
-        if name is None:
-            fail(f"-i {path}: not a NIfTI image (.nii or .nii.gz)")
-        return [(name, path)]
-    if not os.path.isdir(path):
-        fail(f"-i {path}: no such folder")
-    scans: dict[str, str] = {}
-    for filename in sorted(os.listdir(path)):
-        name = scan_name(filename)
-        if name is None or not os.path.isfile(os.path.join(path, filename)):
-            continue
-        if name in scans:
-            fail(f"-i {path}: {os.path.basename(scans[name])} and {filename} are both case {name}")
-        scans[name] = os.path.join(path, filename)
-    if not scans:
-        fail(f"-i {path}: no NIfTI image (.nii or .nii.gz) in it")
-    return sorted(scans.items())
-
-
-def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A scan to segment and its affine, checked: readable, 3-D, not empty, real-valued finite
-    voxels, an affine that places the voxels in space; DataError naming the file and the problem
-    otherwise."""
-    from data import DataError
-    from datasets import read_nifti
-
-    image, affine = read_nifti(path)  # unreadable or not 3-D
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise DataError(f"{path}: voxels of type {image.dtype}; a CT in HU (integers or floats) is expected")
-    if 0 in image.shape:
-        raise DataError(f"{path}: an empty volume of shape {tuple(image.shape)}")
-    axes = affine[:3, :3]
-    sizes = np.linalg.norm(axes, axis=0)
-    # singular or non-finite: no orientation to bring the scan to RAS nor to write the labels back
-    if not (np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3):
-        raise DataError(f"{path}: no usable affine (voxel axes {np.round(axes, 3).tolist()})")
-    if np.issubdtype(image.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(image)))
-        if bad:
-            raise DataError(f"{path}: {bad} NaN or inf voxel(s)")
-    return image, affine
-
-
-def organ_probabilities(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
-    """Each organ's probability from a model's blended output: a binary head's own, or the
-    multi-class softmax's channel of the organ (channel 0 is background)."""
-    first = 1 if scoring == "classes" else 0
-    return {organ: scores[first + k] for k, organ in enumerate(organs)}
-
-
-def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
-    """One organ's probability on the scan's own grid and affine, atomically.
-
-    Brought back from the working grid by nearest neighbour, as the label map is, so both come
-    from the same working voxel. Stored as int16 with a scale factor that nibabel picks
-    (scl_slope): NIfTI has no float16 type, int16 takes the same two bytes at a finer step (about
-    3e-5), and every NIfTI reader applies the scale factor."""
-    import nibabel as nib
-
-    from datasets import to_original_grid
-
-    data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
-    src = case.geometry.get("source")
-    header = nib.load(src).header.copy() if src and os.path.isfile(src) else None  # qform/sform codes
-    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), header)
-    img.set_data_dtype(np.int16)
-    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
-
-
-def predict_main(argv: list[str]) -> int:
-    """python eval.py predict -i IN -o OUT --checkpoint MODEL: every scan in IN segmented."""
-    p = argparse.ArgumentParser(
-        prog="eval.py predict",
-        description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by train.py: "
-                    "OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right kidney, 3 left kidney, "
-                    "6 liver, 11 pancreas; the checkpoint's organs only) on the scan's own grid and affine. "
-                    "nnU-Net's _0000 suffix is dropped from the case name. A scan that cannot be read is "
-                    "named and skipped; the command then exits 1.")
-    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of .nii/.nii.gz scans (or one scan)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
-    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
-    p.add_argument("--overwrite", action="store_true", help="predict again the scans OUT already holds")
-    p.add_argument("--save-prob", action="store_true",
-                   help="also write OUT/<case>_<organ>.nii.gz, each organ's probability on the same grid "
-                        "(int16 scaled to [0, 1]: NIfTI has no float16)")
-    add_inference_arguments(p)
-    args = p.parse_args(argv)
-    if args.overlap is not None and not 0 <= args.overlap < 1:
-        p.error("--overlap must be in [0, 1)")
-    check_writable(args.output, "-o")
-    scans = list_scans(args.input)
-    if any(os.path.realpath(os.path.dirname(f)) == os.path.realpath(args.output) for _, f in scans):
-        fail(f"-o {args.output}: is where the scans are; the label maps would take their names")
-    device = resolve_device(args.device, p)
-    ckpt = load_checkpoint(args.checkpoint)
-    os.makedirs(args.output, exist_ok=True)
-    return predict_scans(ckpt, scans, args, device)
-
-
-def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Namespace, device) -> int:
-    """Segment each (case, file) into args.output; exit status 1 if some scan could not be read."""
-    from data import DataError
-    from datasets import preprocess_arrays
-
-    cfg, organs = ckpt["config"], ckpt["organs"]
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    scoring = primary_scoring(ckpt["mode"])
-    largest = cfg.get("largest", False) if args.largest is None else args.largest
-    roi, overlap, blend = sliding_settings(cfg, args)
-    failed, skipped = [], 0
-    bar = tqdm(scans, desc="predict", unit="scan", disable=None, dynamic_ncols=True)
-    for name, path in bar:
-        out = os.path.join(args.output, f"{name}.nii.gz")
-        probs = {o: os.path.join(args.output, f"{name}_{o}.nii.gz") for o in organs} if args.save_prob else {}
-        if not args.overwrite and all(os.path.exists(f) for f in (out, *probs.values())):
-            skipped += 1
-            bar.write(f"{out}: already written, skipped (--overwrite predicts it again)")
-            continue
-        try:
-            image, affine = read_scan(path)
-        except DataError as e:
-            failed.append(path)
-            bar.write(f"error: {e}; skipped", file=sys.stderr)
-            continue
-        case = preprocess_arrays(image, affine, None, None, 0, tuple(cfg["spacing"]), name, os.path.abspath(path))
-        del image
-        scores = predict_scores(model, case, roi, device, overlap, blend)
-        masks = clean_masks(organ_masks(scores, organs, scoring), largest)
-        for organ, prob in organ_probabilities(scores, organs, scoring).items():
-            if organ in probs:
-                save_probability(prob, case, probs[organ])
-        save_prediction(masks, case, out)  # last: its presence means the case is done
-        voxel_ml = float(np.prod(case.spacing)) / 1000
-        bar.write(f"{out}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
-    bar.close()
-    print(f"{len(scans) - skipped - len(failed)} scan(s) segmented into {args.output}, {skipped} already there, "
-          f"{len(failed)} failed")
-    if failed:
-        print(f"error: {len(failed)} scan(s) could not be segmented: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python eval.py predict`: a folder of scans in, a label map per scan on its own grid out; bad
+"""`python eval.py predict` (predict.py): a folder of scans in, a label map per scan on its own grid out; bad
 scans named and skipped, finished ones not redone, probabilities on request."""
 
 import os
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+import predict
 from segviz import MetaModel
 from unet3d import UNet3D, UNetConfig
 
@@ -131,7 +132,7 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
     block = (slice(3, 9), slice(10, 14), slice(5, 20))  # array indices as stored, under an L,S,P affine
     nib.save(ct((24, 16, 28), FLIPPED, bright=block), folder / "b.nii.gz")
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
-    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt: Bright())
+    monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt: Bright())
     out = tmp_path / "out"
     assert ev.main(["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
     assert sorted(os.listdir(out)) == ["b.nii.gz", "b_liver.nii.gz", "b_spleen.nii.gz"]
@@ -197,14 +198,14 @@ def test_scans_that_are_not_a_ct_are_named_and_refused(data, why, tmp_path):
     path = tmp_path / "odd.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     with pytest.raises(DataError, match=why) as e:
-        ev.read_scan(str(path))
+        predict.read_scan(str(path))
     assert str(path) in str(e.value)
 
 
 def test_one_scan_may_be_given_instead_of_a_folder(tmp_path):
     scan = tmp_path / "scan_0000.nii.gz"
     nib.save(ct((20, 20, 12), np.diag([6.0, 6.0, 6.0, 1.0])), scan)
-    assert ev.list_scans(str(scan)) == [("scan", str(scan))]
+    assert predict.list_scans(str(scan)) == [("scan", str(scan))]
 
 
 def test_the_real_ct_is_segmented_on_its_own_grid_in_any_orientation(tmp_path, monkeypatch):
@@ -218,7 +219,7 @@ def test_the_real_ct_is_segmented_on_its_own_grid_in_any_orientation(tmp_path, m
     ipl, ipl_affine = layouts.reoriented(image, affine, "IPL")  # as KiTS19 stores its scans
     layouts.save(folder / "ipl.nii.gz", ipl, ipl_affine)
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(6.0, 6.0, 6.0))
-    monkeypatch.setattr(ev, "model_from_checkpoint", lambda ckpt: Bright())
+    monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt: Bright())
     out = tmp_path / "out"
     assert ev.main(["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model]) == 0
     ras, back = nib.load(out / "ras.nii.gz"), nib.load(out / "ipl.nii.gz")
