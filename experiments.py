@@ -27,22 +27,18 @@ chosen this way.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import robust
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from config import Config, add_config_arguments, config_of, resumed_config
-from data import NODE_SITES, ORGAN_ID, Case, window
+from data import NODE_SITES
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -51,20 +47,13 @@ from eval import (
     evaluate,
     format_cell,
     format_table,
-    label_map,
     load_checkpoint,
-    load_test_set,
-    model_from_checkpoint,
-    predict_masks,
-    primary_scoring,
-    sliding_settings,
 )
 from segviz import MetaModel, MultiClassModel
-from training import STATE_FILE, Extensions, Loss, load_state, seed_for, soft_dice, train_seeds
 from unet3d import UNetConfig
 
 if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
-    from matplotlib.figure import Figure
+    pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,122 +116,6 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
             fail(f"suite: {name} seed {seed} stopped (exit {result.returncode}); issue the command again to go on")
     print(compare_runs(out))
     return 0
-
-
-# ---------------------------------------------------------------------------------------
-# Variants of a training run that are not SegViz itself, passed into training.train
-# ---------------------------------------------------------------------------------------
-
-
-def marginal_loss(logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]) -> torch.Tensor:
-    """Dice + cross-entropy over background and the `labelled` classes only, with the
-    probabilities of every class the site did not label merged into background (Shi et al.
-    2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
-    of the organs this site labelled"."""
-    others = [c for c in range(1, logits.shape[1]) if c not in labelled]
-    logp = torch.log_softmax(logits, dim=1)
-    merged = torch.cat([torch.logsumexp(logp[:, [0, *others]], dim=1, keepdim=True), logp[:, list(labelled)]], 1)
-    index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
-    index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
-    t = index[target]
-    return soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
-
-
-def marginal_for(cfg: Config, sites: Sequence[str], which: Callable[[], int]) -> Loss:
-    """The marginal loss of a client whose batches come from `sites`; `which()` tells which of
-    them gave the batch just drawn (the pooled model draws from each site in turn)."""
-    per_site = [functools.partial(marginal_loss, labelled=[ORGAN_ID[s]]) for s in sites]
-    return lambda logits, target: per_site[which()](logits, target)
-
-
-def add_variant_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("variants (experiments.py train only)")
-    g.add_argument("--marginal", action="store_true",
-                   help="central, fedavg: the marginal loss (unlabelled organs merged into background, not taught "
-                        "as it; Shi et al. 2021) instead of the plain one")
-    g.add_argument("--oracle", action="store_true",
-                   help="central on the phantom with every organ labelled at every site: an upper bound")
-    g.add_argument("--weighted", action="store_true", help="weight the average by each site's number of cases")
-    g.add_argument("--dropout", type=float, default=0.0,
-                   help="each round each client is absent with this probability (seeded; default 0)")
-    g.add_argument("--aggregate", default="mean", choices=tuple(robust.AGGREGATORS),
-                   help="how shared weights are combined: mean (default), coordinate-wise median, trimmed-mean")
-    g.add_argument("--max-update-norm", type=float,
-                   help="refuse a client's update (its shared weights minus last round's) above this L2 norm")
-    g.add_argument("--norm-factor", type=float,
-                   help="refuse a client's update above this multiple of the other clients' median update norm")
-    g.add_argument("--dp-clip", type=float, help="differential privacy: clip each client's update to this L2 norm")
-    g.add_argument("--dp-noise", type=float, default=0.0,
-                   help="differential privacy: Gaussian noise of std DP_NOISE x DP_CLIP on the aggregated update")
-
-
-VARIANT_KEYS = ("marginal", "oracle", "weighted", "dropout", "aggregate", "max_update_norm", "norm_factor",
-                "dp_clip", "dp_noise")
-
-
-def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentParser) -> dict:
-    """The variant flags that differ from their defaults, checked against the config."""
-    checks = [
-        (a.marginal and cfg.mode not in ("central", "fedavg"), "--marginal applies to --mode central and fedavg"),
-        (a.oracle and (cfg.mode != "central" or bool(cfg.data_root or cfg.data)),
-         "--oracle needs --mode central and the phantom (every organ labelled at every site)"),
-        (not 0 <= a.dropout < 1, "--dropout must be in [0, 1)"),
-        (a.dropout and cfg.mode == "central", "--dropout applies to federated modes (central has one client)"),
-        (a.max_update_norm is not None and a.max_update_norm <= 0, "--max-update-norm must be positive"),
-        (a.norm_factor is not None and a.norm_factor <= 0, "--norm-factor must be positive"),
-        (a.dp_clip is not None and a.dp_clip <= 0, "--dp-clip must be positive"),
-        (a.dp_noise < 0 or (a.dp_noise and a.dp_clip is None), "--dp-noise needs --dp-clip and must be >= 0"),
-    ]
-    for bad, why in checks:
-        if bad:
-            p.error(why)
-    defaults = {"marginal": False, "oracle": False, "weighted": False, "dropout": 0.0, "aggregate": "mean",
-                "max_update_norm": None, "norm_factor": None, "dp_clip": None, "dp_noise": 0.0}
-    return {k: getattr(a, k) for k in VARIANT_KEYS if getattr(a, k) != defaults[k]}
-
-
-def variant_name(cfg: Config, v: dict) -> str:
-    """The stem of a variant's run name: oracle, <mode>-marginal, or the mode."""
-    return "oracle" if v.get("oracle") else f"{cfg.mode}-marginal" if v.get("marginal") else ""
-
-
-def extensions(cfg: Config, v: dict) -> Extensions:
-    """The functions a variant passes into training.train, with its random state seeded from the run's."""
-    ext = Extensions(name=variant_name(cfg, v), settings=dict(v), full_labels=bool(v.get("oracle")),
-                     weighted=bool(v.get("weighted")), loss=marginal_for if v.get("marginal") else None)
-    guard = None
-    if v.get("max_update_norm") is not None or v.get("norm_factor") is not None:
-        guard = robust.Guard(v.get("max_update_norm"), v.get("norm_factor"))
-    privacy = None
-    if v.get("dp_clip") is not None:
-        ext.generators["dp"] = torch.Generator().manual_seed(seed_for(cfg.seed, "dp"))
-        privacy = robust.Privacy(v["dp_clip"], v.get("dp_noise", 0.0), ext.generators["dp"])
-    if guard or privacy or v.get("aggregate", "mean") != "mean":
-        ext.combine = robust.combiner(robust.AGGREGATORS[v.get("aggregate", "mean")], guard, privacy)
-    if v.get("dropout"):
-        rng = ext.generators["dropout"] = torch.Generator().manual_seed(seed_for(cfg.seed, "dropout"))
-        ext.present = lambda clients: robust.present(clients, v["dropout"], rng)
-    return ext
-
-
-def train_main(argv: list[str]) -> int:
-    """python experiments.py train [train.py flags] [variant flags]: one run with a variant."""
-    p = argparse.ArgumentParser(prog="experiments.py train",
-                                description="train.py with a variant that is not SegViz itself (marginal loss, "
-                                            "oracle, weighted or robust aggregation, absent clients, DP)")
-    add_config_arguments(p)
-    add_variant_arguments(p)
-    p.add_argument("--resume", metavar="OUT", help="continue the run whose state OUT/state.pt holds "
-                                                   "(--device and a larger --rounds may be given)")
-    a = p.parse_args(argv)
-    if a.resume:
-        state = load_state(os.path.join(a.resume, STATE_FILE))
-        cfg = resumed_config(state["config"], a.resume, argv, a, p)
-        return train_seeds(cfg, [cfg.seed], True, lambda c: extensions(c, state["extensions"]))
-    probe = config_of(a, p, check_out=False)
-    v = variant_settings(a, probe, p)
-    cfg = config_of(a, p, variant_name(probe, v))
-    return train_seeds(cfg, a.seeds, ext_for=lambda c: extensions(c, v))
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,142 +262,6 @@ def compare_to_segviz(entry: dict, mine: list[dict], ref: list[dict] | None, org
     return mark
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("figures need matplotlib, an optional dependency: pip install matplotlib")
-    return plt
-
-
-def box_plot(runs: dict[str, dict], path: str) -> None:
-    """Dice per test case as the poster shows it: one panel per organ (columns) and number of
-    nodes (rows), one box per setup."""
-    plt = _pyplot()
-    organs = [o for o in ORGAN_ID if any(o in ms[0]["dice"] for ms in runs.values())]
-    node_counts = sorted({ms[0]["nodes"] for ms in runs.values()})
-    fig, axes = plt.subplots(len(node_counts), len(organs), figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
-                             squeeze=False)
-    for row, nodes in zip(axes, node_counts):
-        for ax, organ in zip(row, organs):
-            names = [n for n, ms in runs.items() if ms[0]["nodes"] == nodes and organ in ms[0]["dice"]]
-            if not names:  # e.g. kidneys with two nodes: no site labelled them
-                ax.set_axis_off()
-                continue
-            # every (seed, test case) Dice of a setup in one box
-            ax.boxplot([[v for m in runs[n] for v in m["dice"][organ]["cases"]] for n in names], showmeans=True)
-            ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
-            ax.set_title(f"{organ}, {nodes} node(s)" if len(node_counts) > 1 else organ)
-            ax.set_ylim(-0.02, 1.02)
-            ax.grid(axis="y", alpha=0.3)
-        row[0].set_ylabel("Dice per test case")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancreas": (0.95, 0.8, 0.2),
-                   "kidneys": (0.3, 0.8, 0.4)}
-
-
-def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
-    """One axial and one coronal slice per test case (through the organs' centre, in radiological
-    convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
-    from its checkpoint."""
-    plt = _pyplot()
-    first = next(iter(runs.values()))[0]
-    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=first["config"].get(
-        "cache_dir"), workers=1))
-    predictions = {}
-    for name in runs:
-        ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
-        model = model_from_checkpoint(ckpt).to(device).eval()
-        scoring = primary_scoring(ckpt["mode"])
-        roi, overlap, blend = sliding_settings(ckpt["config"])
-        predictions[name] = [label_map(predict_masks(model, c, ckpt["organs"], roi, scoring, device, overlap, blend,
-                                                     ckpt["config"].get("largest", False))).cpu() for c in test]
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for i, case in enumerate(test):
-        fig = overlay_figure(case, [("truth", case.label), *((n, predictions[n][i]) for n in runs)])
-        path = os.path.join(out_dir, f"overlay_{case.name}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def radiological(plane: torch.Tensor) -> torch.Tensor:
-    """A slice of a working volume as an image (rows, columns) in radiological convention: the
-    patient's right on the image's left; anterior at the top of an axial (x, y) slice, superior
-    at the top of a coronal (x, z) one.
-
-    Working volumes are RAS arrays (data.py): x grows towards the patient's RIGHT (the phantom's
-    liver lies at high x, its spleen at low x; datasets.to_btcv_ids calls high x the right kidney),
-    y towards anterior, z towards superior. imshow draws row 0 at the top and column 0 at the
-    left, so both axes are reversed: high x to the left, high y (or z) to the top."""
-    return plane.T.flip(0).flip(1)
-
-
-def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Figure:
-    """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
-    both through the organs' centre, in radiological convention with R and L marked."""
-    plt = _pyplot()
-    fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
-        else torch.tensor(case.label.shape) // 2
-    sx, sy, sz = case.spacing
-    fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
-    for j, (title, lab) in enumerate(panels):
-        views = ((case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx), (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx))
-        for row, (img, seg, aspect) in enumerate(views):
-            ax = axes[row][j]
-            ax.imshow(window(radiological(img), (-175.0, 250.0)).numpy(), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-            shown = radiological(seg).numpy()
-            rgba = np.zeros((*shown.shape, 4))
-            for organ, colour in OVERLAY_COLOURS.items():
-                rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
-            ax.imshow(rgba, aspect=aspect)
-            for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
-                ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="yellow",
-                        fontsize=7, fontweight="bold")
-            ax.set_axis_off()
-            if row == 0:
-                ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
-    """Validation Dice per round of each site, one figure per run trained with --val-every."""
-    plt = _pyplot()
-    written = []
-    for name, ms in runs.items():
-        m = ms[0]
-        rows = m.get("validation") or []
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        rounds = [r["round"] for r in rows]
-        for site in (k for k in rows[0] if k != "round"):
-            ax.plot(rounds, [r[site] for r in rows], marker="o", ms=3, label=site,
-                    color=OVERLAY_COLOURS.get(site))
-        ax.set_xlabel("round")
-        ax.set_ylabel("validation Dice (own site)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"validation_{name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def table_of_runs(folder: str) -> str:
     """The Dice table (plus wall time) of every finished run in a folder."""
     runs = read_runs(folder)
@@ -614,6 +351,8 @@ def eval_options_table(folders: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
+        from variants import main as train_main
+
         return train_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -653,26 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.folder, "DIR")
         print(compare_runs(args.folder))
         if args.figures:
+            from figures import figures
+
             print(figures(args.folder, resolve_device(args.device, p)))
     elif args.what == "validation":
         print(validation_table(args.folders))
     else:
         print(eval_options_table(args.folders))
     return 0
-
-
-def figures(folder: str, device: torch.device) -> str:
-    """The box plot, overlays of the largest federation's setups, and validation curves."""
-    runs = read_runs(folder)
-    fig_dir = os.path.join(folder, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    box_plot(runs, os.path.join(fig_dir, "dice_boxplot.png"))
-    # overlays of the largest federation only: one panel per setup stays readable
-    most = max(ms[0]["nodes"] for ms in runs.values())
-    shown = {n: ms for n, ms in runs.items() if ms[0]["nodes"] == most}
-    written = overlays(folder, shown, fig_dir, device)
-    curves = validation_curves(runs, fig_dir)
-    return f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), {len(curves)} validation curve(s)"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 def test_figures_without_matplotlib_say_so_in_one_line(monkeypatch, capsys):
     import sys
 
-    import experiments as ev
+    import figures as ev
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(SystemExit) as e:
@@ -29,7 +29,7 @@ def png_size(path) -> tuple[int, int]:
 
 def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
     pytest.importorskip("matplotlib")
-    from experiments import box_plot
+    from figures import box_plot
 
     def metrics(nodes, organs, level):
         return [{"nodes": nodes, "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs}}]
@@ -130,7 +130,7 @@ def test_compare_adds_hd95_and_nsd_tables_with_means_over_finite_values_and_nan_
 
 
 def test_radiological_puts_the_patients_right_on_the_images_left_and_anterior_up():
-    from experiments import radiological
+    from figures import radiological
 
     plane = torch.zeros(4, 3)  # (x, y) of a RAS volume: x grows to the patient's right, y to anterior
     plane[3, 2] = 1  # right and anterior
@@ -145,7 +145,7 @@ def test_overlay_shows_an_organ_on_the_patients_right_on_the_images_left_and_ant
     import numpy as np
 
     from data import ORGAN_ID, Case
-    from experiments import overlay_figure
+    from figures import overlay_figure
 
     shape = (40, 30, 20)
     label = torch.zeros(shape, dtype=torch.uint8)

@@ -399,7 +399,7 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
 
 
 def test_marginal_loss_is_dice_ce_when_every_organ_is_labelled():
-    from experiments import marginal_loss
+    from variants import marginal_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 6, 6, 4)
@@ -408,7 +408,7 @@ def test_marginal_loss_is_dice_ce_when_every_organ_is_labelled():
 
 
 def test_marginal_loss_never_teaches_an_unlabelled_organ_as_background():
-    from experiments import marginal_loss
+    from variants import marginal_loss
 
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 6, 6, 4, requires_grad=True)
@@ -482,7 +482,7 @@ def parse_train(argv):
     import argparse
 
     from config import add_config_arguments, config_of
-    from experiments import add_variant_arguments
+    from variants import add_variant_arguments
 
     p = argparse.ArgumentParser()
     add_config_arguments(p)
