@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from common import check_writable, resolve_device
-from data import ORGANS, Source
+from data import ORGANS, DataConfig
 
 MODES = ("single", "central", "fedavg", "segviz")
 BINARY = ("single", "segviz")  # one binary model per site; the others train one (1 + K)-class model
@@ -102,8 +102,8 @@ def run_name(cfg: Config, stem: str = "") -> str:
     return f"{stem or cfg.mode}{'-fedbn' if cfg.fedbn else ''}-{cfg.nodes}"
 
 
-def source_of(cfg: Config) -> Source:
-    return Source(cfg.cache, cfg.spacing, cfg.max_cases, cfg.data_root, tuple(sorted(cfg.data.items())),
+def data_config(cfg: Config) -> DataConfig:
+    return DataConfig(cfg.cache, cfg.spacing, cfg.max_cases, cfg.data_root, tuple(sorted(cfg.data.items())),
                   cfg.val_split, min(4, os.cpu_count() or 1))
 
 
@@ -142,12 +142,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default runs/<mode>-<nodes>)")
     p.add_argument("--cache", default=default_cache(),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
-    p.add_argument("--data-root", metavar="DIR",
-                   help="folder holding the public datasets as unpacked (Task03_Liver, Task09_Spleen, "
-                        "Task07_Pancreas, kits19 or Task040_KiTS, BTCV); without it the phantom is used")
-    p.add_argument("--data", action="append", default=[], metavar="SITE=PATH", type=site_path,
-                   help=f"a dataset that is not under --data-root, one flag per dataset; SITE is one of "
-                        f"{', '.join(ORGANS)}, test")
+    add_source_arguments(p)
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                    help="working voxel spacing in mm (default: the preset's, phantom 3 3 3, paper 1.5 1.5 2)")
     p.add_argument("--val-split", default="auto",
@@ -168,12 +163,24 @@ def channel_list(text: str) -> tuple[int, ...]:
     return widths
 
 
-def site_path(text: str) -> tuple[str, str]:
-    """--data SITE=PATH with a known SITE."""
-    site, sep, path = text.partition("=")
-    if not sep or site not in (*ORGANS, "test") or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=PATH with SITE one of {', '.join(ORGANS)}, test")
-    return site, path
+def add_source_arguments(p: argparse.ArgumentParser, roles: tuple[str, ...] = (*ORGANS, "test")) -> None:
+    """The flags that point at real data (train.py, eval.py, datasets.py inspect)."""
+    p.add_argument("--data-root", metavar="DIR",
+                   help="folder holding the public datasets as unpacked (Task03_Liver, Task09_Spleen, "
+                        "Task07_Pancreas, kits19 or Task040_KiTS, BTCV); without it the phantom is used")
+    p.add_argument("--data", action="append", default=[], metavar="SITE=PATH", type=site_path(roles),
+                   help=f"a dataset that is not under --data-root, one flag per dataset; SITE is one of "
+                        f"{', '.join(roles)}")
+
+
+def site_path(roles: tuple[str, ...]):
+    """argparse type of --data: SITE=PATH with a known SITE."""
+    def parse(text: str) -> tuple[str, str]:
+        site, sep, path = text.partition("=")
+        if not sep or site not in roles or not path:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=PATH with SITE one of {', '.join(roles)}")
+        return site, path
+    return parse
 
 
 def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "", check_out: bool = True) -> Config:

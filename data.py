@@ -77,7 +77,7 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
-class Source:
+class DataConfig:
     """Where a run's cases come from: the phantom (no data_root and no paths), else real data."""
 
     cache: str | None
@@ -93,45 +93,45 @@ class Source:
         return bool(self.data_root or self.paths)
 
 
-def load_federation(sites: tuple[str, ...], source: Source, seed: int, full_labels: bool = False
+def load_federation(sites: tuple[str, ...], dc: DataConfig, seed: int, full_labels: bool = False
                     ) -> tuple[dict[str, list[Case]], list[Case], dict]:
     """Each site's training cases, the fully labelled test set, and a note of where they came
     from. `full_labels` (phantom only) labels every organ at every site: the oracle."""
-    if source.real:
+    if dc.real:
         from datasets import real_federation
 
-        train, test, info = real_federation(sites, source.data_root, dict(source.paths), source.spacing,
-                                            source.cache, source.workers, source.val_split, seed, source.max_cases)
-        return train, test, {"source": "real", **info, "val_split": source.val_split}
+        train, test, info = real_federation(sites, dc.data_root, dict(dc.paths), dc.spacing,
+                                            dc.cache, dc.workers, dc.val_split, seed, dc.max_cases)
+        return train, test, {"source": "real", **info, "val_split": dc.val_split}
     from phantom import phantom_federation
 
-    train, test = phantom_federation(sites, seed=seed, spec=phantom_spec(source), cache_dir=source.cache,
+    train, test = phantom_federation(sites, seed=seed, spec=phantom_spec(dc), cache_dir=dc.cache,
                                      full_labels=full_labels)
     return train, test, {"source": "phantom"}
 
 
-def load_validation(sites: tuple[str, ...], source: Source, seed: int) -> dict[str, list[Case]]:
+def load_validation(sites: tuple[str, ...], dc: DataConfig, seed: int) -> dict[str, list[Case]]:
     """Each site's validation cases, labelled as the site labels: real data's held-out split,
     or up to 4 extra phantom cases per site."""
-    if source.real:
+    if dc.real:
         from datasets import real_validation
 
-        return real_validation(sites, source.data_root, dict(source.paths), source.spacing, source.cache,
-                               source.workers, source.val_split, seed, source.max_cases)
+        return real_validation(sites, dc.data_root, dict(dc.paths), dc.spacing, dc.cache,
+                               dc.workers, dc.val_split, seed, dc.max_cases)
     from phantom import phantom_validation
 
-    return phantom_validation(sites, min(4, source.max_cases or 4), seed=seed, spec=phantom_spec(source),
-                              cache_dir=source.cache)
+    return phantom_validation(sites, min(4, dc.max_cases or 4), seed=seed, spec=phantom_spec(dc),
+                              cache_dir=dc.cache)
 
 
-def phantom_spec(source: Source):
-    """The phantom's size (cases per site, capped by max_cases) on the source's grid."""
+def phantom_spec(dc: DataConfig):
+    """The phantom's size (cases per site, capped by max_cases) on the working grid."""
     from phantom import PhantomSpec
 
-    spec = PhantomSpec(spacing=source.spacing)
-    if source.max_cases:
-        spec = PhantomSpec(cases={k: min(v, source.max_cases) for k, v in spec.cases.items()},
-                           spacing=source.spacing)
+    spec = PhantomSpec(spacing=dc.spacing)
+    if dc.max_cases:
+        spec = PhantomSpec(cases={k: min(v, dc.max_cases) for k, v in spec.cases.items()},
+                           spacing=dc.spacing)
     return spec
 
 

@@ -410,7 +410,7 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from datasets import add_source_arguments
+    from config import add_source_arguments
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
@@ -464,15 +464,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     """The test set named on the command line, else the one the checkpoint was tested on."""
+    from archives import find_dataset, find_sources
     from data import DataError
-    from datasets import check_labelled, find_dataset, find_sources, load_source, source_overrides
+    from datasets import check_labelled, load_source
     from phantom import PhantomSpec, phantom_federation
 
     data = cfg.get("data", {"source": "phantom"})
     spacing = tuple(cfg["spacing"])
     try:
-        if args.data_root or source_overrides(args):
-            source = find_sources(("test",), args.data_root, source_overrides(args))["test"]
+        if args.data_root or dict(args.data):
+            source = find_sources(("test",), args.data_root, dict(args.data))["test"]
         elif data["source"] == "real":
             source = find_dataset(data["roots"]["test"], "test")
         else:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import BINARY, EVAL_OVERLAP, PRESETS, Config, run_name, source_of
+from config import BINARY, EVAL_OVERLAP, PRESETS, Config, data_config, run_name
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -201,11 +201,11 @@ def train(cfg: Config, ext: Extensions | None = None, resume: bool = False) -> d
     ext = ext or Extensions()
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    source = source_of(cfg)
+    dc = data_config(cfg)
     try:
-        train_cases, test_cases, data_info = load_federation(NODE_SITES[cfg.nodes], source, cfg.seed,
+        train_cases, test_cases, data_info = load_federation(NODE_SITES[cfg.nodes], dc, cfg.seed,
                                                              ext.full_labels)
-        val_cases = load_validation(NODE_SITES[cfg.nodes], source, cfg.seed) if validates(cfg) else {}
+        val_cases = load_validation(NODE_SITES[cfg.nodes], dc, cfg.seed) if validates(cfg) else {}
     except DataError as e:
         fail(str(e))
     t_data = time.time()
@@ -411,7 +411,7 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
     t_start, t_data, t_trained = times
     name = run_name(cfg, run.ext.name)
     ckpt = final_checkpoint(run, name)
-    ckpt["config"].update(data=data_info, phantom_cases=dict(phantom_spec(source_of(cfg)).cases))
+    ckpt["config"].update(data=data_info, phantom_cases=dict(phantom_spec(data_config(cfg)).cases))
     primary = primary_scoring(cfg.mode)
     per_case = evaluate(model_from_checkpoint(ckpt), test_cases, run.organs, ckpt["config"]["roi"], cfg.device,
                         EVAL_OVERLAP, preset.blend, cfg.largest, primary=primary) if cfg.test else {}

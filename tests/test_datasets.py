@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import archives
 import datasets
 import layouts
+from archives import find_dataset, find_sources
 from data import ORGAN_ID, DataError
-from datasets import find_dataset, find_sources, load_source
+from datasets import load_source
 from eval import dice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +41,7 @@ def reference():
 
 
 def find_test_map():
-    return datasets.Source("test", "btcv", "", [], tuple(range(14))).label_map
+    return archives.Source("test", "btcv", "", [], tuple(range(14))).label_map
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_every_layout_loads_to_the_same_ras_array_and_label(role, folder, layout
 def test_macos_companions_and_unlabelled_cases_are_skipped(root):
     liver = find_dataset(str(root / "Task03_Liver"), "liver")
     assert [os.path.basename(p.image) for p in liver.pairs] == ["liver_0.nii.gz"]
-    assert datasets._niftis(str(root / "Task03_Liver" / "imagesTr")) == ["liver_0.nii.gz"]
+    assert archives._niftis(str(root / "Task03_Liver" / "imagesTr")) == ["liver_0.nii.gz"]
     kits = find_dataset(str(root / "kits19"), "kidneys")
     assert [p.name for p in kits.pairs] == ["case_00000"]
     assert any("without segmentation" in n for n in kits.notes)
@@ -112,7 +114,7 @@ def test_organ_volumes_survive_resampling(spacing, root):
 @pytest.mark.parametrize("folder, role", [("Abdomen", "test"), ("kits19", "kidneys")])
 def test_a_label_map_goes_back_onto_the_original_grid(folder, role, root, tmp_path):
     source = find_dataset(str(root / folder), role)
-    case = load_source(source, datasets.REAL_SPACING, cache_dir=None)[0]
+    case = load_source(source, archives.REAL_SPACING, cache_dir=None)[0]
     original = nib.load(source.pairs[0].label)
     truth = np.asanyarray(original.dataobj)
     if role == "test":
@@ -174,7 +176,7 @@ def test_preprocessing_in_worker_processes_gives_the_same_cases(tmp_path):
 
 
 def test_validation_split_original_and_seeded():
-    pairs = [datasets.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(40)]
+    pairs = [archives.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(40)]
     train, val, _ = datasets.split_validation(pairs, "spleen", "original")
     assert [p.name for p in val] == [f"c{i:03d}" for i in range(31, 40)] and len(train) == 31
     a = datasets.split_validation(pairs, "spleen", "0.25", seed=3)
@@ -187,7 +189,7 @@ def test_validation_split_original_and_seeded():
 
 def test_automatic_split_fits_the_folder():
     def names(n):
-        return [datasets.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(n)]
+        return [archives.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(n)]
 
     # the original archive (41 spleen cases): the original's last 9
     train, val, rule = datasets.split_validation(names(41), "spleen", "auto")

@@ -12,6 +12,7 @@ import pytest
 import synth_archives as sa
 from scipy import ndimage
 
+import archives
 import datasets
 from data import ORGAN_ID, ORGANS
 
@@ -41,7 +42,7 @@ def ml(mask, spacing) -> float:
 
 
 def test_the_data_root_holds_all_five_archives(root):
-    sources = datasets.find_sources((*ORGANS, "test"), str(root))
+    sources = archives.find_sources((*ORGANS, "test"), str(root))
     assert {r: s.layout for r, s in sources.items()} == {
         "liver": "msd", "spleen": "msd", "pancreas": "msd", "kidneys": "kits19", "test": "btcv"}
     assert {r: len(s.pairs) for r, s in sources.items()} == {
@@ -96,7 +97,7 @@ def test_organs_lie_where_they_belong_and_look_like_their_phase(root, loaded):
     t = test[0]
     assert x_fraction(t, "liver") > 0.55 > 0.4 > x_fraction(t, "spleen")
     # BTCV's own ids, read straight from the file: right kidney (2) right of the left one (3)
-    pair = datasets.find_sources(("test",), str(root))["test"].pairs[0]
+    pair = archives.find_sources(("test",), str(root))["test"].pairs[0]
     img = nib.load(pair.label)
     lab = np.asanyarray(img.dataobj)
     world = {v: (img.affine @ [*np.argwhere(lab == v).mean(0), 1])[0] for v in (1, 2, 3, 6)}
