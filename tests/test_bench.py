@@ -1,8 +1,9 @@
-"""Tests of bench.py's speed command: a partial run updates only what it measured."""
+"""Tests of bench.py speed (bench_speed.py): a partial run updates only what it measured."""
 
 import json
 
 import bench
+import bench_speed
 
 
 def test_speed_only_dice_keeps_the_other_parts_of_the_entry(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_speed_only_dice_keeps_the_other_parts_of_the_entry(tmp_path, capsys):
 def test_speed_table_prints_only_the_parts_it_has():
     partial = {"machine": "m", "device": "cpu", "monai": None, "quick": True,
                "dice": {"cases": 2, "shape": [8, 8, 8], "classes": 4, "ours_cases_per_s": 3.0}}
-    table = bench.speed_table(partial)
+    table = bench_speed.speed_table(partial)
     assert "Dice, 2 cases" in table and "sampling" not in table and "FL round" not in table
 
 
