@@ -404,21 +404,12 @@ def _restrict(big_sl, big_mask: torch.Tensor, sl, out: torch.Tensor) -> torch.Te
 
 
 def resample(hu: torch.Tensor, lab: torch.Tensor, spacing, target) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample to the target spacing: linear for the image, nearest for the labels.
-
-    Both grids share their physical extent (voxel edges at the same place), so a structure
-    keeps its position and size in millimetres.
-    """
+    """Resample to the target spacing: linear for the image, nearest for the labels. Both grids
+    share their physical extent, so a structure keeps its position and size in millimetres."""
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, target)]
     img = F.interpolate(hu[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     lab = F.interpolate(lab[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(torch.uint8)
     return img, lab
-
-
-def crop_to_body(hu: torch.Tensor, lab: torch.Tensor, threshold: float = -500.0, margin: int = 2):
-    """Crop air around the body (the bounding box of voxels above `threshold` HU)."""
-    box = body_box(hu, threshold, margin)
-    return hu[box].contiguous(), lab[box].contiguous()
 
 
 @dataclass(frozen=True)
@@ -452,7 +443,8 @@ def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = Fal
         case_seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
         hu, raw, acq_spacing = phantom_case(case_seed, site)
         hu, raw = resample(hu, raw, acq_spacing, spacing)
-        hu, raw = crop_to_body(hu, raw)
+        box = body_box(hu)  # crop the air around the body
+        hu, raw = hu[box].contiguous(), raw[box].contiguous()
         if site == "test" or full_labels:
             raw = raw.clone()
             raw[raw == 5] = ORGAN_ID["liver"]
