@@ -125,7 +125,7 @@ def bench_exchange(args) -> dict:
         rows = {}
         for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
                             ("segviz", True)):
-            binary = mode in ("single", "segviz")
+            binary = mode in segviz.BINARY
             cfg = UNetConfig(classes=2 if binary else 5, channels=preset.channels)
             state = UNet3D(cfg).state_dict()
             keys = segviz.shared_keys(state, mode, fedbn) if mode != "central" else []

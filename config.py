@@ -14,7 +14,6 @@ from common import check_writable, resolve_device
 from data import ORGANS, DataConfig
 
 MODES = ("single", "central", "fedavg", "segviz")
-BINARY = ("single", "segviz")  # one binary model per site; the others train one (1 + K)-class model
 
 
 @dataclass(frozen=True)

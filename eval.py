@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common import check_writable, fail, resolve_device, write_json_atomic
 from data import ORGAN_ID, Case
 from metrics import hd95_from_distances, surface_dice_from_distances, surface_distances
-from segviz import MetaModel, merge
+from segviz import BINARY, MetaModel, merge
 
 CHECKPOINT_FORMAT = "segviz-checkpoint/1"
 METRICS = ("dice", "hd95", "nsd")
@@ -387,7 +387,7 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     cfg = ckpt["config"]
     net_cfg = UNetConfig.from_dict(cfg["unet"])
     mode = ckpt["mode"]
-    if mode in ("segviz", "single"):  # each head through its own site's window, as it trained
+    if mode in BINARY:  # each head through its own site's window, as it trained
         windows = {site: cfg["windows"][site] for site in ckpt["states"]}
         return MetaModel(net_cfg, ckpt["states"], windows, shared_rep=cfg["shared_rep"])
     # a multi-class model trained through one window at every site

@@ -49,7 +49,7 @@ from eval import (
     format_table,
     load_checkpoint,
 )
-from segviz import MetaModel, MultiClassModel
+from segviz import BINARY, site_model
 from unet3d import UNetConfig
 
 if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
@@ -305,11 +305,10 @@ def validation_table(folders: list[str]) -> str:
 
 def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
     """The model each site holds: its own binary model, or the one multi-class model."""
-    cfg = ckpt["config"]
+    cfg, mode = ckpt["config"], ckpt["mode"]
     net_cfg = UNetConfig.from_dict(cfg["unet"])
-    if ckpt["mode"] in ("single", "segviz"):
-        return {s: MetaModel(net_cfg, {s: state}, {s: cfg["windows"][s]}, False) for s, state in ckpt["states"].items()}
-    return {s: MultiClassModel(net_cfg, ckpt["states"]["global"], cfg["windows"][s]) for s in ckpt["organs"]}
+    return {s: site_model(net_cfg, mode, s, ckpt["states"][s if mode in BINARY else "global"], cfg["windows"][s])
+            for s in ckpt["organs"]}
 
 
 def validation_cases(cfg: dict) -> dict[str, list]:

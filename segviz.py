@@ -31,6 +31,7 @@ from unet3d import UNet3D, UNetConfig
 
 REP_PREFIX = "rep."
 TASK_PREFIX = "task."
+BINARY = ("single", "segviz")  # modes with one binary model per site; central and fedavg train one (1 + K)-class model
 
 
 def is_norm_key(key: str) -> bool:
@@ -130,6 +131,14 @@ def merge(organ_probs: torch.Tensor) -> torch.Tensor:
     """
     background = 1 - organ_probs.max(dim=0, keepdim=True).values
     return torch.cat([background, organ_probs], dim=0)
+
+
+def site_model(cfg: UNetConfig, mode: str, site: str, state: State, window_hu: tuple) -> nn.Module:
+    """The model one site holds, HU in: its own binary model (single, segviz), or the one
+    (1 + K)-class model, each seen through the site's window."""
+    if mode in BINARY:
+        return MetaModel(cfg, {site: state}, {site: window_hu}, shared_rep=False)
+    return MultiClassModel(cfg, state, window_hu)
 
 
 class MultiClassModel(nn.Module):

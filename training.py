@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import BINARY, EVAL_OVERLAP, PRESETS, Config, data_config, run_name
+from config import EVAL_OVERLAP, PRESETS, Config, data_config, run_name
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -140,7 +140,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
     preset = PRESETS[cfg.preset]
     sites = NODE_SITES[cfg.nodes]
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
-    binary = cfg.mode in BINARY
+    binary = cfg.mode in segviz.BINARY
     windows = site_windows(sites, binary)
     unet_cfg = UNetConfig(classes=2 if binary else len(organs) + 1, channels=cfg.channels, norm=cfg.norm,
                           task_stages=cfg.task_stages)
@@ -218,7 +218,7 @@ def train(cfg: Config, ext: Extensions | None = None, resume: bool = False) -> d
             c.model_state = run.best["states"][c.name]
         run.log.append(f"kept the model of round {run.best['round']} (best mean validation Dice "
                        f"{run.best['score']:.3f})")
-    if cfg.finetune_epochs and cfg.mode in BINARY:
+    if cfg.finetune_epochs and cfg.mode in segviz.BINARY:
         finetune_heads(run, val_cases, cfg.finetune_epochs)
     return finish(run, test_cases, data_info, (t_start, t_data, time.time()))
 
@@ -270,18 +270,17 @@ def validate(run: Run, val_cases: dict[str, list], sites: Sequence[str] | None =
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
-    windows = site_windows(run.sites, cfg.mode in BINARY)
+    windows = site_windows(run.sites, cfg.mode in segviz.BINARY)
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
         for site in sites or run.sites:
             if not val_cases.get(site):  # a site too small to hold a case out
                 continue
-            if cfg.mode in BINARY:
-                state = next(c for c in run.clients if c.name == site).model_state
-                net, organs = segviz.MetaModel(run.unet_cfg, {site: state}, {site: windows[site]}, False), [site]
-            else:
-                net = segviz.MultiClassModel(run.unet_cfg, run.clients[0].model_state, windows[site])
-                organs = run.organs
+            binary = cfg.mode in segviz.BINARY
+            state = next(c for c in run.clients if c.name == site).model_state if binary else \
+                run.clients[0].model_state
+            net = segviz.site_model(run.unet_cfg, cfg.mode, site, state, windows[site])
+            organs = [site] if binary else run.organs
             dice = evaluate(net, val_cases[site], organs, preset.roi or preset.patch, cfg.device, EVAL_OVERLAP,
                             preset.blend, cfg.largest, surface=False)
             out[site] = round(float(np.mean(dice["heads" if len(organs) == 1 else "classes"]["dice"][site])), 6)
@@ -388,7 +387,7 @@ def restore_state(run: Run, path: str) -> int:
 def final_checkpoint(run: Run, name: str) -> dict:
     """model.pt: each site's model (single, segviz) or the one global model, with the config."""
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
-    binary = cfg.mode in BINARY
+    binary = cfg.mode in segviz.BINARY
     rep_keys = [k for k in run.clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
     config = {**saved_config(cfg), "local_steps": run.local_steps, "unet": run.unet_cfg.to_dict(),
               # one representation pass serves every head only where the sites share all of it
