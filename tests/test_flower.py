@@ -1,6 +1,8 @@
-"""SegViz over Flower: the pure pieces of flower_app.py, and a real federation on 127.0.0.1
-(a SuperLink and two SuperNodes as subprocesses) against the in-process loop."""
+"""SegViz over Flower (flower/): the pure pieces of the app, Flower's local simulation through
+flower/run.py (`flwr run flower`), and a real federation on 127.0.0.1 (a SuperLink and two
+SuperNodes as subprocesses) against the in-process loop (`python train.py`)."""
 
+import argparse
 import contextlib
 import json
 import os
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,17 +21,27 @@ pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requ
 
 from flwr.common.config import get_project_config
 
-import flower_app
-import train
-from eval import main as eval_main
-from unet3d import UNet3D, UNetConfig
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(ROOT, "flower")
+sys.path.insert(0, APP)  # the app's package, as Flower loads it from the FAB
+
+from segviz_flower import server_app, task  # noqa: E402
+
+from config import add_config_arguments, config_of  # noqa: E402
+from eval import main as eval_main  # noqa: E402
+from training import saved_config  # noqa: E402
+from unet3d import UNet3D, UNetConfig  # noqa: E402
+
 GIVE_UP_S = 240  # the whole federation: start, two rounds, head collection, test
 
 
 def app_config() -> dict:
-    return get_project_config(ROOT)["tool"]["flwr"]["app"]["config"]
+    return get_project_config(APP)["tool"]["flwr"]["app"]["config"]
+
+
+def server_side(cfg: dict):
+    opts = server_app.options(cfg)
+    return server_app.coordinator(server_app.server_config(cfg, opts), opts, task.variant_of(cfg))
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,17 +55,17 @@ def test_state_dict_roundtrips_exactly_through_an_array_record():
     model = model.to(memory_format=torch.channels_last_3d)  # the layout train.py trains in
     state = {**model.state_dict(), "step": torch.tensor(3.0), "count": torch.tensor([7], dtype=torch.long),
              "double": torch.randn(2, 3, dtype=torch.float64)}
-    record = flower_app.to_record(state)
-    back = flower_app.from_record(record)
+    record = task.to_record(state)
+    back = task.from_record(record)
     assert list(back) == list(state)
     for k, v in state.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
-    assert flower_app.array_keys(flower_app.RecordDict({"a": record})) == sorted(state)
+    assert task.array_keys(task.RecordDict({"a": record})) == sorted(state)
     # Adam's nested state, kept on the node between rounds, comes back exactly too
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(1, 1, 8, 8, 8)).sum().backward()
     opt.step()
-    again = flower_app.from_bytes(flower_app.to_bytes(opt.state_dict()))
+    again = task.from_bytes(task.to_bytes(opt.state_dict()))
     assert again["param_groups"] == opt.state_dict()["param_groups"]
     for i, s in opt.state_dict()["state"].items():
         assert all(torch.equal(again["state"][i][k], v) for k, v in s.items())
@@ -61,10 +74,9 @@ def test_state_dict_roundtrips_exactly_through_an_array_record():
 @pytest.mark.parametrize("mode, extra", [("segviz", []), ("segviz", ["fedbn"]), ("fedavg", [])])
 def test_keys_sent_each_round_and_once_at_the_end(mode, extra, tmp_path):
     cfg = {**app_config(), "nodes": 2, "mode": mode, "out": str(tmp_path / "run"), **dict.fromkeys(extra, True)}
-    opts = flower_app.options(cfg)
-    co = flower_app.coordinator(flower_app.server_args(cfg, opts), opts)
+    co = server_side(cfg)
     state = co.run.clients[0].model_state
-    every_round, at_the_end = co.run.keys, flower_app.local_keys(state, co.run.keys)
+    every_round, at_the_end = co.run.keys, task.local_keys(state, co.run.keys)
     assert sorted(every_round + at_the_end) == sorted(state)
     if mode == "fedavg":
         assert every_round == list(state) and at_the_end == []
@@ -78,32 +90,48 @@ def test_keys_sent_each_round_and_once_at_the_end(mode, extra, tmp_path):
 
 def test_the_app_defaults_are_train_py_defaults(tmp_path):
     cfg = {**app_config(), "out": str(tmp_path / "run")}
-    args = flower_app.server_args(cfg, flower_app.options(cfg))
-    plain = train.parse_args(["--out", str(tmp_path / "run"), "--device", "auto"])
-    assert train.settings_of(args) == train.settings_of(plain)
+    mine = server_app.server_config(cfg, server_app.options(cfg))
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    plain = config_of(p.parse_args(["--out", str(tmp_path / "run"), "--cache", mine.cache]), p)
+    assert saved_config(mine) == saved_config(plain)
 
 
-def test_channels_pass_through_and_empty_means_the_presets():
-    assert "--channels" not in flower_app.train_argv({"channels": ""})
-    assert flower_app.train_argv({"channels": "8,16,32,64,128"}) == ["--channels", "8,16,32,64,128"]
+def test_unset_values_mean_the_presets():
+    assert "--channels" not in task.train_argv({"channels": ""})
+    argv = task.train_argv({"channels": "8,16,32,64,128"})
+    assert argv[argv.index("--channels") + 1] == "8,16,32,64,128"
+    assert "--no-largest" in task.train_argv({"largest": False}) and "--largest" in task.train_argv({"largest": "true"})
+    assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(task.train_argv({"largest": "", "rounds": 0}))
 
 
-def test_a_state_from_before_the_newer_settings_still_matches(tmp_path, monkeypatch):
+def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path):
     cfg = {**app_config(), "out": str(tmp_path / "run")}
-    args = flower_app.server_args(cfg, flower_app.options(cfg))
-    now = flower_app.settings_key(args)
-    older = tuple(k for k in train.RUN_SETTINGS if k != "channels")
-    monkeypatch.setattr(train, "RUN_SETTINGS", older)
-    assert flower_app.settings_key(args) == now  # what a state file written before them holds
-    monkeypatch.undo()
-    args.channels = [8, 16, 32, 64]
-    assert flower_app.settings_key(args) != now
+    v = task.variant_of(cfg)
+    key = task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v)
+    assert task.settings_key(task.config_from(cfg, out="c", cache="d", device="cpu"), v) == key
+    assert task.settings_key(task.config_from({**cfg, "lr": 0.01}, out="a", cache="b", device="cpu"), v) != key
+    assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), {**v, "dropout": 0.5}) != key
 
 
-def test_modes_that_pool_data_are_refused(tmp_path):
+def test_modes_that_pool_data_and_bad_variants_are_refused(tmp_path):
     cfg = {**app_config(), "mode": "central", "out": str(tmp_path / "run")}
     with pytest.raises(ValueError, match="cannot run over Flower"):
-        flower_app.server_args(cfg, flower_app.options(cfg))
+        server_app.server_config(cfg, server_app.options(cfg))
+    with pytest.raises(ValueError, match="refuses"):
+        task.config_from({**cfg, "mode": "segviz", "rounds": -1}, out="a", cache="b", device="cpu")
+    with pytest.raises(ValueError, match="aggregate"):
+        task.variant_of({"aggregate": "mode"})
+
+
+def test_a_simulated_node_takes_its_site_from_its_partition_id():
+    def context(node):
+        return SimpleNamespace(node_config=node)
+    assert [task.site_of(context({"partition-id": i, "num-partitions": 4})) for i in range(4)] == [
+        "liver", "spleen", "pancreas", "kidneys"]
+    assert task.site_of(context({"site": "spleen", "partition-id": 0})) == "spleen"
+    with pytest.raises(ValueError, match="no site"):
+        task.site_of(context({}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +237,8 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         f'[superlink]\ndefault = "segviz-test"\n\n[superlink.segviz-test]\naddress = "127.0.0.1:{link}"\n'
         "insecure = true\n")
     # one torch thread per process (the in-process reference uses one too); no usage telemetry
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "SEGVIZ_ROOT": ROOT}
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "liver", "spleen", "run")}
     procs: list[subprocess.Popen] = []
 
@@ -226,22 +255,19 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
             start([executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                    "--port", str(port), "--node-config",
                    f"site='{site}' cache='{cache}' out='{node_out}' threads=1"], logs[site])
-        # the in-process loop while the SuperNodes connect; it also fills the phantom cache that
-        # the nodes and the server read when the run starts
+        # the in-process loop (python train.py) while the SuperNodes connect; it also fills the
+        # phantom cache that the nodes and the server read when the run starts. One torch thread,
+        # as on the nodes (OMP_NUM_THREADS=1), so that the weights match bitwise
         settings = ["--nodes", "2", "--mode", "segviz", "--rounds", "2", "--local-steps", "1", "--max-cases", "1",
-                    "--seed", "3", "--out", str(tmp_path / "ref"), "--cache", str(cache)]
-        # the nodes train on one thread (OMP_NUM_THREADS=1); so does the reference, whatever
-        # thread count earlier tests left this process with, so that the weights match
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            reference = train.train(train.parse_args(settings))
-        finally:
-            torch.set_num_threads(threads)
+                    "--seeds", "3", "--out", str(tmp_path / "ref"), "--cache", str(cache), "--device", "cpu"]
+        ref = subprocess.run([sys.executable, "train.py", *settings], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=GIVE_UP_S)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
         wait_for_port(link, deadline)
         run_config = (f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' "
                       f"cache='{cache}' timeout=120 wait-for-nodes=60")
-        run = start([executable("flwr"), "run", ROOT, "segviz-test", "--stream", "--run-config", run_config],
+        run = start([sys.executable, os.path.join(APP, "run.py"), APP, "segviz-test", "--run-config", run_config],
                     logs["run"])
         try:
             run.wait(timeout=max(1.0, deadline - time.time()))
@@ -249,8 +275,8 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
             pytest.fail(f"the Flower run did not finish within {GIVE_UP_S} s; gave up\n"
                         + "\n".join(log_tail(p) for p in logs.values()))
         stream = log_tail(logs["run"], 100_000)
-        # `flwr run` exits 0 even when the ServerApp raised: the stream and the outputs tell
-        assert run.returncode == 0 and "Exit Code" not in stream and (out / "model.pt").exists(), (
+        # run.py exits 0 only when the run finished:completed (`flwr run` alone exits 0 even then)
+        assert run.returncode == 0 and "finished:completed" in stream and (out / "model.pt").exists(), (
             "\n".join(log_tail(p) for p in logs.values()))
     finally:
         stopped = stop(procs)
@@ -274,7 +300,7 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         assert metrics["losses"][site] == pytest.approx(losses, rel=1e-5)
 
     # (c) during the rounds the server received representation keys only; task blocks came once, at the end
-    exchange = json.loads((out / flower_app.EXCHANGE_LOG).read_text())
+    exchange = json.loads((out / server_app.EXCHANGE_LOG).read_text())
     shared = sorted(exchange["shared_keys"])
     assert shared and all(k.startswith("rep.") for k in shared)
     assert [r["round"] for r in exchange["rounds"]] == [1, 2]
@@ -292,3 +318,65 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     assert eval_main(["--checkpoint", str(out / "model.pt"), "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again["dice"]["liver"]["cases"] == pytest.approx(metrics["dice"]["liver"]["cases"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Flower's local simulation: flwr run flower, through flower/run.py
+# ---------------------------------------------------------------------------------------
+
+
+def processes_mentioning(text: str) -> set[int]:
+    """Processes whose command line holds `text` (the local SuperLink that `flwr run` starts
+    detached, found by the FLWR_HOME folder of this test alone)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_non_zero(tmp_path):
+    home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
+    http, control = free_ports(2)
+    # Flower's default local simulation, in a Flower home and on ports of this test's own
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    wrapper = [sys.executable, os.path.join(APP, "run.py"), "flower", "--federation-config", "num-supernodes=2"]
+    settings = f"nodes=2 rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' cache='{cache}' wait-for-nodes=60"
+    try:
+        good = subprocess.run([*wrapper, "--run-config", settings], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=GIVE_UP_S)
+        bad = subprocess.run([*wrapper, "--run-config", f"{settings} mode='central'"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=GIVE_UP_S)
+    finally:
+        stop_pids(processes_mentioning(str(home)))
+    log = good.stdout + good.stderr
+    assert good.returncode == 0, log[-5000:]
+    assert "round   2/2" in log and "finished:completed" in log
+    metrics = json.loads((out / "metrics.json").read_text())
+    # partition-id 0 and 1 of the simulation are the liver and spleen sites
+    assert list(metrics["losses"]) == ["liver", "spleen"] and all(len(v) == 2 for v in metrics["losses"].values())
+    assert (out / "model.pt").exists()
+    # a ServerApp that fails (here: a mode that pools data) makes the wrapper exit non-zero
+    assert bad.returncode != 0, (bad.stdout + bad.stderr)[-3000:]
+    assert "cannot run over Flower" in bad.stdout + bad.stderr and "finished:failed" in bad.stdout
+
+
+def stop_pids(pids: set[int]) -> None:
+    """Stop these processes and every process below them."""
+    every = pids | descendants(list(pids))
+    for pid in every:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in every) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in every:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

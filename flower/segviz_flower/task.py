@@ -1,0 +1,273 @@
+"""What the ServerApp and the ClientApp share: the run config read as train.py's flags (a
+`config.Config`) plus the aggregation variants, the settings' fingerprint, tensors on the
+wire, and a site's training as `training.build_run` builds it, kept prepared between messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+
+import fl
+import robust
+import training
+from config import Config, add_config_arguments, config_of, data_config, default_cache
+from data import NODE_SITES, Case, DataError, load_federation
+from segviz import BINARY
+
+State = fl.State
+FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central pools every site's images)
+SITES = NODE_SITES[4]  # a simulated node without `site` takes SITES[partition-id]
+
+# ---------------------------------------------------------------------------------------
+# The run config: train.py's flags, the variants of experiments.py train, the server's keys
+# ---------------------------------------------------------------------------------------
+
+# run-config keys that are train.py flags of the same name (`local-steps` -> --local-steps)
+FLAGS = ("nodes", "mode", "fedbn", "preset", "rounds", "local-steps", "lr", "loss", "channels", "norm", "task-stages",
+         "seeds", "max-cases", "largest", "val-split")
+# robust aggregation, absences and DP: experiments.py train's variant flags of the same names
+VARIANTS = {"weighted": False, "dropout": 0.0, "aggregate": "mean", "max-update-norm": 0.0, "norm-factor": 0.0,
+            "dp-clip": 0.0, "dp-noise": 0.0}
+# settings that may differ between the machines of one run (paths) or grow on resume
+MACHINE_SETTINGS = {"cache", "data_root", "data", "rounds", "out"}
+
+
+def train_argv(run_config: Mapping) -> list[str]:
+    """The train.py command line that the run config's train.py keys stand for. TOML has no
+    null: 0 and "" mean "not given" (the preset's value); largest takes true, false or ""."""
+    argv: list[str] = []
+    for key in FLAGS:
+        value = run_config.get(key, "")
+        if key == "largest":
+            text = str(value).lower()
+            argv += ["--largest"] if text == "true" else ["--no-largest"] if text == "false" else []
+        elif isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        elif value not in ("", 0, 0.0) or (key == "seeds" and value == 0):
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def config_from(run_config: Mapping, *, out: str, cache: str, device: str, data_root: str = "") -> Config:
+    """The run's Config as train.py parses and checks it, with this machine's paths and device;
+    a refused setting raises ValueError (argparse has printed why)."""
+    p = argparse.ArgumentParser(prog="flower run config", exit_on_error=False)
+    add_config_arguments(p)
+    argv = [*train_argv(run_config), "--out", out, "--cache", cache or default_cache(), "--device", device]
+    argv += ["--data-root", data_root] if data_root else []
+    try:
+        cfg = config_of(p.parse_args(argv), p, check_out=False)
+    except (SystemExit, argparse.ArgumentError) as e:
+        raise ValueError(f"train.py refuses these settings: {' '.join(argv)}") from e
+    if cfg.mode not in FEDERATED:
+        raise ValueError(f"mode {cfg.mode!r} pools every site's data and cannot run over Flower; "
+                         f"use one of {', '.join(FEDERATED)}")
+    return cfg
+
+
+def variant_of(run_config: Mapping) -> dict:
+    """The aggregation variant (VARIANTS' keys), checked as experiments.py train checks them."""
+    v = {k: type(default)(run_config.get(k, default)) for k, default in VARIANTS.items()}
+    checks = [(not 0 <= v["dropout"] < 1, "dropout must be in [0, 1)"),
+              (v["aggregate"] not in robust.AGGREGATORS, f"aggregate: one of {', '.join(robust.AGGREGATORS)}"),
+              (min(v["max-update-norm"], v["norm-factor"], v["dp-clip"], v["dp-noise"]) < 0, "negative limit"),
+              (v["dp-noise"] > 0 and not v["dp-clip"], "dp-noise needs dp-clip")]
+    for bad, why in checks:
+        if bad:
+            raise ValueError(f"run config: {why}")
+    return v
+
+
+@dataclass
+class Aggregation:
+    """How the server combines the updates, seeded as experiments.py train seeds its variants."""
+
+    weighted: bool
+    aggregate: str
+    guard: robust.Guard | None
+    privacy: robust.Privacy | None
+    dropout: float
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # their random state, saved
+
+
+def aggregation(cfg: Config, v: dict) -> Aggregation:
+    guard = privacy = None
+    generators = {"dropout": torch.Generator().manual_seed(training.seed_for(cfg.seed, "dropout"))}
+    if v["max-update-norm"] or v["norm-factor"]:
+        guard = robust.Guard(v["max-update-norm"] or None, v["norm-factor"] or None)
+    if v["dp-clip"]:
+        generators["dp"] = torch.Generator().manual_seed(training.seed_for(cfg.seed, "dp"))
+        privacy = robust.Privacy(v["dp-clip"], v["dp-noise"], generators["dp"])
+    return Aggregation(v["weighted"], v["aggregate"], guard, privacy, v["dropout"], generators)
+
+
+def settings_key(cfg: Config, v: dict) -> str:
+    """A fingerprint of what defines the training (not paths or devices): the server and every
+    node must agree on it, and a resumed run must match the state it resumes."""
+    settings = {k: val for k, val in training.saved_config(cfg).items() if k not in MACHINE_SETTINGS}
+    settings |= {"real": data_config(cfg).real, "variant": v}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_label(run_config: Mapping) -> str:
+    """The run's name on the nodes' disks: the last part of the server's out folder."""
+    return os.path.basename(os.path.normpath(str(run_config.get("out") or "runs/flower")))
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors on the wire and in the node's state
+# ---------------------------------------------------------------------------------------
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as Flower arrays (NumPy on the wire: exact, dtype and shape kept)."""
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    """The state dict back from Flower arrays, in the record's key order."""
+    # np.array copies: the arrays Flower decodes are read-only views of the message bytes
+    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
+
+
+def array_keys(content: RecordDict) -> list[str]:
+    """Every array key a message carries, in any of its records: what it lets leave a site."""
+    return sorted(k for record in content.array_records.values() for k in record)
+
+
+def to_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(blob: bytes):
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def local_keys(state: Mapping[str, torch.Tensor], shared: list[str]) -> list[str]:
+    """The keys a site keeps during the rounds and sends once at the end (its task block; with
+    FedBN also its normalisation layers; nothing in fedavg)."""
+    return [k for k in state if k not in set(shared)]
+
+
+# ---------------------------------------------------------------------------------------
+# A node's site, prepared once per process
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    """A SuperNode's site as training.build_run builds it: its client, live model and sampler,
+    and the round-0 state every message starts from unless the node's state says otherwise."""
+
+    name: str
+    cfg: Config
+    key: str  # settings_key
+    run: training.Run
+    folder: str  # on this node: state files for resuming, and a kept head
+    initial: dict  # model and optimiser state and sampler random state at round 0
+
+    @property
+    def client(self) -> fl.Client:
+        return self.run.clients[0]
+
+    def reset(self) -> None:
+        """Back to round 0 (a message must not see what an earlier one trained)."""
+        self.client.model_state = {k: v.clone() for k, v in self.initial["model"].items()}
+        self.client.optim_state = fl.stored(self.initial["optim"], "cpu")
+        self.run.samplers[self.name].gen.set_state(self.initial["sampler"])
+
+
+# A Flower simulation runs every message of a node in one long-lived process, and a SuperNode
+# that keeps its ClientApp process would too: loading and windowing the site's volumes and
+# building the sampler then happens once per run instead of once per message.
+PREPARED: dict[tuple, Site] = {}
+
+
+def site_of(context: Context) -> str:
+    """This node's site: `site` in its node config, else (Flower's simulation) its partition-id."""
+    node = context.node_config
+    if "site" in node:
+        return str(node["site"])
+    if "partition-id" in node:
+        pid = int(node["partition-id"])
+        if not 0 <= pid < len(SITES):
+            raise ValueError(f"partition-id {pid}: a simulated federation has at most {len(SITES)} sites")
+        return SITES[pid]
+    raise ValueError("this SuperNode's node config has no site: --node-config \"site='liver'\"")
+
+
+def node_settings(context: Context) -> tuple[str, Config, dict, str]:
+    """This node's site, the run's Config with this node's paths and device, the variant, and
+    the node's folder for this run."""
+    node, run_config = context.node_config, context.run_config
+    site = site_of(context)
+    if threads := int(node.get("threads", 0)):
+        torch.set_num_threads(threads)
+    data_root = str(node.get("data-root", ""))
+    if bool(data_root) != bool(run_config.get("test-data", "")):
+        raise ValueError(f"site {site}: data-root {data_root!r} on this node but test-data "
+                         f"{run_config.get('test-data', '')!r} in the run: real data everywhere or the phantom "
+                         "everywhere")
+    folder = os.path.join(os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config))
+    cfg = config_from(run_config, out=folder, cache=str(node.get("cache", "")), device=str(node.get("device", "auto")),
+                      data_root=data_root)
+    return site, cfg, variant_of(run_config), folder
+
+
+def open_site(context: Context) -> Site:
+    """This node's site, built on the process's first message of the run and reset to round 0
+    on every later one (the caller restores the node's state after that)."""
+    t0 = time.time()
+    name, cfg, v, folder = node_settings(context)
+    if name not in NODE_SITES[cfg.nodes]:
+        raise ValueError(f"site {name!r}: not one of {NODE_SITES[cfg.nodes]} (nodes={cfg.nodes})")
+    key = settings_key(cfg, v)
+    slot = (context.run_id, context.node_id, name, key, cfg.cache, cfg.data_root, cfg.device)
+    if (site := PREPARED.get(slot)) is not None:
+        site.reset()
+        return site
+    cases = site_cases(cfg, name)
+    torch.manual_seed(cfg.seed)  # the initial weights train.py draws after seeding with the run's seed
+    run = training.build_run(cfg, {name: cases}, training.Extensions(), only=(name,))
+    client = run.clients[0]
+    initial = {"model": {k: v.clone() for k, v in client.model_state.items()},
+               "optim": fl.stored(client.optim_state, "cpu"), "sampler": run.samplers[name].gen.get_state()}
+    site = PREPARED[slot] = Site(name, cfg, key, run, folder, initial)
+    print(f"site {name}: prepared in {time.time() - t0:.1f} s (process {os.getpid()})", flush=True)
+    return site
+
+
+def site_cases(cfg: Config, site: str) -> list[Case]:
+    """This site's training cases: the phantom's, or its own dataset under data-root (its
+    training split; the test set stays with the server)."""
+    try:
+        if not data_config(cfg).real:
+            return load_federation((site,), replace(data_config(cfg), data_root=None), cfg.seed)[0][site]
+        from archives import Source, find_sources
+        from datasets import check_labelled, load_source, split_validation
+
+        source = find_sources((site,), cfg.data_root, cfg.data)[site]
+        keep, _, _ = split_validation(source.pairs, site, cfg.val_split, cfg.seed)
+        source = Source(source.role, source.layout, source.root, keep, source.declared, source.problems)
+        cases = load_source(source, cfg.spacing, cfg.cache, data_config(cfg).workers, cfg.max_cases)
+        check_labelled(cases, source)
+        return cases
+    except DataError as e:
+        raise ValueError(f"site {site}: {e}") from None
+
+
+def binary(cfg: Config) -> bool:
+    return cfg.mode in BINARY
