@@ -341,8 +341,8 @@ def save_state(run: Run, rounds_done: int) -> None:
 
 
 def saved_config(cfg: Config) -> dict:
-    """The config as plain data, without what may differ between machines (device)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k != "device"}
+    """The config as plain data, without where the run happens to be (device, out folder)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in ("device", "out")}
 
 
 def load_state(path: str) -> dict:
