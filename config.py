@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from common import check_writable, resolve_device
 from data import ORGANS, DataConfig
@@ -102,8 +102,9 @@ def run_name(cfg: Config, stem: str = "") -> str:
 
 
 def data_config(cfg: Config) -> DataConfig:
+    """Where the run's cases come from; real data is preprocessed by up to 4 processes."""
     return DataConfig(cfg.cache, cfg.spacing, cfg.max_cases, cfg.data_root, tuple(sorted(cfg.data.items())),
-                  cfg.val_split, min(4, os.cpu_count() or 1))
+                      cfg.val_split, min(4, os.cpu_count() or 1))
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -185,13 +186,10 @@ def site_path(roles: tuple[str, ...]):
 def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "", check_out: bool = True) -> Config:
     """The parsed flags as a resolved, checked Config (of the first seed; each seed gets its
     own); `stem`: a variant's run name (experiments.py)."""
-    cfg = resolve(Config(
-        nodes=a.nodes, mode=a.mode, fedbn=a.fedbn, preset=a.preset, rounds=a.rounds, local_steps=a.local_steps,
-        lr=a.lr, loss=a.loss, channels=a.channels, norm=a.norm, task_stages=a.task_stages,
-        finetune_epochs=a.finetune_epochs, seed=a.seeds[0], val_every=a.val_every, largest=a.largest,
-        test=not a.no_test, device=str(resolve_device(a.device, p)), out=a.out or "", cache=a.cache,
-        data_root=a.data_root, data=dict(a.data), spacing=tuple(a.spacing) if a.spacing else None,
-        val_split=a.val_split, max_cases=a.max_cases))
+    flags = {f.name: getattr(a, f.name) for f in fields(Config) if f.name in vars(a)}
+    cfg = resolve(Config(**{**flags, "seed": a.seeds[0], "test": not a.no_test, "out": a.out or "",
+                            "device": str(resolve_device(a.device, p)), "data": dict(a.data),
+                            "spacing": tuple(a.spacing) if a.spacing else None}))
     preset = PRESETS[cfg.preset]
     checks = [
         (cfg.rounds < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and not preset.local_epochs),
