@@ -28,6 +28,7 @@ class Preset:
     p_affine: float  # probability of the random rotation/scaling of a patch
     p_intensity: float  # probability of each of the intensity scale and shift
     rounds: int
+    real_rounds: int  # rounds on real data (--data-root, --data), where sites hold few cases
     local_steps: int  # optimiser steps per site per round; 0: `local_epochs` of the site's data
     local_epochs: int
     lr: float
@@ -44,14 +45,15 @@ class Preset:
 PRESETS = {
     # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
     "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), volumes_per_batch=2,
-                      patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, local_steps=4,
-                      local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0), share_buffers=True,
-                      keep="last", finetune_epochs=0, roi=None, blend="constant", largest=True),
+                      patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, real_rounds=200,
+                      local_steps=4, local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0),
+                      share_buffers=True, keep="last", finetune_epochs=0, roi=None, blend="constant", largest=True),
     # the original's recipe, item by item (docs/paper-preset.md)
     "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32), volumes_per_batch=2,
-                    patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50, local_steps=0,
-                    local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0), share_buffers=False,
-                    keep="best", finetune_epochs=150, roi=(160, 160, 160), blend="constant", largest=False),
+                    patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50, real_rounds=50,
+                    local_steps=0, local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0),
+                    share_buffers=False, keep="best", finetune_epochs=150, roi=(160, 160, 160), blend="constant",
+                    largest=False),
 }
 EVAL_OVERLAP = 0.25  # of sliding windows at test time (eval.py --overlap re-tests with another)
 
@@ -91,7 +93,9 @@ class Config:
 def resolve(cfg: Config) -> Config:
     """The config with every preset default filled in (what the run actually uses)."""
     p = PRESETS[cfg.preset]
-    keys = ("rounds", "local_steps", "lr", "loss", "channels", "norm", "finetune_epochs", "largest", "spacing")
+    if cfg.rounds is None:
+        cfg = replace(cfg, rounds=p.real_rounds if cfg.data_root or cfg.data else p.rounds)
+    keys = ("local_steps", "lr", "loss", "channels", "norm", "finetune_epochs", "largest", "spacing")
     cfg = replace(cfg, **{k: getattr(p, k) for k in keys if getattr(cfg, k) is None})
     return replace(cfg, channels=tuple(cfg.channels), spacing=tuple(cfg.spacing))
 
@@ -115,7 +119,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fedbn", action="store_true", help="segviz only: keep normalisation layers local (FedBN)")
     p.add_argument("--preset", default="phantom", choices=tuple(PRESETS),
                    help="phantom: small model for a CPU (default); paper: the original's model and recipe")
-    p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
+    p.add_argument("--rounds", type=int,
+                   help="federated rounds (default: the preset's; phantom 100, on real data 200)")
     p.add_argument("--local-steps", type=int, help="optimiser steps per site per round (default: the preset's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--loss", choices=("dice", "dicece"),

@@ -37,6 +37,16 @@ def test_defaults_come_from_the_preset_and_flags_override_them(tmp_path):
     assert (cfg.norm, cfg.loss, cfg.lr, cfg.seed) == ("batch", "dice", 0.01, 3)
 
 
+def test_real_data_defaults_to_its_own_rounds_unless_given(tmp_path):
+    phantom = config.PRESETS["phantom"]
+    assert phantom.real_rounds != phantom.rounds
+    real = ["--data-root", str(tmp_path), "--out", str(tmp_path / "a")]
+    assert parse(real).rounds == phantom.real_rounds
+    assert parse(["--data", f"liver={tmp_path}", "--out", str(tmp_path / "b")]).rounds == phantom.real_rounds
+    assert parse([*real[:2], "--rounds", "7", "--out", str(tmp_path / "c")]).rounds == 7
+    assert parse(["--out", str(tmp_path / "d")]).rounds == phantom.rounds
+
+
 def test_the_default_out_folder_is_named_after_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert parse(["--mode", "segviz", "--fedbn", "--nodes", "3"]).out == os.path.join("runs", "segviz-fedbn-3")
