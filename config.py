@@ -240,8 +240,9 @@ def resumed_config(saved: dict, out: str, given: list[str], a: argparse.Namespac
     extra = sorted({g.split("=")[0] for g in given if g.startswith("--")} - {"--resume", "--device", "--rounds"})
     if extra:
         p.error(f"--resume {out} continues the run with its own settings; {', '.join(extra)} cannot be given")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    cfg = Config(**{**fields, "out": out, "device": str(resolve_device(a.device, p))})
+    check_writable(out, "--resume")
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    cfg = Config(**{**saved, "out": out, "device": str(resolve_device(a.device, p))})
     if a.rounds is not None:
         if a.rounds < cfg.rounds:
             p.error(f"--resume {out}: --rounds {a.rounds} is fewer than the run's {cfg.rounds}")

@@ -372,7 +372,7 @@ def primary_scoring(mode: str) -> str:
 
 def sliding_settings(cfg: dict, args: argparse.Namespace | None = None) -> tuple[list[int], float, str]:
     """Window size, overlap and blending of the sliding window, as the training run tested its
-    model (train.py's test_roi, --eval-overlap and the preset's blend; the overlap may be given
+    model (the preset's roi, config.EVAL_OVERLAP and the preset's blend; the overlap may be given
     on the command line); checkpoints older than those settings get their defaults of the time."""
     overlap = getattr(args, "overlap", None)
     return (list(cfg.get("roi") or cfg["patch"]), cfg.get("eval_overlap", 0.25) if overlap is None else overlap,
@@ -474,7 +474,7 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     try:
         if args.data_root or dict(args.data):
             source = find_sources(("test",), args.data_root, dict(args.data))["test"]
-        elif data["source"] == "real":
+        elif data.get("source") == "real":
             source = find_dataset(data["roots"]["test"], "test")
         else:
             spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=spacing)

@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,10 +50,6 @@ from eval import (
 )
 from segviz import BINARY, site_model
 from unet3d import UNetConfig
-
-if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
-    pass
-
 
 # ---------------------------------------------------------------------------------------
 # The suite: every setup, node count and seed, one train.py process each
@@ -381,8 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     if passed and args.what != "suite":
         p.error(f"unrecognized arguments: {' '.join(passed)}")
     if args.what == "suite":
-        if {"--mode", "--fedbn", "--resume"} & {a.split("=")[0] for a in passed}:
+        given = {a.split("=")[0] for a in passed}
+        if {"--mode", "--fedbn", "--resume"} & given:
             p.error("suite: --mode, --fedbn and --resume are the suite's own (it resumes by itself)")
+        from variants import VARIANT_KEYS
+
+        if variants := sorted(given & {"--" + k.replace("_", "-") for k in VARIANT_KEYS}):
+            p.error(f"suite: {', '.join(variants)}: the suite runs the paper's setups; a variant is "
+                    f"python experiments.py train")
         check_writable(args.out, "--out")
         return run_suite(args.out, sorted(set(args.nodes)), args.seeds, passed)
     if args.what == "table":

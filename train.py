@@ -28,7 +28,8 @@ from training import STATE_FILE, load_state, train_seeds
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_config_arguments(p)
     p.add_argument("--resume", metavar="OUT",
                    help="continue the run whose state OUT/state.pt holds, with its own settings (--device and a "

@@ -34,6 +34,7 @@ from data import (
     SamplerConfig,
     load_federation,
     load_validation,
+    phantom_spec,
     round_robin,
     site_sampler,
     site_windows,
@@ -44,6 +45,7 @@ from eval import (
     evaluate,
     format_metric_tables,
     format_table,
+    model_from_checkpoint,
     primary_scoring,
     scored_metrics,
 )
@@ -88,7 +90,9 @@ LossFor = Callable[[Config, Sequence[str], Callable[[], int]], Loss]
 
 @dataclass
 class Extensions:
-    name: str = ""  # the run's name in place of the mode, e.g. "oracle" or "fedavg-marginal"
+    """What experiments.py changes in a run (variants.py); train.py passes the defaults."""
+
+    stem: str = ""  # the run's name in place of the mode, e.g. "oracle" or "fedavg-marginal"
     settings: dict = field(default_factory=dict)  # saved with the run; experiments.py rebuilds from them
     loss: LossFor | None = None  # default: LOSSES[cfg.loss]
     full_labels: bool = False  # every organ labelled at every site (phantom only: the oracle)
@@ -228,7 +232,7 @@ def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
     every = cfg.val_every or (1 if preset.keep == "best" else 0)
     steps = sum(run.local_steps.values())
-    print(f"{run_name(cfg, run.ext.name)} seed {cfg.seed}: {len(run.sites)} site(s) {', '.join(run.sites)} | "
+    print(f"{run_name(cfg, run.ext.stem)} seed {cfg.seed}: {len(run.sites)} site(s) {', '.join(run.sites)} | "
           f"{cfg.rounds} rounds x {'/'.join(map(str, run.local_steps.values()))} local steps | batch "
           f"{run.samplers[run.sites[0]].cfg.batch} x {preset.patch} | {exchange_summary(run)} | device {cfg.device}")
     bar = tqdm(total=cfg.rounds * steps, initial=start * steps, desc="train", unit="step", disable=None,
@@ -327,6 +331,7 @@ STATE_FORMAT = "segviz-state/3"  # /3: the config dataclass; /2 held train.py's 
 
 
 def save_state(run: Run, rounds_done: int) -> None:
+    """state.pt: everything the run needs to go on after `rounds_done` rounds."""
     blob = {"format": STATE_FORMAT, "round": rounds_done, "config": saved_config(run.cfg),
             "extensions": run.ext.settings, "log": run.log, "norms": run.norms, "validation": run.validation,
             "clients": [{"name": c.name, "model_state": c.model_state, "optim_state": c.optim_state,
@@ -364,10 +369,15 @@ def restore_state(run: Run, path: str) -> int:
     if [c["name"] for c in blob["clients"]] != [c.name for c in run.clients]:
         fail(f"{path}: its clients differ from this run's {[c.name for c in run.clients]}")
     for client, saved in zip(run.clients, blob["clients"]):
+        shapes = {k: tuple(v.shape) for k, v in saved["model_state"].items()}
+        if shapes != {k: tuple(v.shape) for k, v in client.model_state.items()}:
+            fail(f"{path}: client {client.name}'s weights do not fit this run's model")
         device = next(iter(client.model_state.values())).device
         client.model_state = {k: v.to(device) for k, v in saved["model_state"].items()}
         client.optim_state, client.history = saved["optim_state"], saved["history"]
     gens = {**{f"sampler/{s}": sm.gen for s, sm in run.samplers.items()}, **run.ext.generators}
+    if missing := sorted(set(gens) - set(blob["generators"])):
+        fail(f"{path}: no saved random state for {', '.join(missing)}")
     for name, g in gens.items():
         g.set_state(blob["generators"][name])
     torch.set_rng_state(blob["generators"]["torch"])
@@ -403,12 +413,9 @@ def final_checkpoint(run: Run, name: str) -> dict:
 
 def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, float, float]) -> dict:
     """Test the final model, write model.pt and metrics.json, print the summary."""
-    from data import phantom_spec
-    from eval import model_from_checkpoint
-
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
     t_start, t_data, t_trained = times
-    name = run_name(cfg, run.ext.name)
+    name = run_name(cfg, run.ext.stem)
     ckpt = final_checkpoint(run, name)
     ckpt["config"].update(data=data_info, phantom_cases=dict(phantom_spec(data_config(cfg)).cases))
     primary = primary_scoring(cfg.mode)
@@ -442,17 +449,22 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
 
 
 def train_seeds(cfg: Config, seeds: Sequence[int], resume: bool = False,
-                ext_for: Callable[[Config], Extensions] | None = None) -> int:
+                ext_for: Callable[[Config], Extensions] | None = None, command: str = "python train.py") -> int:
     """Train each seed (in OUT/seed-S when there are several), then the mean ± std across them.
-    `ext_for(cfg)`: experiments.py's extensions for a seed's config. Returns the exit status."""
+    `ext_for(cfg)`: experiments.py's extensions for a seed's config; `command`: the script that
+    resumes a run (named when Ctrl-C stops it). Returns the exit status."""
     results = {}
     try:
         for seed in seeds:
             seed_cfg = replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed-{seed}") if len(seeds) > 1 else cfg.out)
             results[seed] = train(seed_cfg, ext_for(seed_cfg) if ext_for else Extensions(), resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the state after the last full round is in {cfg.out}: "
-              f"--resume {seed_cfg.out}", file=sys.stderr)
+        state = os.path.join(seed_cfg.out, STATE_FILE)
+        if os.path.exists(state):
+            print(f"\ninterrupted; the state after the last full round is in {state}: "
+                  f"{command} --resume {seed_cfg.out}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first round ended; nothing to resume", file=sys.stderr)
         return 130
     if len(results) > 1 and cfg.test:
         first = next(iter(results.values()))

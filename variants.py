@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,6 +76,7 @@ def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentPar
     """The variant flags that differ from their defaults, checked against the config."""
     checks = [
         (a.marginal and cfg.mode not in ("central", "fedavg"), "--marginal applies to --mode central and fedavg"),
+        (a.oracle and a.marginal, "--oracle and --marginal cannot be combined (the oracle labels every organ)"),
         (a.oracle and (cfg.mode != "central" or bool(cfg.data_root or cfg.data)),
          "--oracle needs --mode central and the phantom (every organ labelled at every site)"),
         (not 0 <= a.dropout < 1, "--dropout must be in [0, 1)"),
@@ -99,7 +101,7 @@ def variant_name(cfg: Config, v: dict) -> str:
 
 def extensions(cfg: Config, v: dict) -> Extensions:
     """The functions a variant passes into training.train, with its random state seeded from the run's."""
-    ext = Extensions(name=variant_name(cfg, v), settings=dict(v), full_labels=bool(v.get("oracle")),
+    ext = Extensions(stem=variant_name(cfg, v), settings=dict(v), full_labels=bool(v.get("oracle")),
                      weighted=bool(v.get("weighted")), loss=marginal_for if v.get("marginal") else None)
     guard = None
     if v.get("max_update_norm") is not None or v.get("norm_factor") is not None:
@@ -116,9 +118,13 @@ def extensions(cfg: Config, v: dict) -> Extensions:
     return ext
 
 
+COMMAND = "python experiments.py train"
+
+
 def main(argv: list[str] | None = None) -> int:
     """python experiments.py train [train.py flags] [variant flags]: one run with a variant."""
-    p = argparse.ArgumentParser(prog="experiments.py train",
+    argv = sys.argv[2:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="experiments.py train", allow_abbrev=False,
                                 description="train.py with a variant that is not SegViz itself (marginal loss, "
                                             "oracle, weighted or robust aggregation, absent clients, DP)")
     add_config_arguments(p)
@@ -129,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume:
         state = load_state(os.path.join(a.resume, STATE_FILE))
         cfg = resumed_config(state["config"], a.resume, argv, a, p)
-        return train_seeds(cfg, [cfg.seed], True, lambda c: extensions(c, state["extensions"]))
+        return train_seeds(cfg, [cfg.seed], True, lambda c: extensions(c, state["extensions"]), COMMAND)
     probe = config_of(a, p, check_out=False)
     v = variant_settings(a, probe, p)
     cfg = config_of(a, p, variant_name(probe, v))
-    return train_seeds(cfg, a.seeds, ext_for=lambda c: extensions(c, v))
+    return train_seeds(cfg, a.seeds, ext_for=lambda c: extensions(c, v), command=COMMAND)

@@ -531,3 +531,12 @@ def test_paper_preset_runs_end_to_end(tmp_path, cache):
     stat = "rep.down.0.units.0.norm.running_mean"
     assert not torch.equal(liver[stat], spleen[stat])
     assert not torch.equal(liver["task.up.0.up.conv.weight"], spleen["task.up.0.up.conv.weight"])
+
+
+def test_variants_that_do_not_fit_are_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    both = run("experiments.py", "train", "--mode", "central", "--oracle", "--marginal", "--out", str(out))
+    assert both.returncode == 2 and "--oracle and --marginal cannot be combined" in both.stderr
+    suite = run("experiments.py", "suite", "--out", str(out), "--dropout", "0.2")
+    assert suite.returncode == 2 and "python experiments.py train" in suite.stderr
+    assert not out.exists()

@@ -73,7 +73,7 @@ def server_config(run_config: Mapping, opts: Options) -> Config:
 
 @dataclass
 class Coordinator:
-    """The server's side of a run: train.py's Run with one stand-in client per site. A stand-in
+    """The server's side of a run: training.Run with one stand-in client per site. A stand-in
     holds the shared weights (as every in-process client does after a round), the site's loss
     history and weight; its task block arrives once, at the end."""
 
