@@ -462,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cases_source(cfg: dict) -> dict:
+    """Where a checkpoint's cases came from: {"source": "phantom"}, or real data's roots, layouts
+    and validation cases (config.source; checkpoints before the Config dataclass: config.data)."""
+    return cfg.get("source") or cfg.get("data") or {"source": "phantom"}
+
+
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     """The test set named on the command line, else the one the checkpoint was tested on."""
     from archives import find_dataset, find_sources
@@ -469,7 +475,7 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     from datasets import check_labelled, load_source
     from phantom import PhantomSpec, phantom_federation
 
-    data = cfg.get("data", {"source": "phantom"})
+    data = cases_source(cfg)
     spacing = tuple(cfg["spacing"])
     try:
         if args.data_root or dict(args.data):

@@ -43,6 +43,7 @@ from eval import (
     METRIC_TITLES,
     METRICS,
     across_seeds,
+    cases_source,
     evaluate,
     format_cell,
     format_table,
@@ -309,7 +310,7 @@ def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
 def validation_cases(cfg: dict) -> dict[str, list]:
     from phantom import PhantomSpec, phantom_validation
 
-    if cfg["data"]["source"] != "phantom":
+    if cases_source(cfg).get("source") != "phantom":
         raise SystemExit("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
     spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
     return phantom_validation(NODE_SITES[cfg["nodes"]], 4, seed=cfg["seed"], spec=spec, cache_dir=cfg["cache_dir"])

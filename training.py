@@ -417,7 +417,7 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
     t_start, t_data, t_trained = times
     name = run_name(cfg, run.ext.stem)
     ckpt = final_checkpoint(run, name)
-    ckpt["config"].update(data=data_info, phantom_cases=dict(phantom_spec(data_config(cfg)).cases))
+    ckpt["config"].update(source=data_info, phantom_cases=dict(phantom_spec(data_config(cfg)).cases))
     primary = primary_scoring(cfg.mode)
     per_case = evaluate(model_from_checkpoint(ckpt), test_cases, run.organs, ckpt["config"]["roi"], cfg.device,
                         EVAL_OVERLAP, preset.blend, cfg.largest, primary=primary) if cfg.test else {}

@@ -222,7 +222,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
                  "--cache", str(cache), "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["data"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
+    assert metrics["config"]["source"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
                                                     "kidneys": "kits19", "test": "btcv"}
     assert len(metrics["dice"]["kidneys"]["cases"]) == 1
 
