@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 from common import check_writable, resolve_device
@@ -178,7 +179,7 @@ def add_source_arguments(p: argparse.ArgumentParser, roles: tuple[str, ...] = (*
                         f"{', '.join(roles)}")
 
 
-def site_path(roles: tuple[str, ...]):
+def site_path(roles: tuple[str, ...]) -> Callable[[str], tuple[str, str]]:
     """argparse type of --data: SITE=PATH with a known SITE."""
     def parse(text: str) -> tuple[str, str]:
         site, sep, path = text.partition("=")

@@ -8,10 +8,15 @@ indexed (x, y, z) in RAS order throughout. This module knows nothing of models.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # phantom.py imports this module
+    from phantom import PhantomSpec
 
 ORGANS = ("liver", "spleen", "pancreas", "kidneys")
 ORGAN_ID = {name: i + 1 for i, name in enumerate(ORGANS)}  # ids of the multi-organ label maps
@@ -24,7 +29,7 @@ WINDOWS = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0), "pancreas": (-87.
            "kidneys": (-79.0, 304.0), "pooled": (-200.0, 304.0)}
 
 
-def site_windows(sites, binary: bool) -> dict[str, tuple[float, float]]:
+def site_windows(sites: Sequence[str], binary: bool) -> dict[str, tuple[float, float]]:
     """The HU window of each site's model, in training, validation and test alike.
 
     A binary site model sees its own site's window, as the original's heads were trained and
@@ -124,7 +129,7 @@ def load_validation(sites: tuple[str, ...], dc: DataConfig, seed: int) -> dict[s
                               cache_dir=dc.cache)
 
 
-def phantom_spec(dc: DataConfig):
+def phantom_spec(dc: DataConfig) -> PhantomSpec:
     """The phantom's size (cases per site, capped by max_cases) on the working grid."""
     from phantom import PhantomSpec
 
@@ -347,7 +352,7 @@ def sampler_device(device: torch.device | str) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def round_robin(samplers: list[PatchSampler]):
+def round_robin(samplers: list[PatchSampler]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """Pooled data (the central model): consecutive batches come from each site in turn.
 
     The position is kept in `next_batch.position` (a one-item list) so a resumed run goes on

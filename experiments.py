@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from data import NODE_SITES
+from data import NODE_SITES, DataConfig, load_validation
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -308,12 +308,11 @@ def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
 
 
 def validation_cases(cfg: dict) -> dict[str, list]:
-    from phantom import PhantomSpec, phantom_validation
-
+    """The validation cases a phantom run validated on, as training.py loads them."""
     if cases_source(cfg).get("source") != "phantom":
-        raise SystemExit("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
-    spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=tuple(cfg["spacing"]))
-    return phantom_validation(NODE_SITES[cfg["nodes"]], 4, seed=cfg["seed"], spec=spec, cache_dir=cfg["cache_dir"])
+        fail("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
+    dc = DataConfig(cfg["cache_dir"], tuple(cfg["spacing"]), cfg.get("max_cases"))
+    return load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
 
 
 OPTIONS = [("gaussian", True), ("gaussian", False), ("constant", True), ("constant", False)]

@@ -177,7 +177,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
     return Run(cfg, sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps, ext)
 
 
-def on_device(next_batch: Callable[[], fl.Batch], device) -> Callable[[], fl.Batch]:
+def on_device(next_batch: Callable[[], fl.Batch], device: torch.device | str) -> Callable[[], fl.Batch]:
     """The sampler's batches on the training device, in the model's memory layout."""
     def batch():
         x, y = next_batch()
@@ -394,8 +394,9 @@ def restore_state(run: Run, path: str) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def final_checkpoint(run: Run, name: str) -> dict:
-    """model.pt: each site's model (single, segviz) or the one global model, with the config."""
+def final_checkpoint(run: Run, name: str, data_info: dict) -> dict:
+    """model.pt: each site's model (single, segviz) or the one global model, with the config
+    (`data_info`: where the cases came from, as load_federation says)."""
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
     binary = cfg.mode in segviz.BINARY
     rep_keys = [k for k in run.clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
@@ -405,7 +406,8 @@ def final_checkpoint(run: Run, name: str) -> dict:
               "patch": list(preset.patch), "roi": list(preset.roi or preset.patch), "blend": preset.blend,
               "eval_overlap": EVAL_OVERLAP, "batch": run.samplers[run.sites[0]].cfg.batch,
               "windows": {k: list(v) for k, v in site_windows(run.sites, binary).items()},
-              "phantom_cases": None, "cache_dir": cfg.cache, "extensions": run.ext.settings}
+              "source": data_info, "phantom_cases": dict(phantom_spec(data_config(cfg)).cases),
+              "cache_dir": cfg.cache, "extensions": run.ext.settings}
     states = {c.name: c.model_state for c in run.clients} if binary else {"global": run.clients[0].model_state}
     return {"format": CHECKPOINT_FORMAT, "name": name, "mode": cfg.mode, "nodes": cfg.nodes, "organs": run.organs,
             "config": config, "states": states}
@@ -416,8 +418,7 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
     cfg, preset = run.cfg, PRESETS[run.cfg.preset]
     t_start, t_data, t_trained = times
     name = run_name(cfg, run.ext.stem)
-    ckpt = final_checkpoint(run, name)
-    ckpt["config"].update(source=data_info, phantom_cases=dict(phantom_spec(data_config(cfg)).cases))
+    ckpt = final_checkpoint(run, name, data_info)
     primary = primary_scoring(cfg.mode)
     per_case = evaluate(model_from_checkpoint(ckpt), test_cases, run.organs, ckpt["config"]["roi"], cfg.device,
                         EVAL_OVERLAP, preset.blend, cfg.largest, primary=primary) if cfg.test else {}
