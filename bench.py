@@ -145,7 +145,7 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
 
     import fl
     import segviz
-    from config import PRESETS
+    from config import PRESETS, default_cache
     from data import NODE_SITES, WINDOWS, SamplerConfig, site_sampler
     from phantom import PhantomSpec, phantom_federation
     from training import dice_ce_loss, on_device
@@ -155,7 +155,7 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
     preset = PRESETS["phantom"]
     sites = NODE_SITES[4]
     cases, _ = phantom_federation(sites, seed=0, spec=PhantomSpec(spacing=preset.spacing),
-                                  cache_dir=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")))
+                                  cache_dir=default_cache())
     cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                         patches_per_volume=preset.patches_per_volume)
     # the data stay fixed (one sampler per site, shared by that site's clients): only clients grow

@@ -410,7 +410,7 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config import add_source_arguments
+    from config import add_source_arguments, default_cache
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                         "6 liver, 11 pancreas) on the original scan's grid into this folder")
     add_inference_arguments(p)
     p.add_argument("--out", default=None, help="where to write metrics.json (default: CHECKPOINT's folder/eval)")
-    p.add_argument("--cache", default=os.environ.get("SEGVIZ_CACHE", os.path.expanduser("~/.cache/segviz")),
+    p.add_argument("--cache", default=default_cache(),
                    help="folder for preprocessed volumes (default ~/.cache/segviz or $SEGVIZ_CACHE)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that preprocess real data")

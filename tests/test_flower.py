@@ -209,14 +209,19 @@ def stop(procs: list[subprocess.Popen]) -> set[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
-    deadline = time.time() + 10
+    kill_survivors(pids)
+    return pids
+
+
+def kill_survivors(pids: set[int], grace: float = 10) -> None:
+    """Give these processes `grace` seconds to end, then kill the ones still alive."""
+    deadline = time.time() + grace
     while any(alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.2)
     for pid in pids:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    return pids
 
 
 def log_tail(path, n: int = 3000) -> str:
@@ -373,10 +378,4 @@ def stop_pids(pids: set[int]) -> None:
     for pid in every:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + 10
-    while any(alive(pid) for pid in every) and time.time() < deadline:
-        time.sleep(0.2)
-    for pid in every:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    kill_survivors(every)

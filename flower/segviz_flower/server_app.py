@@ -1,8 +1,9 @@
 """The ServerApp: discover the sites, run the rounds, assemble, test and save.
 
 It sends the shared weights (`segviz.shared_keys`: `rep.*` in segviz, every key in fedavg),
-combines what comes back with `robust.combine_updates` (mean, median or trimmed mean; the
-Guard's refusals; optional DP noise), counts a node that does not answer in time as absent,
+combines what comes back with the in-process loop's combining function (`variants.extensions`:
+the mean, or robust.py's median or trimmed mean, the Guard's refusals and optional DP noise),
+counts a node that does not answer in time as absent,
 and after the last round collects each site's task block once to assemble the meta-model,
 which `training.finish` tests and saves (model.pt and metrics.json, as train.py writes them).
 With keep-heads-local the heads stay on their nodes and the server keeps the representation.
@@ -22,17 +23,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 import fl
-import robust
 import training
 from common import save_torch_atomic, write_json_atomic
 from config import Config, data_config
 from data import NODE_SITES, Case, DataError, load_federation
+from variants import extensions
 
 from .task import (
     VARIANTS,
-    Aggregation,
     State,
-    aggregation,
     array_keys,
     config_from,
     from_record,
@@ -79,7 +78,6 @@ class Coordinator:
 
     cfg: Config
     opts: Options
-    agg: Aggregation
     key: str  # settings_key
     run: training.Run
     tag: str  # names this run series on the nodes' disks; kept when resuming
@@ -123,11 +121,11 @@ def coordinator(cfg: Config, opts: Options, v: dict) -> Coordinator:
     train.py's (built by training.build_run without any site's data)."""
     torch.manual_seed(cfg.seed)
     changed = {k.replace("-", "_"): val for k, val in v.items() if val != VARIANTS[k]}
-    run = training.build_run(cfg, {}, training.Extensions(settings=changed), only=())
+    run = training.build_run(cfg, {}, extensions(cfg, changed), only=())  # seeded as experiments.py train
     start = fl.snapshot(run.model, "cpu")
     run.clients = [fl.Client(s, dict(start), {}, remote, remote) for s in run.sites]
     journal = {"mode": cfg.mode, "fedbn": cfg.fedbn, "shared_keys": list(run.keys), "rounds": [], "final": {}}
-    return Coordinator(cfg, opts, aggregation(cfg, v), settings_key(cfg, v), run, secrets.token_hex(4),
+    return Coordinator(cfg, opts, settings_key(cfg, v), run, secrets.token_hex(4),
                        counted=dict.fromkeys(run.sites, 0), journal=journal)
 
 
@@ -212,9 +210,9 @@ def refresh_nodes(grid: Grid, co: Coordinator) -> list[str]:
 def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     """Round r (0-based) as fl.federated_round does it in-process, with the training on the
     nodes; returns the round's line."""
-    cfg, run, agg = co.cfg, co.run, co.agg
+    cfg, run = co.cfg, co.run
     rejoined = refresh_nodes(grid, co)
-    present = robust.present(run.clients, agg.dropout, agg.generators["dropout"]) if agg.dropout else list(run.clients)
+    present = run.ext.present(run.clients) if run.ext.present else list(run.clients)
     reference = {k: v.clone() for k, v in co.shared.items()}
     shared = to_record(reference)
     messages = [Message(RecordDict({"shared": shared, "config": ConfigRecord(
@@ -240,13 +238,10 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     absent = [c.name for c in run.clients if c.name not in record["received"]]
     norms = {}
     if run.keys and answered:
-        weights = [c.weight for c in answered] if agg.weighted else None
-        merged, norm_list, refused_at = robust.combine_updates(
-            sent, reference, robust.AGGREGATORS[agg.aggregate], weights, agg.guard, agg.privacy)
-        # the in-process loop's plain mean measures no norms; the robust combiner does
-        plain = agg.aggregate == "mean" and agg.guard is None and agg.privacy is None
-        norms = {} if plain else {c.name: n for c, n in zip(answered, norm_list)}
-        refused |= {answered[i].name: why for i, why in refused_at.items()}
+        # the same combining function as the in-process loop (fl.mean, or robust.combiner's)
+        merged, notes = run.ext.combine(sent, reference, [c.weight for c in answered] if run.ext.weighted else None)
+        norms = {c.name: n for c, n in zip(answered, notes.get("norms", []))}
+        refused |= {answered[i].name: why for i, why in notes.get("refused", {}).items()}
         for c in run.clients:
             for k in run.keys:
                 c.model_state[k] = merged[k].clone()
@@ -299,7 +294,7 @@ def save_server(co: Coordinator, rounds_done: int) -> None:
                        "shared": co.shared, "weights": {c.name: c.weight for c in run.clients},
                        "history": {c.name: list(c.history) for c in run.clients}, "counted": dict(co.counted),
                        "log": list(run.log), "norms": list(run.norms), "journal": co.journal,
-                       "generators": {k: g.get_state() for k, g in co.agg.generators.items()}},
+                       "generators": {k: g.get_state() for k, g in co.run.ext.generators.items()}},
                       os.path.join(co.opts.out, SERVER_STATE))
     write_json_atomic(os.path.join(co.opts.out, EXCHANGE_LOG), co.journal)
 
@@ -320,7 +315,7 @@ def resume_server(co: Coordinator) -> int:
         c.model_state.update(blob["shared"])
         c.history, c.weight = list(blob["history"][c.name]), blob["weights"][c.name]
     co.run.log[:], co.run.norms[:] = blob["log"], blob["norms"]
-    for k, g in co.agg.generators.items():
+    for k, g in co.run.ext.generators.items():
         g.set_state(blob["generators"][k])
     print(f"resuming {path} after round {blob['round']}/{co.cfg.rounds}")
     return int(blob["round"])

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -87,29 +87,6 @@ def variant_of(run_config: Mapping) -> dict:
         if bad:
             raise ValueError(f"run config: {why}")
     return v
-
-
-@dataclass
-class Aggregation:
-    """How the server combines the updates, seeded as experiments.py train seeds its variants."""
-
-    weighted: bool
-    aggregate: str
-    guard: robust.Guard | None
-    privacy: robust.Privacy | None
-    dropout: float
-    generators: dict[str, torch.Generator] = field(default_factory=dict)  # their random state, saved
-
-
-def aggregation(cfg: Config, v: dict) -> Aggregation:
-    guard = privacy = None
-    generators = {"dropout": torch.Generator().manual_seed(training.seed_for(cfg.seed, "dropout"))}
-    if v["max-update-norm"] or v["norm-factor"]:
-        guard = robust.Guard(v["max-update-norm"] or None, v["norm-factor"] or None)
-    if v["dp-clip"]:
-        generators["dp"] = torch.Generator().manual_seed(training.seed_for(cfg.seed, "dp"))
-        privacy = robust.Privacy(v["dp-clip"], v["dp-noise"], generators["dp"])
-    return Aggregation(v["weighted"], v["aggregate"], guard, privacy, v["dropout"], generators)
 
 
 def settings_key(cfg: Config, v: dict) -> str:
