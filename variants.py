@@ -95,8 +95,15 @@ def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentPar
 
 
 def variant_name(cfg: Config, v: dict) -> str:
-    """The stem of a variant's run name: oracle, <mode>-marginal, or the mode."""
-    return "oracle" if v.get("oracle") else f"{cfg.mode}-marginal" if v.get("marginal") else ""
+    """The stem of a variant's run name, so that it never takes a plain run's folder: oracle,
+    or the mode followed by each changed setting (e.g. segviz-dropout0.2-median)."""
+    if v.get("oracle"):
+        return "oracle"
+    tags = {"marginal": "marginal", "weighted": "weighted", "dropout": "dropout{}", "aggregate": "{}",
+            "max_update_norm": "maxnorm{}", "norm_factor": "normfactor{}", "dp_clip": "dpclip{}",
+            "dp_noise": "dpnoise{}"}
+    parts = [tags[k].format(v[k]) for k in tags if k in v]
+    return "-".join([cfg.mode, *parts]) if parts else ""
 
 
 def extensions(cfg: Config, v: dict) -> Extensions:

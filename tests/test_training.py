@@ -490,6 +490,23 @@ def parse_train(argv):
     return config_of(p.parse_args(argv), p)
 
 
+def test_a_variant_run_never_takes_a_plain_runs_folder(monkeypatch):
+    import variants
+
+    made = {}
+    monkeypatch.setattr(variants, "train_seeds", lambda cfg, seeds, **kw: made.setdefault("cfg", cfg) and 0)
+    variants.main(["--mode", "segviz", "--dropout", "0.2", "--aggregate", "median"])
+    assert made["cfg"].out == os.path.join("runs", "segviz-dropout0.2-median-4")
+    names = {}
+    for argv in (["--mode", "fedavg", "--marginal"], ["--mode", "central", "--oracle"], ["--weighted", "--fedbn"],
+                 ["--dp-clip", "1", "--dp-noise", "0.01"], []):
+        made.clear()
+        variants.main(argv)
+        names[made["cfg"].out] = argv
+    assert sorted(names) == sorted(os.path.join("runs", n) for n in (
+        "fedavg-marginal-4", "oracle-4", "segviz-weighted-fedbn-4", "segviz-dpclip1.0-dpnoise0.01-4", "segviz-4"))
+
+
 def test_the_suite_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_path):
     from experiments import script_of, suite_plan
 
