@@ -484,7 +484,7 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
             source = find_dataset(data["roots"]["test"], "test")
         else:
             spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=spacing)
-            return phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg.get("cache_dir"))[1]
+            return phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg["cache"])[1]
         cases = load_source(source, spacing, args.cache, args.workers, cfg.get("max_cases"))
         check_labelled(cases, source)
         return cases

@@ -77,8 +77,8 @@ def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> 
     from its checkpoint."""
     plt = _pyplot()
     first = next(iter(runs.values()))[0]
-    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=first["config"].get(
-        "cache_dir"), workers=1))
+    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=first["config"][
+        "cache"], workers=1))
     predictions = {}
     for name in runs:
         ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model

@@ -407,7 +407,7 @@ def final_checkpoint(run: Run, name: str, data_info: dict) -> dict:
               "eval_overlap": EVAL_OVERLAP, "batch": run.samplers[run.sites[0]].cfg.batch,
               "windows": {k: list(v) for k, v in site_windows(run.sites, binary).items()},
               "source": data_info, "phantom_cases": dict(phantom_spec(data_config(cfg)).cases),
-              "cache_dir": cfg.cache, "extensions": run.ext.settings}
+              "extensions": run.ext.settings}
     states = {c.name: c.model_state for c in run.clients} if binary else {"global": run.clients[0].model_state}
     return {"format": CHECKPOINT_FORMAT, "name": name, "mode": cfg.mode, "nodes": cfg.nodes, "organs": run.organs,
             "config": config, "states": states}
