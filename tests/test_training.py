@@ -526,6 +526,23 @@ def test_the_suite_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_p
     assert real[0][1] == str(tmp_path / "single-4")
 
 
+def test_eval_options_rescores_the_validation_that_training_reported(tmp_path, cache):
+    # eval-options rebuilds each site's model from model.pt and its validation cases from the
+    # saved config; under the preset's own options it must give training's validation Dice
+    from experiments import eval_options_table, validation_table
+
+    cand = tmp_path / "cand"
+    result = run("train.py", "--nodes", "2", "--rounds", "6", "--local-steps", "2", "--max-cases", "2", "--val-every",
+                 "6", "--no-test", "--seeds", "0", "1", "--out", str(cand), "--cache", str(cache))
+    assert result.returncode == 0, result.stderr[-2000:]
+    validation = [json.loads((cand / f"seed-{s}" / "metrics.json").read_text())["validation"][-1] for s in (0, 1)]
+    assert all(v["liver"] > 0.05 for v in validation)  # something was learnt: equal numbers mean something
+    trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
+    options = eval_options_table([str(cand)]).splitlines()
+    assert options[0].split(" | ")[3] == "constant, largest"
+    assert options[-1].split(" | ")[3] == trained  # the preset's constant blending with the clean-up
+
+
 def test_paper_preset_runs_end_to_end(tmp_path, cache):
     # the original's recipe at a tiny size: one round, one step, one epoch of head fine-tuning
     out = tmp_path / "paper"
