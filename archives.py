@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from data import ORGAN_ID, ORGANS, SITE_ORGAN, DataError
@@ -136,7 +137,7 @@ def _read_json(path: str) -> dict:
     return meta
 
 
-def _declared(labels, path: str) -> tuple[int, ...] | None:
+def _declared(labels: object, path: str) -> tuple[int, ...] | None:
     """Label values from a dataset.json `labels` entry: MSD {"0": "background", ...} or
     nnU-Net v2 {"background": 0, ...}."""
     if labels is None:
@@ -160,7 +161,7 @@ def _resolve(root: str, rel: str, nnunet_channel: bool = False) -> str:
     return path
 
 
-def _pairs_from_list(root: str, entries, meta_path: str, key: str) -> tuple[list[Pair], list[str]]:
+def _pairs_from_list(root: str, entries: object, meta_path: str, key: str) -> tuple[list[Pair], list[str]]:
     pairs, problems = [], []
     if not isinstance(entries, list):
         raise DataError(f"{meta_path}: '{key}' is not a list")
@@ -216,7 +217,7 @@ def _from_kits19(path: str, role: str) -> Source:
     return Source(role, "kits19", path, pairs, (0, 1, 2), [], notes)
 
 
-def _from_folders(path: str, role: str, layout: str, declared) -> Source:
+def _from_folders(path: str, role: str, layout: str, declared: tuple[int, ...] | None) -> Source:
     images, labels = os.path.join(path, "imagesTr"), os.path.join(path, "labelsTr")
     pairs, problems = [], []
     for name in _niftis(images):
@@ -253,7 +254,7 @@ def _from_btcv(path: str, folders: list[tuple[str, str]], role: str) -> Source:
     return Source(role, "btcv", path, sorted(pairs, key=lambda p: p.name), tuple(range(14)), problems)
 
 
-def _walk(root: str, depth: int = MAX_SEARCH_DEPTH):
+def _walk(root: str, depth: int = MAX_SEARCH_DEPTH) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk, at most `depth` folders deep, in sorted order, skipping hidden folders."""
     base = root.rstrip(os.sep).count(os.sep)
     for folder, dirs, files in os.walk(root):
@@ -273,7 +274,8 @@ def locate(data_root: str, role: str) -> str | None:
     return None
 
 
-def find_sources(roles, data_root: str | None = None, overrides: dict[str, str] | None = None) -> dict[str, Source]:
+def find_sources(roles: Sequence[str], data_root: str | None = None,
+                 overrides: dict[str, str] | None = None) -> dict[str, Source]:
     """The dataset of each role: its --ROLE override, else found under --data-root."""
     overrides = {k: v for k, v in (overrides or {}).items() if v}
     if data_root is not None and not os.path.isdir(data_root):

@@ -29,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_CT = os.path.join(HERE, "..", "shared", "data", "real_ct", "ct.nii.gz")
 
 
-def synthetic_ct(path: str, shape=(512, 512, 600), spacing=(0.8, 0.8, 1.0)) -> None:
+def synthetic_ct(path: str, shape: tuple[int, int, int] = (512, 512, 600),
+                 spacing: tuple[float, float, float] = (0.8, 0.8, 1.0)) -> None:
     """An int16 CT of the given size: air, an elliptic body, a brighter 'organ', and its label."""
     import nibabel as nib
 
@@ -62,7 +63,7 @@ def _child(image: str, label: str, cache: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
 
 
-def bench_preprocess(args) -> dict:
+def bench_preprocess(args: argparse.Namespace) -> dict:
     import torch
 
     import datasets
@@ -114,7 +115,7 @@ def report(r: dict) -> str:
     ])
 
 
-def bench_exchange(args) -> dict:
+def bench_exchange(args: argparse.Namespace) -> dict:
     """Keys and bytes each site sends (and receives) per round, per preset and mode."""
     import segviz
     from config import PRESETS
@@ -175,7 +176,7 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
                       "state_bytes_per_client": fl.state_bytes(model), "seconds_per_round": seconds / rounds}))
 
 
-def bench_clients(args) -> dict:
+def bench_clients(args: argparse.Namespace) -> dict:
     rows = []
     for n in args.n:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "_clients", str(n), str(args.rounds),
@@ -189,7 +190,7 @@ def bench_clients(args) -> dict:
 # ---------------------------------------------------------------------------------------
 
 # What each ratio (this project / MONAI, higher is better) should reach (issue 5).
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from bench_speed import SPEED_PARTS, bench_speed, speed_table, with_sampling_share
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,7 +294,7 @@ def read_json(path: str) -> dict:
         return {}
 
 
-def merge_json(path: str, key: str, value) -> None:
+def merge_json(path: str, key: str, value: dict) -> None:
     """Keep every benchmark's latest result in one bench.json."""
     data = read_json(path)
     data[key] = value

@@ -9,6 +9,19 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # torch and MONAI are imported where they are measured
+    import argparse
+    from types import ModuleType
+
+    import torch
+    from monai.transforms import Compose
+
+    from fl import Notes, State
+
+_T = TypeVar("_T")
 
 TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0, "surface": 1.0}
 SIZES = {  # full sizes, and --quick ones for CI
@@ -18,7 +31,7 @@ SIZES = {  # full sizes, and --quick ones for CI
 }
 
 
-def _monai():
+def _monai() -> ModuleType | None:
     """MONAI when installed (requirements-dev.txt), else None: it is a peer, never a dependency."""
     try:
         import monai
@@ -27,14 +40,14 @@ def _monai():
     return monai
 
 
-def _sync(device) -> None:
+def _sync(device: torch.device | str) -> None:
     import torch
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def paired_median_seconds(fns: dict, repeats: int, device, warmup: int = 1) -> dict[str, float]:
+def paired_median_seconds(fns: dict, repeats: int, device: torch.device | str, warmup: int = 1) -> dict[str, float]:
     """Median wall time of each fn, timed in alternating order so that a change in the machine's
     load during the measurement falls on both sides alike."""
     import statistics
@@ -53,7 +66,7 @@ def paired_median_seconds(fns: dict, repeats: int, device, warmup: int = 1) -> d
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def median_seconds(fn, repeats: int, device, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device | str, warmup: int = 1) -> float:
     """Median wall time of fn() after warm-up calls (synchronised on a GPU)."""
     import statistics
 
@@ -69,7 +82,8 @@ def median_seconds(fn, repeats: int, device, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def synthetic_volume(shape, device, seed: int = 0):
+def synthetic_volume(shape: tuple[int, int, int], device: torch.device | str, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """A windowed image in [0, 1] with two blob organs, and its 0/1 label: what a sampler sees."""
     import torch
 
@@ -83,7 +97,7 @@ def synthetic_volume(shape, device, seed: int = 0):
     return img.clamp(0, 1).to(device), organ.to(torch.uint8).to(device)
 
 
-def speed_sampling(args, monai) -> dict:
+def speed_sampling(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     """Augmented training patches per second: PatchSampler against the original's MONAI chain."""
     from data import PatchSampler, SamplerConfig
 
@@ -110,7 +124,7 @@ def speed_sampling(args, monai) -> dict:
     return out
 
 
-def _monai_train_chain(monai, patch, n):
+def _monai_train_chain(monai: ModuleType, patch: tuple[int, int, int], n: int) -> Compose:
     """The original SegViz notebooks' augmentation after loading (pos = neg = 1 crops, intensity
     scale and shift 0.1, a random affine of up to pi/15 about z and 10% scaling)."""
     import math
@@ -127,7 +141,7 @@ def _monai_train_chain(monai, patch, n):
     ])
 
 
-def speed_dice(args, monai) -> dict:
+def speed_dice(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     """Per-organ Dice of whole label maps (cases per second) against monai.metrics.DiceMetric."""
     import torch
 
@@ -145,7 +159,7 @@ def speed_dice(args, monai) -> dict:
         preds.append(torch.where(flip, noise, truth).to(args.device))
     k = 4
 
-    def ours():
+    def ours() -> list[list[float]]:
         return [ev.label_dice(p, t, k) for p, t in zip(preds, truths)]
 
     t_ours = median_seconds(ours, args.repeats, args.device)
@@ -170,7 +184,7 @@ def speed_dice(args, monai) -> dict:
     return row
 
 
-def speed_sliding_window(args, monai) -> dict:
+def speed_sliding_window(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     """Whole-volume inference with the phantom preset's network against sliding_window_inference."""
     import torch
 
@@ -205,7 +219,7 @@ def speed_sliding_window(args, monai) -> dict:
     return row
 
 
-def speed_train_step(args, monai) -> dict:
+def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     """Voxels per second of one optimiser step at the paper preset (quick: the phantom preset)."""
     import torch
 
@@ -220,7 +234,7 @@ def speed_train_step(args, monai) -> dict:
     x = torch.rand((batch, 1, *preset.patch), device=args.device)
     y = (x[:, 0] > 0.5).long()
 
-    def nets():
+    def nets() -> Iterator[tuple[str, torch.nn.Module]]:
         torch.manual_seed(0)
         yield "unet3d", UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm))
         if monai is not None:
@@ -245,7 +259,8 @@ def speed_train_step(args, monai) -> dict:
             xx = x.to(memory_format=torch.channels_last_3d) if cl else x
             opt = torch.optim.Adam(m.parameters(), lr=1e-4)
 
-            def step(m=m, xx=xx, opt=opt, bf16=bf16):
+            def step(m: torch.nn.Module = m, xx: torch.Tensor = xx, opt: torch.optim.Optimizer = opt,
+                     bf16: bool = bf16) -> None:
                 with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
                     loss = dice_ce_loss(m(xx).float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -265,7 +280,7 @@ def speed_train_step(args, monai) -> dict:
     return row
 
 
-def speed_fl_round(args) -> dict:
+def speed_fl_round(args: argparse.Namespace) -> dict:
     """One SegViz round of four phantom clients: the aggregation's share of the time, and bytes."""
     import torch
 
@@ -290,7 +305,8 @@ def speed_fl_round(args) -> dict:
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     spent = {"aggregate": 0.0}
 
-    def timed_average(states, reference, weights=None):
+    def timed_average(states: Sequence[State], reference: State, weights: Sequence[float] | None = None
+                      ) -> tuple[State, Notes]:
         _sync(args.device)
         t = time.perf_counter()
         out = fl.mean(states, reference, weights)
@@ -314,7 +330,7 @@ def speed_fl_round(args) -> dict:
             "bytes_up_per_round": 4 * sent, "bytes_down_per_round": 4 * sent}
 
 
-def speed_surface(args, monai) -> dict:
+def speed_surface(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     """HD95 and surface Dice at 2 mm of one organ-sized ellipsoid against a shifted, wider one, per
     case (metrics.py, CPU) against MONAI's compute_hausdorff_distance and compute_surface_dice."""
     import torch
@@ -326,7 +342,7 @@ def speed_surface(args, monai) -> dict:
     truth = (x / 0.6) ** 2 + (y / 0.45) ** 2 + (z / 0.7) ** 2 < 1
     pred = ((x - 0.04) / 0.6) ** 2 + (y / 0.47) ** 2 + ((z + 0.05) / 0.7) ** 2 < 1  # ~3 voxels off, a little wider
 
-    def ours():
+    def ours() -> tuple[float, float]:
         d = metrics.surface_distances(pred, truth, spacing)
         return metrics.hd95_from_distances(*d), metrics.surface_dice_from_distances(*d, 2.0)
 
@@ -336,7 +352,7 @@ def speed_surface(args, monai) -> dict:
 
         p, t = pred[None, None].float(), truth[None, None].float()
 
-        def theirs():
+        def theirs() -> tuple[float, float]:
             hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
             return hd.item(), compute_surface_dice(p, t, [2.0], include_background=True, spacing=spacing).item()
 
@@ -352,7 +368,7 @@ def speed_surface(args, monai) -> dict:
 SPEED_PARTS = ("sampling", "dice", "sliding_window", "train_step", "fl_round", "surface")
 
 
-def bench_speed(args) -> dict:
+def bench_speed(args: argparse.Namespace) -> dict:
     import torch
 
     if args.device == "cpu":
@@ -382,14 +398,14 @@ def with_sampling_share(r: dict) -> dict:
     return r
 
 
-def tqdm_list(items):
+def tqdm_list(items: list[_T]) -> Iterable[_T]:
     from tqdm import tqdm
 
     return tqdm(items, desc="speed", unit="benchmark", disable=None)
 
 
 def speed_table(r: dict) -> str:
-    def ratio(x, target):
+    def ratio(x: dict, target: float) -> str:
         if "ratio" not in x:
             return "- | -"
         return f"{x['ratio']:.2f}x | {'met' if x['ratio'] >= target else 'NOT met'} (target {target:g}x)"

@@ -30,7 +30,7 @@ def write_atomic(path: str, write: Callable[[str], None], suffix: str = ".tmp") 
             os.remove(tmp)
 
 
-def save_torch_atomic(obj, path: str) -> None:
+def save_torch_atomic(obj: object, path: str) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -42,7 +42,7 @@ def write_text_atomic(path: str, text: str) -> None:
     write_atomic(path, write)
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 

@@ -317,7 +317,7 @@ class PatchSampler:
         return img * (1 + f) + o
 
 
-def _identity_grid(patch, device) -> torch.Tensor:
+def _identity_grid(patch: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
     """F.affine_grid's identity grid of one patch as (1, N, 4), built once per sampler: the
     same numbers affine_grid would compute on every batch (align_corners=False)."""
     axes = [torch.linspace(-1, 1, n, device=device) * (n - 1) / n for n in patch]
@@ -326,7 +326,7 @@ def _identity_grid(patch, device) -> torch.Tensor:
     return torch.stack([z, y, x, torch.ones_like(x)], dim=-1).reshape(1, -1, 4)
 
 
-def _pack(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack(parts: list[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counts = torch.tensor([len(p) for p in parts])
     starts = torch.cumsum(counts, 0) - counts
     flat = torch.cat(parts) if sum(len(p) for p in parts) else torch.zeros(1, dtype=torch.long)
@@ -359,7 +359,7 @@ def round_robin(samplers: list[PatchSampler]) -> Callable[[], tuple[torch.Tensor
     where it stopped."""
     position = [0]
 
-    def next_batch():
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         s = samplers[position[0] % len(samplers)]
         position[0] += 1
         return s.sample()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +78,8 @@ def label_counts(label: np.ndarray, slab: int = 32) -> dict[int, int]:
     return counts
 
 
-def read_pair(pair: Pair, declared: tuple[int, ...] | None):
+def read_pair(pair: Pair, declared: tuple[int, ...] | None
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[int, int]]:
     """Image (HU), label, affine and label value counts of a pair, checked; the first
     problem raises DataError."""
     image, affine = read_nifti(pair.image)
@@ -140,7 +142,7 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
 
 
 def preprocess_arrays(image: np.ndarray, affine: np.ndarray, raw_label: np.ndarray | None,
-                      label_map: dict[int, int] | None, organ_id: int, spacing,
+                      label_map: dict[int, int] | None, organ_id: int, spacing: tuple[float, float, float],
                       name: str = "", source_file: str = "") -> Case:
     """One volume as stored -> a Case on the working grid, with the geometry to undo it."""
     import nibabel as nib
@@ -231,7 +233,7 @@ def _stat(path: str | None) -> list:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def case_cache_path(pair: Pair, source: Source, spacing, cache_dir: str) -> str:
+def case_cache_path(pair: Pair, source: Source, spacing: tuple[float, float, float], cache_dir: str) -> str:
     """Cache file of one case: keyed by the source files (path, size, mtime) and every
     preprocessing parameter, so a changed file or parameter is never served stale."""
     label_map = source.label_map
@@ -241,7 +243,7 @@ def case_cache_path(pair: Pair, source: Source, spacing, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"{REAL_CACHE_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt")
 
 
-def preprocess_pair(pair: Pair, source: Source, spacing) -> Case:
+def preprocess_pair(pair: Pair, source: Source, spacing: tuple[float, float, float]) -> Case:
     image, raw, affine, _ = read_pair(pair, source.declared)
     organ_id = ORGAN_ID[SITE_ORGAN[source.role]] if source.role != "test" else 0
     return preprocess_arrays(image, affine, raw, source.label_map, organ_id, spacing, pair.name, pair.image)
@@ -259,13 +261,13 @@ def _load_case(path: str) -> Case:
     return Case(blob["name"], blob["hu"].float(), blob["label"], tuple(blob["spacing"]), blob["geometry"])
 
 
-def _preprocess_to_cache(pair: Pair, source: Source, spacing, path: str) -> str:
+def _preprocess_to_cache(pair: Pair, source: Source, spacing: tuple[float, float, float], path: str) -> str:
     torch.set_num_threads(1)
     _save_case(preprocess_pair(pair, source, spacing), path)
     return path
 
 
-def load_source(source: Source, spacing, cache_dir: str | None, workers: int = 1,
+def load_source(source: Source, spacing: tuple[float, float, float], cache_dir: str | None, workers: int = 1,
                 max_cases: int | None = None) -> list[Case]:
     """Every case of a dataset, preprocessed (cached under `cache_dir` when given)."""
     if source.problems:
@@ -343,9 +345,9 @@ def _seeded_split(pairs: list[Pair], n_val: int, seed: int) -> tuple[list[Pair],
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
-def real_validation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,
-                    cache_dir: str | None, workers: int = 1, val_split: str = "auto", seed: int = 0,
-                    max_cases: int | None = None) -> dict[str, list[Case]]:
+def real_validation(sites: Sequence[str], data_root: str | None, overrides: dict[str, str] | None,
+                    spacing: tuple[float, float, float], cache_dir: str | None, workers: int = 1,
+                    val_split: str = "auto", seed: int = 0, max_cases: int | None = None) -> dict[str, list[Case]]:
     """The validation cases each site holds out (the same split as real_federation)."""
     out = {}
     for role, source in find_sources(sites, data_root, overrides).items():
@@ -358,9 +360,10 @@ def real_validation(sites, data_root: str | None, overrides: dict[str, str] | No
     return out
 
 
-def real_federation(sites, data_root: str | None, overrides: dict[str, str] | None, spacing,
-                    cache_dir: str | None, workers: int = 1, val_split: str = "auto", seed: int = 0,
-                    max_cases: int | None = None) -> tuple[dict[str, list[Case]], list[Case], dict]:
+def real_federation(sites: Sequence[str], data_root: str | None, overrides: dict[str, str] | None,
+                    spacing: tuple[float, float, float], cache_dir: str | None, workers: int = 1,
+                    val_split: str = "auto", seed: int = 0, max_cases: int | None = None
+                    ) -> tuple[dict[str, list[Case]], list[Case], dict]:
     """Training cases of each site, the test set, and a record of where they came from."""
     sources = find_sources((*sites, "test"), data_root, overrides)
     train, info = {}, {"roots": {}, "layouts": {}, "validation": {}}

@@ -42,7 +42,7 @@ def _starts(size: int, roi: int, overlap: float) -> list[int]:
     return [*starts, size - roi]
 
 
-def importance_map(roi: Sequence[int], mode: str, device) -> torch.Tensor:
+def importance_map(roi: Sequence[int], mode: str, device: torch.device | str) -> torch.Tensor:
     """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI.
 
     Unlike MONAI, which floors its Gaussian at 1e-3, the floor here is the smallest weight, so
@@ -161,15 +161,15 @@ def keep_largest_components(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.isin(labels, keep)).to(mask.device)
 
 
-def predict_scores(model: torch.nn.Module, case: Case, roi: Sequence[int], device="cpu", overlap: float = 0.25,
-                   blend: str = "gaussian") -> torch.Tensor:
+def predict_scores(model: torch.nn.Module, case: Case, roi: Sequence[int], device: torch.device | str = "cpu",
+                   overlap: float = 0.25, blend: str = "gaussian") -> torch.Tensor:
     """The model's output over the whole case, blended across sliding windows: (C, X, Y, Z)."""
     return sliding_window(model, case.hu.to(device)[None, None], roi, overlap, blend)[0]
 
 
 def predict_masks(model: torch.nn.Module, case: Case, organs: Sequence[str], roi: Sequence[int],
-                  scoring: str | None = None, device="cpu", overlap: float = 0.25, blend: str = "gaussian",
-                  largest: bool = False) -> dict[str, torch.Tensor]:
+                  scoring: str | None = None, device: torch.device | str = "cpu", overlap: float = 0.25,
+                  blend: str = "gaussian", largest: bool = False) -> dict[str, torch.Tensor]:
     """Each organ's predicted mask on the case's working grid (scoring: the model's first)."""
     scores = predict_scores(model, case, roi, device, overlap, blend)
     return clean_masks(organ_masks(scores, organs, scoring or scorings(model)[0]), largest)
@@ -229,8 +229,8 @@ def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Seq
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], roi: Sequence[int],
-             device="cpu", overlap: float = 0.25, blend: str = "gaussian", largest: bool = False,
-             save_pred: str | None = None, primary: str | None = None, surface: bool = True
+             device: torch.device | str = "cpu", overlap: float = 0.25, blend: str = "gaussian",
+             largest: bool = False, save_pred: str | None = None, primary: str | None = None, surface: bool = True
              ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Dice, HD95 and NSD per organ per test case of a HU-in model, for each way its output can be
     scored (`scorings`): {scoring: {"dice" | "hd95" | "nsd": {organ: [value per case]}}}, from one

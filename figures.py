@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
     from matplotlib.figure import Figure
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
 
@@ -71,7 +72,7 @@ OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancr
                    "kidneys": (0.3, 0.8, 0.4)}
 
 
-def overlays(folder: str, runs: dict[str, dict], out_dir: str, device="cpu") -> list[str]:
+def overlays(folder: str, runs: dict[str, dict], out_dir: str, device: torch.device | str = "cpu") -> list[str]:
     """One axial and one coronal slice per test case (through the organs' centre, in radiological
     convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
     from its checkpoint."""

@@ -19,12 +19,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -45,7 +47,7 @@ def snapshot(module: nn.Module, store: torch.device | str | None = None) -> Stat
             for k, v in module.state_dict().items()}
 
 
-def stored(obj, store: torch.device | str):
+def stored(obj: _T, store: torch.device | str) -> _T:
     """A copy of an optimiser state dict with every tensor on `store`."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to(store, copy=True)
@@ -56,8 +58,9 @@ def stored(obj, store: torch.device | str):
     return copy.deepcopy(obj)
 
 
-def new_client(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn,
-               weight: float = 1.0, store: torch.device | str | None = None) -> Client:
+def new_client(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, next_batch: Callable[[], Batch],
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight: float = 1.0,
+               store: torch.device | str | None = None) -> Client:
     """A client starting from the model's current weights and a fresh optimiser state, both
     kept on `store` (default: the model's device; see `choose_store`)."""
     store = store if store is not None else next(model.parameters()).device

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -111,7 +113,7 @@ class _Blob:
     rot: np.ndarray
     waves: list[tuple[np.ndarray, float, float]] = field(default_factory=list)  # (freq, phase, amp)
 
-    def field(self, grid: _Grid, sl) -> torch.Tensor:
+    def field(self, grid: _Grid, sl: tuple[slice, slice, slice]) -> torch.Tensor:
         x, y, z = grid.coords(sl)
         px, py, pz = x - self.centre[0], y - self.centre[1], z - self.centre[2]
         r = self.rot
@@ -132,8 +134,8 @@ class _Blob:
         return sl, self.field(grid, sl) < 1.0
 
 
-def _wobbly(rng: np.random.Generator, centre, radii, rot=None, amp: float = 0.09, n: int = 4,
-            shift_mm: float = 8.0, scale: float = 0.1) -> _Blob:
+def _wobbly(rng: np.random.Generator, centre: npt.ArrayLike, radii: npt.ArrayLike, rot: np.ndarray | None = None,
+            amp: float = 0.09, n: int = 4, shift_mm: float = 8.0, scale: float = 0.1) -> _Blob:
     """An ellipsoid with per-case random position, size and smooth surface deformation."""
     c = np.asarray(centre, float) + rng.normal(0, shift_mm / 2, 3).clip(-shift_mm, shift_mm)
     r = np.asarray(radii, float) * (1 + rng.uniform(-scale, scale, 3))
@@ -143,7 +145,7 @@ def _wobbly(rng: np.random.Generator, centre, radii, rot=None, amp: float = 0.09
     return _Blob(c, r, rot, waves)
 
 
-def _tube_field(grid: _Grid, sl, points: np.ndarray, radii: np.ndarray) -> torch.Tensor:
+def _tube_field(grid: _Grid, sl: tuple[slice, slice, slice], points: np.ndarray, radii: np.ndarray) -> torch.Tensor:
     """Normalised distance to a polyline whose radius is interpolated along it (<1 inside)."""
     x, y, z = grid.coords(sl)
     best = None
@@ -158,7 +160,7 @@ def _tube_field(grid: _Grid, sl, points: np.ndarray, radii: np.ndarray) -> torch
     return best
 
 
-def _smooth_noise(gen: torch.Generator, shape, cells: int = 8) -> torch.Tensor:
+def _smooth_noise(gen: torch.Generator, shape: Sequence[int], cells: int = 8) -> torch.Tensor:
     """A smooth random field in [-1, 1] (texture, lobulation)."""
     low = torch.rand((1, 1, cells, cells, cells), generator=gen) * 2 - 1
     return F.interpolate(low, size=shape, mode="trilinear", align_corners=True)[0, 0]
@@ -179,7 +181,7 @@ def _gaussian_blur(vol: torch.Tensor, sigmas_vox: tuple[float, float, float]) ->
     return out[0, 0]
 
 
-def _paint(hu: torch.Tensor, sl, mask: torch.Tensor, value) -> None:
+def _paint(hu: torch.Tensor, sl: tuple[slice, slice, slice], mask: torch.Tensor, value: float | torch.Tensor) -> None:
     region = hu[sl]
     if torch.is_tensor(value):
         region[mask] = value[mask]
@@ -385,7 +387,8 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, tupl
     return hu, lab, (acq.inplane, acq.inplane, acq.slice_mm)
 
 
-def _restrict(big_sl, big_mask: torch.Tensor, sl, out: torch.Tensor) -> torch.Tensor:
+def _restrict(big_sl: tuple[slice, slice, slice], big_mask: torch.Tensor, sl: tuple[slice, slice, slice],
+              out: torch.Tensor) -> torch.Tensor:
     """The part of `big_mask` (defined on the box big_sl) that falls into the box sl."""
     src, dst = [], []
     for b, s, n in zip(big_sl, sl, big_mask.shape):
@@ -403,7 +406,8 @@ def _restrict(big_sl, big_mask: torch.Tensor, sl, out: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------------------------
 
 
-def resample(hu: torch.Tensor, lab: torch.Tensor, spacing, target) -> tuple[torch.Tensor, torch.Tensor]:
+def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: tuple[float, float, float],
+             target: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample to the target spacing: linear for the image, nearest for the labels. Both grids
     share their physical extent, so a structure keeps its position and size in millimetres."""
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, target)]
@@ -431,8 +435,8 @@ def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
     return out
 
 
-def phantom_cases(site: str, n: int, seed: int, spacing, full_labels: bool = False, split: str = "train"
-                  ) -> list[Case]:
+def phantom_cases(site: str, n: int, seed: int, spacing: tuple[float, float, float], full_labels: bool = False,
+                  split: str = "train") -> list[Case]:
     """n preprocessed phantom cases of one site (the test set when site == 'test').
 
     `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound).
@@ -481,7 +485,7 @@ def phantom_federation(sites: tuple[str, ...], seed: int = 0, spec: PhantomSpec 
     return out, test
 
 
-def _cached(make, cache_dir: str | None, key: str):
+def _cached(make: Callable[[], list[Case]], cache_dir: str | None, key: str) -> list[Case]:
     if cache_dir is None:
         return make()
     path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt")

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     return predict_scans(ckpt, scans, args, device)
 
 
-def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Namespace, device) -> int:
+def predict_scans(ckpt: dict, scans: list[tuple[str, str]], args: argparse.Namespace,
+                  device: torch.device | str) -> int:
     """Segment each (case, file) into args.output; exit status 1 if some scan could not be read."""
     from data import DataError
     from datasets import preprocess_arrays

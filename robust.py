@@ -32,13 +32,13 @@ def median(states: Sequence[State], weights: Sequence[float] | None = None) -> S
 def trimmed_mean(states: Sequence[State], weights: Sequence[float] | None = None, trim: float = 0.2) -> State:
     """Coordinate-wise mean after dropping the `trim` share of highest and lowest values
     (at least one each side from three clients on); ignores weights."""
-    def middle(s, n):
+    def middle(s: torch.Tensor, n: int) -> torch.Tensor:
         k = max(int(trim * n), 1 if n >= 3 else 0)
         return s[k:n - k].mean(dim=0)
     return _order_statistic(states, middle)
 
 
-def _order_statistic(states: Sequence[State], pick) -> State:
+def _order_statistic(states: Sequence[State], pick: Callable[[torch.Tensor, int], torch.Tensor]) -> State:
     if not states:
         raise ValueError("nothing to aggregate")
     out = {}

@@ -308,7 +308,7 @@ def finetune_heads(run: Run, val_cases: dict[str, list], epochs: int) -> None:
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
     for client in tqdm(run.clients, desc="fine-tune heads", disable=None):
-        def score(site=client.name) -> float:  # without validation cases the last epoch is kept
+        def score(site: str = client.name) -> float:  # without validation cases the last epoch is kept
             return validate(run, val_cases, [site]).get(site, -1.0)
 
         best = (score(), client.model_state)

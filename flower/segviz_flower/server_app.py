@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import NoReturn
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -92,7 +93,8 @@ class Coordinator:
         return {k: self.run.clients[0].model_state[k] for k in self.run.keys}
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, enough=None) -> dict[int, Message]:
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             enough: Callable[[list[Message]], bool] | None = None) -> dict[int, Message]:
     """Send and wait for the replies, as grid.send_and_receive does, but polling every 0.5 s
     (its 3 s are most of a short round's wait) and stopping early once `enough(replies)`.
     Returns message index -> reply (an error reply about a lost upload names no sender, so
@@ -112,7 +114,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, enough=None) -
     return replies
 
 
-def remote(*_):
+def remote(*_) -> NoReturn:
     raise RuntimeError("this client trains on its own SuperNode")
 
 

@@ -123,13 +123,13 @@ def array_keys(content: RecordDict) -> list[str]:
     return sorted(k for record in content.array_records.values() for k in record)
 
 
-def to_bytes(obj) -> bytes:
+def to_bytes(obj: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
-def from_bytes(blob: bytes):
+def from_bytes(blob: bytes) -> dict:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
