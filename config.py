@@ -24,12 +24,13 @@ class Preset:
     channels: tuple[int, ...]
     norm: str
     patch: tuple[int, int, int]
+    real_patch: tuple[int, int, int]  # on real data (--data-root, --data): more context around small organs
     volumes_per_batch: int
     patches_per_volume: int
     p_affine: float  # probability of the random rotation/scaling of a patch
     p_intensity: float  # probability of each of the intensity scale and shift
     rounds: int
-    real_rounds: int  # rounds on real data (--data-root, --data), where sites hold few cases
+    real_rounds: int  # on real data, where sites hold few cases
     local_steps: int  # optimiser steps per site per round; 0: `local_epochs` of the site's data
     local_epochs: int
     lr: float
@@ -45,14 +46,14 @@ class Preset:
 
 PRESETS = {
     # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
-    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), volumes_per_batch=2,
-                      patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, real_rounds=200,
-                      local_steps=4, local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0),
+    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), real_patch=(48, 48, 32),
+                      volumes_per_batch=2, patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100,
+                      real_rounds=200, local_steps=4, local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0),
                       share_buffers=True, keep="last", finetune_epochs=0, roi=None, blend="constant", largest=True),
     # the original's recipe, item by item (docs/paper-preset.md)
-    "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32), volumes_per_batch=2,
-                    patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50, real_rounds=50,
-                    local_steps=0, local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0),
+    "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32), real_patch=(128, 128, 32),
+                    volumes_per_batch=2, patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50,
+                    real_rounds=50, local_steps=0, local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0),
                     share_buffers=False, keep="best", finetune_epochs=150, roi=(160, 160, 160), blend="constant",
                     largest=False),
 }
@@ -91,12 +92,16 @@ class Config:
     max_cases: int | None = None
 
 
+def preset_of(cfg: Config) -> Preset:
+    """The run's recipe: its preset, with the real-data rounds and patch when the cases are real."""
+    p = PRESETS[cfg.preset]
+    return replace(p, rounds=p.real_rounds, patch=p.real_patch) if cfg.data_root or cfg.data else p
+
+
 def resolve(cfg: Config) -> Config:
     """The config with every preset default filled in (what the run actually uses)."""
-    p = PRESETS[cfg.preset]
-    if cfg.rounds is None:
-        cfg = replace(cfg, rounds=p.real_rounds if cfg.data_root or cfg.data else p.rounds)
-    keys = ("local_steps", "lr", "loss", "channels", "norm", "finetune_epochs", "largest", "spacing")
+    p = preset_of(cfg)
+    keys = ("rounds", "local_steps", "lr", "loss", "channels", "norm", "finetune_epochs", "largest", "spacing")
     cfg = replace(cfg, **{k: getattr(p, k) for k in keys if getattr(cfg, k) is None})
     return replace(cfg, channels=tuple(cfg.channels), spacing=tuple(cfg.spacing))
 
@@ -196,7 +201,7 @@ def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "",
     cfg = resolve(Config(**{**flags, "seed": a.seeds[0], "test": not a.no_test, "out": a.out or "",
                             "device": str(resolve_device(a.device, p)), "data": dict(a.data),
                             "spacing": tuple(a.spacing) if a.spacing else None}))
-    preset = PRESETS[cfg.preset]
+    preset = preset_of(cfg)
     checks = [
         (cfg.rounds < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and not preset.local_epochs),
          "--rounds and --local-steps must be at least 1"),

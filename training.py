@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import EVAL_OVERLAP, PRESETS, Config, data_config, run_name
+from config import EVAL_OVERLAP, Config, data_config, preset_of, run_name
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -141,7 +141,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
 
     `only`: samplers and clients for these sites alone (a Flower node holds one site's data, the
     server none); the model, organs and shared keys stay the whole federation's."""
-    preset = PRESETS[cfg.preset]
+    preset = preset_of(cfg)
     sites = NODE_SITES[cfg.nodes]
     organs = [s for s in ORGAN_ID if s in sites]  # sites and organs coincide in order
     binary = cfg.mode in segviz.BINARY
@@ -188,11 +188,11 @@ def on_device(next_batch: Callable[[], fl.Batch], device: torch.device | str) ->
 def steps_per_round(cfg: Config, cases: int) -> int:
     """A site's local work per round: local_steps, or the preset's epochs of the site's own
     data, an epoch being one pass of batches over its cases (as the original's 10 epochs)."""
-    return cfg.local_steps or PRESETS[cfg.preset].local_epochs * epoch_steps(cfg, cases)
+    return cfg.local_steps or preset_of(cfg).local_epochs * epoch_steps(cfg, cases)
 
 
 def epoch_steps(cfg: Config, cases: int) -> int:
-    return math.ceil(cases / PRESETS[cfg.preset].volumes_per_batch)
+    return math.ceil(cases / preset_of(cfg).volumes_per_batch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def train(cfg: Config, ext: Extensions | None = None, resume: bool = False) -> d
 
 def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
     """The federated rounds: local training, the shared keys combined, validation, state saved."""
-    cfg, preset = run.cfg, PRESETS[run.cfg.preset]
+    cfg, preset = run.cfg, preset_of(run.cfg)
     every = cfg.val_every or (1 if preset.keep == "best" else 0)
     steps = sum(run.local_steps.values())
     print(f"{run_name(cfg, run.ext.stem)} seed {cfg.seed}: {len(run.sites)} site(s) {', '.join(run.sites)} | "
@@ -267,13 +267,13 @@ def exchange_summary(run: Run) -> str:
 
 def validates(cfg: Config) -> bool:
     """Whether the run reads validation cases: curves, model selection, head fine-tuning."""
-    return bool(cfg.val_every or PRESETS[cfg.preset].keep == "best" or cfg.finetune_epochs)
+    return bool(cfg.val_every or preset_of(cfg).keep == "best" or cfg.finetune_epochs)
 
 
 def validate(run: Run, val_cases: dict[str, list], sites: Sequence[str] | None = None) -> dict[str, float]:
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
-    cfg, preset = run.cfg, PRESETS[run.cfg.preset]
+    cfg, preset = run.cfg, preset_of(run.cfg)
     windows = site_windows(run.sites, cfg.mode in segviz.BINARY)
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
@@ -397,7 +397,7 @@ def restore_state(run: Run, path: str) -> int:
 def final_checkpoint(run: Run, name: str, data_info: dict) -> dict:
     """model.pt: each site's model (single, segviz) or the one global model, with the config
     (`data_info`: where the cases came from, as load_federation says)."""
-    cfg, preset = run.cfg, PRESETS[run.cfg.preset]
+    cfg, preset = run.cfg, preset_of(run.cfg)
     binary = cfg.mode in segviz.BINARY
     rep_keys = [k for k in run.clients[0].model_state if k.startswith(segviz.REP_PREFIX)]
     config = {**saved_config(cfg), "local_steps": run.local_steps, "unet": run.unet_cfg.to_dict(),
@@ -415,7 +415,7 @@ def final_checkpoint(run: Run, name: str, data_info: dict) -> dict:
 
 def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, float, float]) -> dict:
     """Test the final model, write model.pt and metrics.json, print the summary."""
-    cfg, preset = run.cfg, PRESETS[run.cfg.preset]
+    cfg, preset = run.cfg, preset_of(run.cfg)
     t_start, t_data, t_trained = times
     name = run_name(cfg, run.ext.stem)
     ckpt = final_checkpoint(run, name, data_info)
