@@ -46,7 +46,7 @@ class Preset:
 
 PRESETS = {
     # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
-    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), real_patch=(48, 48, 32),
+    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), real_patch=(80, 80, 32),
                       volumes_per_batch=2, patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100,
                       real_rounds=200, local_steps=4, local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0),
                       share_buffers=True, keep="last", finetune_epochs=0, roi=None, blend="constant", largest=True),

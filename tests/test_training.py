@@ -12,7 +12,7 @@ import torch
 
 import data
 import training
-from config import Config, resolve
+from config import PRESETS, Config, resolve
 from data import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +225,8 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
     assert metrics["config"]["source"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
                                                     "kidneys": "kits19", "test": "btcv"}
     assert len(metrics["dice"]["kidneys"]["cases"]) == 1
+    real_patch = list(PRESETS["phantom"].real_patch)  # real data trains and tests with its own patch
+    assert metrics["config"]["patch"] == metrics["config"]["roi"] == real_patch != list(PRESETS["phantom"].patch)
 
     again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--data-root", str(root), "--save-pred",
                 str(pred), "--cache", str(cache), "--workers", "1", "--out", str(tmp_path))
