@@ -1,8 +1,7 @@
 """The built-in phantom federation: synthetic abdominal CTs in Hounsfield units, drawn in patient
 coordinates (RAS, mm) on each site's acquisition grid (slice thickness, field of view, contrast
 phase, noise), then resampled to the working spacing as real scans would be. Every case holds
-every organ; a site differs only in which organ it labelled and how it scans (the table of sites
-is in README.md, "The phantom federation").
+every organ; a site differs only in which organ it labelled and how it scans (`ACQUISITIONS`).
 """
 
 from __future__ import annotations
@@ -14,12 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from common import write_atomic
+from common import save_torch_atomic
 from data import ORGAN_ID, ORGANS, SITE_ORGAN, Case, body_box
+
+Box = tuple[slice, slice, slice]  # a box of a grid, as indices
+Spacing = tuple[float, float, float]  # mm
 
 # ---------------------------------------------------------------------------------------
 # Acquisitions
@@ -79,7 +80,7 @@ class _Grid:
     def shape(self) -> tuple[int, int, int]:
         return (len(self.x), len(self.y), len(self.z))
 
-    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> Box | None:
         """Index slices of the voxels inside the axis-aligned box [lo, hi] (None if empty)."""
         out = []
         for axis, a, b in zip((self.x, self.y, self.z), lo, hi):
@@ -90,7 +91,7 @@ class _Grid:
             out.append(slice(i0, i1))
         return tuple(out)
 
-    def coords(self, sl: tuple[slice, slice, slice]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coords(self, sl: Box) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.x[sl[0]][:, None, None], self.y[sl[1]][None, :, None], self.z[sl[2]][None, None, :])
 
 
@@ -113,7 +114,7 @@ class _Blob:
     rot: np.ndarray
     waves: list[tuple[np.ndarray, float, float]] = field(default_factory=list)  # (freq, phase, amp)
 
-    def field(self, grid: _Grid, sl: tuple[slice, slice, slice]) -> torch.Tensor:
+    def field(self, grid: _Grid, sl: Box) -> torch.Tensor:
         x, y, z = grid.coords(sl)
         px, py, pz = x - self.centre[0], y - self.centre[1], z - self.centre[2]
         r = self.rot
@@ -127,14 +128,14 @@ class _Blob:
         extent = np.abs(self.rot.T) @ self.radii * 1.35
         return self.centre - extent, self.centre + extent
 
-    def mask(self, grid: _Grid) -> tuple[tuple[slice, slice, slice] | None, torch.Tensor | None]:
+    def mask(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
         sl = grid.box(*self.bounds())
         if sl is None:
             return None, None
         return sl, self.field(grid, sl) < 1.0
 
 
-def _wobbly(rng: np.random.Generator, centre: npt.ArrayLike, radii: npt.ArrayLike, rot: np.ndarray | None = None,
+def _wobbly(rng: np.random.Generator, centre: Sequence[float], radii: Sequence[float], rot: np.ndarray | None = None,
             amp: float = 0.09, n: int = 4, shift_mm: float = 8.0, scale: float = 0.1) -> _Blob:
     """An ellipsoid with per-case random position, size and smooth surface deformation."""
     c = np.asarray(centre, float) + rng.normal(0, shift_mm / 2, 3).clip(-shift_mm, shift_mm)
@@ -145,7 +146,7 @@ def _wobbly(rng: np.random.Generator, centre: npt.ArrayLike, radii: npt.ArrayLik
     return _Blob(c, r, rot, waves)
 
 
-def _tube_field(grid: _Grid, sl: tuple[slice, slice, slice], points: np.ndarray, radii: np.ndarray) -> torch.Tensor:
+def _tube_field(grid: _Grid, sl: Box, points: np.ndarray, radii: np.ndarray) -> torch.Tensor:
     """Normalised distance to a polyline whose radius is interpolated along it (<1 inside)."""
     x, y, z = grid.coords(sl)
     best = None
@@ -181,7 +182,7 @@ def _gaussian_blur(vol: torch.Tensor, sigmas_vox: tuple[float, float, float]) ->
     return out[0, 0]
 
 
-def _paint(hu: torch.Tensor, sl: tuple[slice, slice, slice], mask: torch.Tensor, value: float | torch.Tensor) -> None:
+def _paint(hu: torch.Tensor, sl: Box, mask: torch.Tensor, value: float | torch.Tensor) -> None:
     region = hu[sl]
     if torch.is_tensor(value):
         region[mask] = value[mask]
@@ -189,7 +190,7 @@ def _paint(hu: torch.Tensor, sl: tuple[slice, slice, slice], mask: torch.Tensor,
         region[mask] = float(value)
 
 
-def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spacing]:
     """One synthetic abdominal CT on the site's acquisition grid.
 
     Returns (hu, labels, spacing): HU float32 (x, y, z), a uint8 map with ORGAN_ID values for
@@ -387,8 +388,7 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, tupl
     return hu, lab, (acq.inplane, acq.inplane, acq.slice_mm)
 
 
-def _restrict(big_sl: tuple[slice, slice, slice], big_mask: torch.Tensor, sl: tuple[slice, slice, slice],
-              out: torch.Tensor) -> torch.Tensor:
+def _restrict(big_sl: Box, big_mask: torch.Tensor, sl: Box, out: torch.Tensor) -> torch.Tensor:
     """The part of `big_mask` (defined on the box big_sl) that falls into the box sl."""
     src, dst = [], []
     for b, s, n in zip(big_sl, sl, big_mask.shape):
@@ -406,8 +406,8 @@ def _restrict(big_sl: tuple[slice, slice, slice], big_mask: torch.Tensor, sl: tu
 # ---------------------------------------------------------------------------------------
 
 
-def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: tuple[float, float, float],
-             target: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: Spacing, target: Spacing
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample to the target spacing: linear for the image, nearest for the labels. Both grids
     share their physical extent, so a structure keeps its position and size in millimetres."""
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, target)]
@@ -420,9 +420,8 @@ def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: tuple[float, float, f
 class PhantomSpec:
     """Sizes of the phantom federation."""
 
-    cases: dict = field(default_factory=lambda: {"liver": 10, "spleen": 6, "pancreas": 9,
-                                                 "kidneys": 9, "test": 8})
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    cases: dict = field(default_factory=lambda: {"liver": 10, "spleen": 6, "pancreas": 9, "kidneys": 9, "test": 8})
+    spacing: Spacing = (3.0, 3.0, 3.0)
 
 
 def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
@@ -435,8 +434,8 @@ def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
     return out
 
 
-def phantom_cases(site: str, n: int, seed: int, spacing: tuple[float, float, float], full_labels: bool = False,
-                  split: str = "train") -> list[Case]:
+def phantom_cases(site: str, n: int, seed: int, spacing: Spacing, full_labels: bool = False, split: str = "train"
+                  ) -> list[Case]:
     """n preprocessed phantom cases of one site (the test set when site == 'test').
 
     `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound).
@@ -497,6 +496,5 @@ def _cached(make: Callable[[], list[Case]], cache_dir: str | None, key: str) -> 
             pass  # a damaged cache entry is rebuilt
     cases = make()
     os.makedirs(cache_dir, exist_ok=True)
-    blob = [{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)} for c in cases]
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    save_torch_atomic([{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)} for c in cases], path)
     return cases
