@@ -46,8 +46,8 @@ def importance_map(roi: Sequence[int], mode: str, device: torch.device | str) ->
     """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI.
 
     Unlike MONAI, which floors its Gaussian at 1e-3, the floor here is the smallest weight, so
-    a window's edge counts far less where windows overlap (README: what MONAI's floor changes
-    on the phantom). bench.py hands this map to MONAI to compare the rest of the machinery."""
+    a window's edge counts far less where windows overlap. bench.py hands this map to MONAI to
+    compare the rest of the machinery (docs/speed.md)."""
     if mode == "constant":
         return torch.ones(tuple(roi), device=device)
     axes = []
