@@ -468,6 +468,11 @@ def cases_source(cfg: dict) -> dict:
     return cfg.get("source") or cfg.get("data") or {"source": "phantom"}
 
 
+def checkpoint_cache(cfg: dict) -> str | None:
+    """The cache folder a checkpoint's run used (checkpoints before the Config dataclass: cache_dir)."""
+    return cfg.get("cache", cfg.get("cache_dir"))
+
+
 def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
     """The test set named on the command line, else the one the checkpoint was tested on."""
     from archives import find_dataset, find_sources
@@ -484,7 +489,7 @@ def load_test_set(cfg: dict, args: argparse.Namespace) -> list[Case]:
             source = find_dataset(data["roots"]["test"], "test")
         else:
             spec = PhantomSpec(cases=cfg["phantom_cases"], spacing=spacing)
-            return phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=cfg["cache"])[1]
+            return phantom_federation((), seed=cfg["seed"], spec=spec, cache_dir=checkpoint_cache(cfg))[1]
         cases = load_source(source, spacing, args.cache, args.workers, cfg.get("max_cases"))
         check_labelled(cases, source)
         return cases

@@ -44,6 +44,7 @@ from eval import (
     METRICS,
     across_seeds,
     cases_source,
+    checkpoint_cache,
     evaluate,
     format_cell,
     format_table,
@@ -311,7 +312,7 @@ def validation_cases(cfg: dict) -> dict[str, list]:
     """The validation cases a phantom run validated on, as training.py loads them."""
     if cases_source(cfg).get("source") != "phantom":
         fail("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
-    dc = DataConfig(cfg["cache"], tuple(cfg["spacing"]), cfg.get("max_cases"))
+    dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"))
     return load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
 
 

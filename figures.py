@@ -17,6 +17,7 @@ import torch
 from common import fail
 from data import ORGAN_ID, Case, window
 from eval import (
+    checkpoint_cache,
     label_map,
     load_checkpoint,
     load_test_set,
@@ -42,7 +43,7 @@ def _pyplot() -> ModuleType:
     return plt
 
 
-def box_plot(runs: dict[str, dict], path: str) -> None:
+def box_plot(runs: dict[str, list[dict]], path: str) -> None:
     """Dice per test case as the poster shows it: one panel per organ (columns) and number of
     nodes (rows), one box per setup."""
     plt = _pyplot()
@@ -72,14 +73,14 @@ OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancr
                    "kidneys": (0.3, 0.8, 0.4)}
 
 
-def overlays(folder: str, runs: dict[str, dict], out_dir: str, device: torch.device | str = "cpu") -> list[str]:
+def overlays(folder: str, runs: dict[str, list[dict]], out_dir: str, device: torch.device | str = "cpu") -> list[str]:
     """One axial and one coronal slice per test case (through the organs' centre, in radiological
     convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
     from its checkpoint."""
     plt = _pyplot()
     first = next(iter(runs.values()))[0]
-    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=first["config"][
-        "cache"], workers=1))
+    test = load_test_set(first["config"], argparse.Namespace(data_root=None, data=[], cache=checkpoint_cache(
+        first["config"]), workers=1))
     predictions = {}
     for name in runs:
         ckpt = load_checkpoint(os.path.join(runs[name][0]["dir"], "model.pt"))  # the first seed's model
@@ -139,7 +140,7 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
     return fig
 
 
-def validation_curves(runs: dict[str, dict], out_dir: str) -> list[str]:
+def validation_curves(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     """Validation Dice per round of each site, one figure per run trained with --val-every."""
     plt = _pyplot()
     written = []

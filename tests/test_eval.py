@@ -448,3 +448,11 @@ def test_a_checkpoint_is_tested_again_with_the_sliding_window_its_run_was_tested
     assert sliding_settings(paper, unset) == ([160, 160, 160], 0.5, "constant")
     older = {"patch": [48, 48, 32], "roi": None}  # before roi/blend/overlap were recorded
     assert sliding_settings(older, unset) == ([48, 48, 32], 0.25, "gaussian")
+
+
+def test_a_checkpoints_cache_folder_is_found_in_older_checkpoints_too():
+    from eval import checkpoint_cache
+
+    assert checkpoint_cache({"cache": "/new", "seed": 0}) == "/new"
+    assert checkpoint_cache({"cache_dir": "/old", "seed": 0}) == "/old"  # before the Config dataclass
+    assert checkpoint_cache({"seed": 0}) is None
