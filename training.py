@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import EVAL_OVERLAP, Config, data_config, preset_of, run_name
+from config import EVAL_OVERLAP, PRESETS, Config, data_config, preset_of, run_name
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -340,7 +340,8 @@ def save_state(run: Run, rounds_done: int) -> None:
                            **{k: g.get_state() for k, g in run.ext.generators.items()},
                            "torch": torch.get_rng_state()},
             "pooled_position": run.pooled.position[0] if run.pooled is not None else 0,
-            "train_seconds": run.earlier_seconds + time.time() - run.started, "starts": run.starts, "best": run.best}
+            "train_seconds": run.earlier_seconds + time.time() - run.started, "starts": run.starts, "best": run.best,
+            "patch": list(preset_of(run.cfg).patch)}
     os.makedirs(run.cfg.out, exist_ok=True)
     save_torch_atomic(blob, os.path.join(run.cfg.out, STATE_FILE))
 
@@ -366,6 +367,10 @@ def load_state(path: str) -> dict:
 def restore_state(run: Run, path: str) -> int:
     """Put a saved state back into a freshly built run; returns the rounds already done."""
     blob = load_state(path)
+    patch = blob.get("patch", list(PRESETS[run.cfg.preset].patch))  # states without it: the preset's patch
+    if patch != list(preset_of(run.cfg).patch):
+        fail(f"{path}: trained on {patch} patches, where this version uses {list(preset_of(run.cfg).patch)}; "
+             f"finish it with the version that started it")
     if [c["name"] for c in blob["clients"]] != [c.name for c in run.clients]:
         fail(f"{path}: its clients differ from this run's {[c.name for c in run.clients]}")
     for client, saved in zip(run.clients, blob["clients"]):

@@ -393,6 +393,13 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
     result = run("train.py", "--resume", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "nothing to resume" in result.stderr
+    # a state trained on other patches (another version's real-data patch) is not continued
+    other = tmp_path / "other"
+    other.mkdir()
+    blob = torch.load(uninterrupted / "state.pt", weights_only=True)
+    torch.save({**blob, "patch": [32, 32, 32]}, other / "state.pt")
+    result = run("experiments.py", "train", "--resume", str(other))
+    assert result.returncode == 2 and "trained on [32, 32, 32] patches" in result.stderr, result.stderr[-500:]
 
 
 # ---------------------------------------------------------------------------------------
