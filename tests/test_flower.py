@@ -105,13 +105,21 @@ def test_unset_values_mean_the_presets():
     assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(task.train_argv({"largest": "", "rounds": 0}))
 
 
-def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path):
+def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path, monkeypatch):
+    import dataclasses
+
+    import config
+
     cfg = {**app_config(), "out": str(tmp_path / "run")}
     v = task.variant_of(cfg)
     key = task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v)
     assert task.settings_key(task.config_from(cfg, out="c", cache="d", device="cpu"), v) == key
     assert task.settings_key(task.config_from({**cfg, "lr": 0.01}, out="a", cache="b", device="cpu"), v) != key
     assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), {**v, "dropout": 0.5}) != key
+    # the patch is the preset's, not a setting: a node of another version must not match either
+    other = dataclasses.replace(config.PRESETS["phantom"], patch=(32, 32, 32))
+    monkeypatch.setitem(config.PRESETS, "phantom", other)
+    assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v) != key
 
 
 def test_modes_that_pool_data_and_bad_variants_are_refused(tmp_path):

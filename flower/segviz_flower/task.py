@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 import fl
 import robust
 import training
-from config import Config, add_config_arguments, config_of, data_config, default_cache
+from config import Config, add_config_arguments, config_of, data_config, default_cache, preset_of
 from data import NODE_SITES, Case, DataError, load_federation
 from segviz import BINARY
 
@@ -93,7 +93,7 @@ def settings_key(cfg: Config, v: dict) -> str:
     """A fingerprint of what defines the training (not paths or devices): the server and every
     node must agree on it, and a resumed run must match the state it resumes."""
     settings = {k: val for k, val in training.saved_config(cfg).items() if k not in MACHINE_SETTINGS}
-    settings |= {"real": data_config(cfg).real, "variant": v}
+    settings |= {"real": data_config(cfg).real, "variant": v, "patch": list(preset_of(cfg).patch)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
