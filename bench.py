@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from archives import REAL_SPACING
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_CT = os.path.join(HERE, "..", "shared", "data", "real_ct", "ct.nii.gz")
 
@@ -57,7 +59,7 @@ def _child(image: str, label: str, cache: str) -> None:
 
     source = datasets.Source("liver", "msd", os.path.dirname(image), [datasets.Pair("big", image, label)], (0, 1))
     t = time.time()
-    datasets.load_source(source, datasets.REAL_SPACING, cache)
+    datasets.load_source(source, REAL_SPACING, cache)
     seconds = time.time() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
@@ -78,14 +80,14 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
             t = time.time()
-            case = datasets.load_source(source, datasets.REAL_SPACING, cache)[0]
+            case = datasets.load_source(source, REAL_SPACING, cache)[0]
             cold.append(time.time() - t)
             t = time.time()
-            datasets.load_source(source, datasets.REAL_SPACING, cache)
+            datasets.load_source(source, REAL_SPACING, cache)
             warm.append(time.time() - t)
             size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
     out["real_ct"] = {"file": os.path.abspath(args.ct), "shape": list(shape),
-                      "working_shape": list(case.hu.shape), "spacing_mm": list(datasets.REAL_SPACING),
+                      "working_shape": list(case.hu.shape), "spacing_mm": list(REAL_SPACING),
                       "seconds_first_load": float(np.median(cold)), "seconds_cached_load": float(np.median(warm)),
                       "cache_bytes": size}
     with tempfile.TemporaryDirectory() as tmp:

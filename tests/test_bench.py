@@ -1,6 +1,10 @@
-"""Tests of bench.py speed (bench_speed.py): a partial run updates only what it measured."""
+"""Tests of bench.py: a partial run of `speed` updates only what it measured; `preprocess` runs."""
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 import bench
 import bench_speed
@@ -36,3 +40,17 @@ def test_a_partial_run_of_sampling_prints_its_table(tmp_path, capsys):
     entry = json.loads(out.read_text())["speed_cpu_quick"]
     assert entry["sampling"]["machine"] and entry["sampling"]["phantom"]["ours_patches_per_s"] > 0
     assert "sampling, phantom" in capsys.readouterr().out
+
+
+def test_preprocess_times_the_real_ct_and_a_synthetic_one(tmp_path):
+    import layouts
+
+    if layouts.MISSING:
+        pytest.skip(layouts.MISSING)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, bench.__file__, "preprocess", "--shape", "64", "64", "40", "--repeats", "1",
+                        "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())["preprocess"]
+    assert result["real_ct"]["cache_bytes"] > 0 and len(result["real_ct"]["working_shape"]) == 3
+    assert result["large_ct"]["voxels"] == 64 * 64 * 40 and result["large_ct"]["peak_rss_bytes"] > 0
