@@ -211,7 +211,8 @@ def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "",
         (cfg.fedbn and cfg.mode != "segviz", "--fedbn applies to --mode segviz only"),
         (any(s % 2 ** (len(cfg.channels) - 1) for s in preset.patch),
          f"--channels: {len(cfg.channels)} levels need patch sides divisible by {2 ** (len(cfg.channels) - 1)}; "
-         f"the {cfg.preset} preset's patch is {preset.patch}"),
+         f"the {cfg.preset} preset's patch{' on real data' if preset.patch != PRESETS[cfg.preset].patch else ''} "
+         f"is {preset.patch}"),
         (not 0 <= cfg.task_stages < len(cfg.channels),
          f"--task-stages must be in 0..{len(cfg.channels) - 1} for {len(cfg.channels)} levels"),
         (min(cfg.spacing) <= 0, "--spacing must be positive"),

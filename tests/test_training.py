@@ -499,8 +499,10 @@ def parse_train(argv):
     return config_of(p.parse_args(argv), p)
 
 
-def test_a_variant_run_never_takes_a_plain_runs_folder(monkeypatch):
+def test_a_variant_run_never_takes_a_plain_runs_folder(monkeypatch, tmp_path):
     import variants
+
+    monkeypatch.chdir(tmp_path)  # the default out folders are checked for writability here
 
     made = {}
     monkeypatch.setattr(variants, "train_seeds", lambda cfg, seeds, **kw: made.setdefault("cfg", cfg) and 0)
