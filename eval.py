@@ -45,9 +45,8 @@ def _starts(size: int, roi: int, overlap: float) -> list[int]:
 def importance_map(roi: Sequence[int], mode: str, device: torch.device | str) -> torch.Tensor:
     """Blending weights of one window: constant, or a Gaussian (sigma = roi / 8) as MONAI.
 
-    Unlike MONAI, which floors its Gaussian at 1e-3, the floor here is the smallest weight, so
-    a window's edge counts far less where windows overlap. bench.py hands this map to MONAI to
-    compare the rest of the machinery (docs/speed.md)."""
+    Unlike MONAI, which floors its Gaussian at 1e-3, the floor here is the smallest weight, so a
+    window's edge counts far less where windows overlap (bench.py gives MONAI this map too)."""
     if mode == "constant":
         return torch.ones(tuple(roi), device=device)
     axes = []
