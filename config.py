@@ -95,7 +95,7 @@ class Config:
 def preset_of(cfg: Config) -> Preset:
     """The run's recipe: its preset, with the real-data rounds and patch when the cases are real."""
     p = PRESETS[cfg.preset]
-    return replace(p, rounds=p.real_rounds, patch=p.real_patch) if cfg.data_root or cfg.data else p
+    return replace(p, rounds=p.real_rounds, patch=p.real_patch) if data_config(cfg).real else p
 
 
 def resolve(cfg: Config) -> Config:

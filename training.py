@@ -367,9 +367,9 @@ def load_state(path: str) -> dict:
 def restore_state(run: Run, path: str) -> int:
     """Put a saved state back into a freshly built run; returns the rounds already done."""
     blob = load_state(path)
-    patch = blob.get("patch", list(PRESETS[run.cfg.preset].patch))  # states without it: the preset's patch
-    if patch != list(preset_of(run.cfg).patch):
-        fail(f"{path}: trained on {patch} patches, where this version uses {list(preset_of(run.cfg).patch)}; "
+    saved, now = blob.get("patch", list(PRESETS[run.cfg.preset].patch)), list(preset_of(run.cfg).patch)
+    if saved != now:  # a state without it was trained on the preset's patch
+        fail(f"{path}: trained on {saved} patches, where this version uses {now}; "
              f"finish it with the version that started it")
     if [c["name"] for c in blob["clients"]] != [c.name for c in run.clients]:
         fail(f"{path}: its clients differ from this run's {[c.name for c in run.clients]}")

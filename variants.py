@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import robust
-from config import Config, add_config_arguments, config_of, resumed_config
+from config import Config, add_config_arguments, config_of, data_config, resumed_config
 from data import ORGAN_ID
 from training import STATE_FILE, Extensions, Loss, load_state, seed_for, soft_dice, train_seeds
 
@@ -77,7 +77,7 @@ def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentPar
     checks = [
         (a.marginal and cfg.mode not in ("central", "fedavg"), "--marginal applies to --mode central and fedavg"),
         (a.oracle and a.marginal, "--oracle and --marginal cannot be combined (the oracle labels every organ)"),
-        (a.oracle and (cfg.mode != "central" or bool(cfg.data_root or cfg.data)),
+        (a.oracle and (cfg.mode != "central" or data_config(cfg).real),
          "--oracle needs --mode central and the phantom (every organ labelled at every site)"),
         (not 0 <= a.dropout < 1, "--dropout must be in [0, 1)"),
         (a.dropout and cfg.mode == "central", "--dropout applies to federated modes (central has one client)"),
