@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from data import NODE_SITES, DataConfig, load_validation
+from data import NODE_SITES, DataConfig, DataError, load_validation
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -309,11 +309,21 @@ def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
 
 
 def validation_cases(cfg: dict) -> dict[str, list]:
-    """The validation cases a phantom run validated on, as training.py loads them."""
-    if cases_source(cfg).get("source") != "phantom":
-        fail("eval-options: phantom runs only (real data: pass the validation folders to eval.py)")
-    dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"))
-    return load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
+    """The validation cases a run validated on, as training.py loads them (real data: from the
+    folders it trained on, which must still be there)."""
+    source = cases_source(cfg)
+    real = source.get("source") == "real"
+    paths = tuple(sorted((cfg.get("data") or {}).items())) if real else ()
+    dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"),
+                    cfg.get("data_root") if real else None, paths, cfg.get("val_split", "auto"))
+    try:
+        cases = load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
+    except DataError as e:
+        fail(f"eval-options: {e}")
+    if real and {s: sorted(c.name for c in cs) for s, cs in cases.items() if cs} != \
+            {s: sorted(names) for s, names in source.get("validation", {}).items() if names}:
+        fail("eval-options: the data folders no longer hold the validation cases this run held out")
+    return cases
 
 
 OPTIONS = [("gaussian", True), ("gaussian", False), ("constant", True), ("constant", False)]

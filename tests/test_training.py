@@ -554,6 +554,39 @@ def test_eval_options_rescores_the_validation_that_training_reported(tmp_path, c
     assert options[-1].split(" | ")[3] == trained  # the preset's constant blending with the clean-up
 
 
+
+def test_eval_options_on_real_data_reads_the_held_out_cases_again(tmp_path):
+    # real data: eval-options finds the validation cases in the folders the run trained on,
+    # the same ones (by name) the run held out, and re-scores training's validation Dice
+    import synth_archives
+
+    from experiments import eval_options_table, validation_table
+
+    root, cand = tmp_path / "archives", tmp_path / "cand"
+    synth_archives.generate(str(root), cases=3, test_cases=1, seed=0, coarsen=3.0, log=lambda s: None)
+    result = run("train.py", "--nodes", "2", "--data-root", str(root), "--rounds", "4", "--local-steps", "2",
+                 "--spacing", "6", "6", "6", "--val-every", "4", "--no-test", "--seeds", "0",
+                 "--cache", str(tmp_path / "cache"), "--out", str(cand / "seed-0"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
+    assert eval_options_table([str(cand)]).splitlines()[-1].split(" | ")[3] == trained
+
+    # a run whose held-out cases are not the ones the folders give now is refused, in one line
+    ckpt_path = cand / "seed-0" / "model.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    held = ckpt["config"]["source"]["validation"]["spleen"]
+    ckpt["config"]["source"]["validation"]["spleen"] = ["spleen_other"]
+    torch.save(ckpt, ckpt_path)
+    moved = run("experiments.py", "eval-options", str(cand))
+    assert moved.returncode == 2 and len(moved.stderr.strip().splitlines()) == 1, moved.stderr
+    assert "no longer hold the validation cases" in moved.stderr
+    # and so is a validation case that is gone, named
+    (root / "Task09_Spleen" / "imagesTr" / f"{held[0]}.nii.gz").unlink()
+    gone = run("experiments.py", "eval-options", str(cand))
+    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+    assert gone.stderr.startswith("error: eval-options:") and f"{held[0]}.nii.gz" in gone.stderr
+
+
 def test_paper_preset_runs_end_to_end(tmp_path, cache):
     # the original's recipe at a tiny size: one round, one step, one epoch of head fine-tuning
     out = tmp_path / "paper"
