@@ -313,7 +313,9 @@ def validation_cases(cfg: dict) -> dict[str, list]:
     folders it trained on, which must still be there)."""
     source = cases_source(cfg)
     real = source.get("source") == "real"
-    paths = tuple(sorted((cfg.get("data") or {}).items())) if real else ()
+    # checkpoints before the Config dataclass kept the source under "data"; their paths are its roots
+    overrides = (cfg.get("data") or {}) if "source" in cfg else {}
+    paths = tuple(sorted(overrides.items())) if real else ()
     dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"),
                     cfg.get("data_root") if real else None, paths, cfg.get("val_split", "auto"))
     try:
