@@ -121,6 +121,7 @@ def bench_exchange(args: argparse.Namespace) -> dict:
     """Keys and bytes each site sends (and receives) per round, per preset and mode."""
     import segviz
     from config import PRESETS
+    from training import exchanged_keys
     from unet3d import UNet3D, UNetConfig
 
     out = {}
@@ -129,9 +130,9 @@ def bench_exchange(args: argparse.Namespace) -> dict:
         for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
                             ("segviz", True)):
             binary = mode in segviz.BINARY
-            cfg = UNetConfig(classes=2 if binary else 5, channels=preset.channels)
-            state = UNet3D(cfg).state_dict()
-            keys = segviz.shared_keys(state, mode, fedbn) if mode != "central" else []
+            net = UNet3D(UNetConfig(classes=2 if binary else 5, channels=preset.channels, norm=preset.norm))
+            state = net.state_dict()
+            keys = exchanged_keys(net, mode, fedbn, preset.share_buffers) if mode != "central" else []
             sent = sum(state[k].numel() * state[k].element_size() for k in keys)
             rows[mode + ("+fedbn" if fedbn else "")] = {
                 "keys_sent": len(keys), "keys_total": len(state), "bytes_up_per_site": sent,
@@ -163,7 +164,7 @@ def _clients_child(n: int, rounds: int, steps: int) -> None:
                         patches_per_volume=preset.patches_per_volume)
     # the data stay fixed (one sampler per site, shared by that site's clients): only clients grow
     samplers = {s: site_sampler(cases[s], WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)}
-    model = UNet3D(UNetConfig(channels=preset.channels)).to(memory_format=torch.channels_last_3d)
+    model = UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm)).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     clients = [fl.new_client(f"c{i}", model, optimizer, on_device(samplers[sites[i % 4]].sample, "cpu"),
@@ -277,7 +278,8 @@ def exchange_table(r: dict) -> str:
 
 
 def clients_table(r: dict) -> str:
-    lines = ["| clients | peak RSS (MB) | growth over 2 clients (MB) | one client's state (MB) | s per round |",
+    first = r["rows"][0]["clients"]
+    lines = [f"| clients | peak RSS (MB) | growth over {first} clients (MB) | one client's state (MB) | s per round |",
              "|---|---|---|---|---|"]
     base = r["rows"][0]["peak_rss_bytes"]
     for x in r["rows"]:

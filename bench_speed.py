@@ -194,7 +194,7 @@ def speed_sliding_window(args: argparse.Namespace, monai: ModuleType | None) -> 
 
     preset = PRESETS["phantom"]
     torch.manual_seed(0)
-    net = UNet3D(UNetConfig(classes=5, channels=preset.channels)).to(args.device).eval()
+    net = UNet3D(UNetConfig(classes=5, channels=preset.channels, norm=preset.norm)).to(args.device).eval()
     shape = SIZES["sliding_window"]["quick" if args.quick else "full"]
     vol = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(args.device)
     roi, overlap, batch = preset.patch, 0.25, 4
@@ -293,7 +293,7 @@ def speed_fl_round(args: argparse.Namespace) -> dict:
 
     preset = PRESETS["phantom"]
     torch.manual_seed(0)
-    model = UNet3D(UNetConfig(channels=preset.channels)).to(args.device)
+    model = UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm)).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                         patches_per_volume=preset.patches_per_volume)

@@ -147,7 +147,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--largest", action=argparse.BooleanOptionalAction,
                    help="at test time keep each organ's largest connected component(s) (default: the preset's)")
     p.add_argument("--no-test", action="store_true",
-                   help="train (and validate) only: the test set is not read (choosing settings on validation)")
+                   help="train (and validate) only: the test set is not scored (choosing settings on validation)")
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU, else Apple's MPS, else the CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--out", help="output folder (default runs/<mode>-<nodes>)")

@@ -171,10 +171,15 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
                                  loss_for(cfg, [s], lambda: 0), weight=len(train_cases[s]), store=store)
                    for s in local]
         local_steps = {s: steps_per_round(cfg, len(train_cases[s])) for s in local}
-        # the original averaged named_parameters(): normalisation statistics (buffers) stayed local
-        parameters = None if preset.share_buffers else {k for k, _ in model.named_parameters()}
-        keys = segviz.shared_keys(model.state_dict(), cfg.mode, cfg.fedbn, parameters)
+        keys = exchanged_keys(model, cfg.mode, cfg.fedbn, preset.share_buffers)
     return Run(cfg, sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys, local_steps, ext)
+
+
+def exchanged_keys(model: torch.nn.Module, mode: str, fedbn: bool, share_buffers: bool) -> list[str]:
+    """The keys each site sends per round. Without `share_buffers`, parameters only: the original
+    averaged named_parameters(), so normalisation statistics (buffers) stayed local."""
+    parameters = None if share_buffers else {k for k, _ in model.named_parameters()}
+    return segviz.shared_keys(model.state_dict(), mode, fedbn, parameters)
 
 
 def on_device(next_batch: Callable[[], fl.Batch], device: torch.device | str) -> Callable[[], fl.Batch]:

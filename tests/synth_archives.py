@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-cases", type=int, default=8, help="BTCV test cases (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--coarsen", type=float, default=2.5,
-                   help="in-plane spacing = the archive's times this (default 2; 1 = native, large files)")
+                   help="in-plane spacing = the archive's times this (default 2.5; 1 = native, large files)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty OUT, replacing the archives this script writes there")
     args = p.parse_args(argv)

@@ -54,3 +54,21 @@ def test_preprocess_times_the_real_ct_and_a_synthetic_one(tmp_path):
     result = json.loads(out.read_text())["preprocess"]
     assert result["real_ct"]["cache_bytes"] > 0 and len(result["real_ct"]["working_shape"]) == 3
     assert result["large_ct"]["voxels"] == 64 * 64 * 40 and result["large_ct"]["peak_rss_bytes"] > 0
+
+
+def test_exchange_counts_the_keys_training_sends():
+    # each preset's own network (phantom: instance norm, no buffers; paper: BatchNorm, whose
+    # running statistics stay local as in the original)
+    from config import PRESETS
+    from unet3d import UNet3D, UNetConfig
+
+    rows = bench.bench_exchange(None)
+    for name, preset in PRESETS.items():
+        net = UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm))
+        rep_parameters = [k for k, _ in net.named_parameters() if k.startswith("rep.")]
+        rep_keys = [k for k in net.state_dict() if k.startswith("rep.")]
+        assert rows[name]["segviz"]["keys_total"] == len(net.state_dict())
+        expected = rep_keys if preset.share_buffers else rep_parameters
+        assert rows[name]["segviz"]["keys_sent"] == len(expected)
+    assert rows["paper"]["segviz"]["keys_sent"] < len([k for k in UNet3D(UNetConfig(
+        channels=PRESETS["paper"].channels, norm="batch")).state_dict() if k.startswith("rep.")])
