@@ -24,13 +24,11 @@ class Preset:
     channels: tuple[int, ...]
     norm: str
     patch: tuple[int, int, int]
-    real_patch: tuple[int, int, int]  # on real data (--data-root, --data): more context around small organs
     volumes_per_batch: int
     patches_per_volume: int
     p_affine: float  # probability of the random rotation/scaling of a patch
     p_intensity: float  # probability of each of the intensity scale and shift
     rounds: int
-    real_rounds: int  # on real data, where sites hold few cases
     local_steps: int  # optimiser steps per site per round; 0: `local_epochs` of the site's data
     local_epochs: int
     lr: float
@@ -42,18 +40,22 @@ class Preset:
     roi: tuple[int, int, int] | None  # sliding window at test time (None: the patch)
     blend: str
     largest: bool  # keep each organ's largest connected component(s) at test time
+    real: dict = field(default_factory=dict)  # what differs on real data (--data-root, --data)
 
 
 PRESETS = {
     # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
-    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), real_patch=(80, 80, 32),
-                      volumes_per_batch=2, patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100,
-                      real_rounds=200, local_steps=4, local_epochs=0, lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0),
-                      share_buffers=True, keep="last", finetune_epochs=0, roi=None, blend="constant", largest=True),
+    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), volumes_per_batch=2,
+                      patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, local_steps=4, local_epochs=0,
+                      lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0), share_buffers=True, keep="last",
+                      finetune_epochs=0, roi=None, blend="constant", largest=True,
+                      # few cases a site: more rounds, more context around small organs, every patch augmented
+                      real={"rounds": 200, "patch": (80, 80, 32), "p_affine": 1.0, "p_intensity": 1.0,
+                            "blend": "gaussian", "largest": False}),
     # the original's recipe, item by item (docs/paper-preset.md)
-    "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32), real_patch=(128, 128, 32),
+    "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32),
                     volumes_per_batch=2, patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50,
-                    real_rounds=50, local_steps=0, local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0),
+                    local_steps=0, local_epochs=10, lr=1e-4, loss="dice", spacing=(1.5, 1.5, 2.0),
                     share_buffers=False, keep="best", finetune_epochs=150, roi=(160, 160, 160), blend="constant",
                     largest=False),
 }
@@ -93,9 +95,9 @@ class Config:
 
 
 def preset_of(cfg: Config) -> Preset:
-    """The run's recipe: its preset, with the real-data rounds and patch when the cases are real."""
+    """The run's recipe: its preset, with its real-data values when the cases are real."""
     p = PRESETS[cfg.preset]
-    return replace(p, rounds=p.real_rounds, patch=p.real_patch) if data_config(cfg).real else p
+    return replace(p, **p.real) if data_config(cfg).real else p
 
 
 def resolve(cfg: Config) -> Config:

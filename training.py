@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import EVAL_OVERLAP, PRESETS, Config, data_config, preset_of, run_name
+from config import EVAL_OVERLAP, PRESETS, Config, Preset, data_config, preset_of, run_name
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -346,9 +346,15 @@ def save_state(run: Run, rounds_done: int) -> None:
                            "torch": torch.get_rng_state()},
             "pooled_position": run.pooled.position[0] if run.pooled is not None else 0,
             "train_seconds": run.earlier_seconds + time.time() - run.started, "starts": run.starts, "best": run.best,
-            "patch": list(preset_of(run.cfg).patch)}
+            "recipe": recipe(preset_of(run.cfg))}
     os.makedirs(run.cfg.out, exist_ok=True)
     save_torch_atomic(blob, os.path.join(run.cfg.out, STATE_FILE))
+
+
+def recipe(preset: Preset) -> dict:
+    """What a state was trained with beyond its config: the preset's patch and augmentation
+    (a resumed run must go on with the same, whichever version resumes it)."""
+    return {"patch": list(preset.patch), "p_affine": preset.p_affine, "p_intensity": preset.p_intensity}
 
 
 def saved_config(cfg: Config) -> dict:
@@ -372,10 +378,12 @@ def load_state(path: str) -> dict:
 def restore_state(run: Run, path: str) -> int:
     """Put a saved state back into a freshly built run; returns the rounds already done."""
     blob = load_state(path)
-    saved, now = blob.get("patch", list(PRESETS[run.cfg.preset].patch)), list(preset_of(run.cfg).patch)
-    if saved != now:  # a state without it was trained on the preset's patch
-        fail(f"{path}: trained on {saved} patches, where this version uses {now}; "
-             f"finish it with the version that started it")
+    saved, now = blob.get("recipe"), recipe(preset_of(run.cfg))
+    if saved is None:  # a state from before the recipe was recorded: the preset's, perhaps another patch
+        saved = recipe(PRESETS[run.cfg.preset]) | ({"patch": blob["patch"]} if "patch" in blob else {})
+    if saved != now:
+        fail(f"{path}: trained with {saved}, where this version uses {now}; finish it with the version that "
+             f"started it")
     if [c["name"] for c in blob["clients"]] != [c.name for c in run.clients]:
         fail(f"{path}: its clients differ from this run's {[c.name for c in run.clients]}")
     for client, saved in zip(run.clients, blob["clients"]):
@@ -413,7 +421,7 @@ def final_checkpoint(run: Run, name: str, data_info: dict) -> dict:
     config = {**saved_config(cfg), "local_steps": run.local_steps, "unet": run.unet_cfg.to_dict(),
               # one representation pass serves every head only where the sites share all of it
               "shared_rep": cfg.mode == "segviz" and set(rep_keys) <= set(run.keys), "shared_keys": len(run.keys),
-              "patch": list(preset.patch), "roi": list(preset.roi or preset.patch), "blend": preset.blend,
+              **recipe(preset), "roi": list(preset.roi or preset.patch), "blend": preset.blend,
               "eval_overlap": EVAL_OVERLAP, "batch": run.samplers[run.sites[0]].cfg.batch,
               "windows": {k: list(v) for k, v in site_windows(run.sites, binary).items()},
               "source": data_info, "phantom_cases": dict(phantom_spec(data_config(cfg)).cases),

@@ -37,14 +37,16 @@ def test_defaults_come_from_the_preset_and_flags_override_them(tmp_path):
     assert (cfg.norm, cfg.loss, cfg.lr, cfg.seed) == ("batch", "dice", 0.01, 3)
 
 
-def test_real_data_defaults_to_its_own_rounds_and_patch_unless_given(tmp_path):
+def test_real_data_defaults_to_its_own_rounds_patch_augmentation_and_scoring_unless_given(tmp_path):
     phantom = config.PRESETS["phantom"]
-    assert phantom.real_rounds != phantom.rounds and phantom.real_patch != phantom.patch
+    assert set(phantom.real) == {"rounds", "patch", "p_affine", "p_intensity", "blend", "largest"}
+    assert all(phantom.real[k] != getattr(phantom, k) for k in phantom.real)
     real = ["--data-root", str(tmp_path), "--out", str(tmp_path / "a")]
-    assert parse(real).rounds == phantom.real_rounds
-    assert config.preset_of(parse(real)).patch == phantom.real_patch
-    assert config.preset_of(parse(["--out", str(tmp_path / "e")])).patch == phantom.patch
-    assert parse(["--data", f"liver={tmp_path}", "--out", str(tmp_path / "b")]).rounds == phantom.real_rounds
+    assert (parse(real).rounds, parse(real).largest) == (phantom.real["rounds"], phantom.real["largest"])
+    on_real = config.preset_of(parse(real))
+    assert all(getattr(on_real, k) == v for k, v in phantom.real.items())
+    assert config.preset_of(parse(["--out", str(tmp_path / "e")])) == phantom
+    assert parse(["--data", f"liver={tmp_path}", "--out", str(tmp_path / "b")]).rounds == phantom.real["rounds"]
     assert parse([*real[:2], "--rounds", "7", "--out", str(tmp_path / "c")]).rounds == 7
     assert parse(["--out", str(tmp_path / "d")]).rounds == phantom.rounds
 

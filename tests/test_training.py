@@ -225,7 +225,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
     assert metrics["config"]["source"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
                                                     "kidneys": "kits19", "test": "btcv"}
     assert len(metrics["dice"]["kidneys"]["cases"]) == 1
-    real_patch = list(PRESETS["phantom"].real_patch)  # real data trains and tests with its own patch
+    real_patch = list(PRESETS["phantom"].real["patch"])  # real data trains and tests with its own patch
     assert metrics["config"]["patch"] == metrics["config"]["roi"] == real_patch != list(PRESETS["phantom"].patch)
 
     again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--data-root", str(root), "--save-pred",
@@ -393,13 +393,18 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
     result = run("train.py", "--resume", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "nothing to resume" in result.stderr
-    # a state trained on other patches (another version's real-data patch) is not continued
+    # a state trained with other patches or augmentation (another version's real-data recipe) is
+    # not continued; nor one from before the recipe was recorded whose patch differs
     other = tmp_path / "other"
     other.mkdir()
     blob = torch.load(uninterrupted / "state.pt", weights_only=True)
-    torch.save({**blob, "patch": [32, 32, 32]}, other / "state.pt")
-    result = run("experiments.py", "train", "--resume", str(other))
-    assert result.returncode == 2 and "trained on [32, 32, 32] patches" in result.stderr, result.stderr[-500:]
+    assert blob["recipe"] == training.recipe(PRESETS["phantom"])
+    for changed in ({"recipe": {**blob["recipe"], "p_affine": 1.0}},
+                    {"recipe": None, "patch": [32, 32, 32]}):
+        torch.save({**blob, **changed}, other / "state.pt")
+        result = run("experiments.py", "train", "--resume", str(other))
+        assert result.returncode == 2 and "trained with {'patch'" in result.stderr, result.stderr[-500:]
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------

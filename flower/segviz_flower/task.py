@@ -93,7 +93,7 @@ def settings_key(cfg: Config, v: dict) -> str:
     """A fingerprint of what defines the training (not paths or devices): the server and every
     node must agree on it, and a resumed run must match the state it resumes."""
     settings = {k: val for k, val in training.saved_config(cfg).items() if k not in MACHINE_SETTINGS}
-    settings |= {"real": data_config(cfg).real, "variant": v, "patch": list(preset_of(cfg).patch)}
+    settings |= {"real": data_config(cfg).real, "variant": v, "recipe": training.recipe(preset_of(cfg))}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
