@@ -49,7 +49,8 @@ PRESETS = {
                       patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, local_steps=4, local_epochs=0,
                       lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0), share_buffers=True, keep="last",
                       finetune_epochs=0, roi=None, blend="constant", largest=True,
-                      # few cases a site: more rounds, more context around small organs, every patch augmented
+                      # few cases a site: more rounds, more context around small organs, every patch augmented;
+                      # test-time options of their own (each chosen on validation, docs/choices.md)
                       real={"rounds": 200, "patch": (80, 80, 32), "p_affine": 1.0, "p_intensity": 1.0,
                             "blend": "gaussian", "largest": False}),
     # the original's recipe, item by item (docs/paper-preset.md)
