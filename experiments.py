@@ -5,7 +5,7 @@
     python experiments.py compare DIR [--figures]    # results.md/json: every setup over seeds, Wilcoxon marks
     python experiments.py table DIR                  # one row per finished run (and seed)
     python experiments.py validation DIR [DIR ...]   # each candidate's validation Dice over seeds
-    python experiments.py eval-options DIR [DIR ...] # blending and clean-up, scored on validation
+    python experiments.py eval-options DIR [DIR ...] [--cases N]  # blending and clean-up, on validation
 
 `train` is train.py with a variant that is not SegViz itself, passed into `training.train` as
 functions: the marginal loss (central, fedavg), the oracle (central with every organ labelled,
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from data import NODE_SITES, DataConfig, DataError, load_validation
+from data import NODE_SITES, ORGANS, DataConfig, DataError, load_validation, phantom_spec
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -308,16 +308,23 @@ def site_models(ckpt: dict) -> dict[str, torch.nn.Module]:
             for s in ckpt["organs"]}
 
 
-def validation_cases(cfg: dict) -> dict[str, list]:
+def validation_cases(cfg: dict, n: int | None = None) -> dict[str, list]:
     """The validation cases a run validated on, as training.py loads them (real data: from the
-    folders it trained on, which must still be there)."""
+    folders it trained on, which must still be there). On the phantom, `n` draws n a site instead
+    (the first 4 are training's): more cases, a steadier comparison."""
     source = cases_source(cfg)
     real = source.get("source") == "real"
+    if n and real:
+        fail("eval-options: --cases: real data's validation cases are its held-out split")
     # checkpoints before the Config dataclass kept the source under "data"; their paths are its roots
     overrides = (cfg.get("data") or {}) if "source" in cfg else {}
     paths = tuple(sorted(overrides.items())) if real else ()
     dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"),
                     cfg.get("data_root") if real else None, paths, cfg.get("val_split", "auto"))
+    if n:
+        from phantom import phantom_validation
+
+        return phantom_validation(NODE_SITES[cfg["nodes"]], n, cfg["seed"], phantom_spec(dc), dc.cache)
     try:
         cases = load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
     except DataError as e:
@@ -331,27 +338,29 @@ def validation_cases(cfg: dict) -> dict[str, list]:
 OPTIONS = [("gaussian", True), ("gaussian", False), ("constant", True), ("constant", False)]
 
 
-def eval_options_table(folders: list[str]) -> str:
-    """Mean validation Dice over sites under each (blending, clean-up), mean ± std over seeds."""
-    lines = ["| candidate | " + " | ".join(f"{b}{', largest' if k else ''}" for b, k in OPTIONS) + " |",
-             "|---|" + "---|" * len(OPTIONS)]
+def eval_options_table(folders: list[str], n: int | None = None) -> str:
+    """Per candidate and test-time option (blending, clean-up): each site's validation Dice and
+    their mean, mean ± std over seeds."""
+    lines = ["| candidate | blending | clean-up | " + " | ".join(ORGANS) + " | mean over sites |",
+             "|---|---|---|" + "---|" * (len(ORGANS) + 1)]
     for folder in folders:
         for name, seeds in read_runs(folder).items():
-            per_option: dict[tuple, list[float]] = {o: [] for o in OPTIONS}
+            dice: dict[tuple, dict[str, list[float]]] = {o: {} for o in OPTIONS}  # option -> site -> per seed
             for m in seeds:
                 ckpt = load_checkpoint(f"{m['dir']}/model.pt")
                 cfg = ckpt["config"]
-                cases = validation_cases(cfg)
-                models = site_models(ckpt)
-                for option in OPTIONS:
-                    site_means = []
-                    for site, model in models.items():
+                cases = validation_cases(cfg, n)
+                for site, model in site_models(ckpt).items():
+                    for option in OPTIONS:
                         scored = evaluate(model, cases[site], [site], cfg["roi"], "cpu", cfg["eval_overlap"],
                                           option[0], option[1], surface=False)
                         scoring = "heads" if "heads" in scored else "classes"
-                        site_means.append(float(np.mean(scored[scoring]["dice"][site])))
-                    per_option[option].append(float(np.mean(site_means)))
-            lines.append(f"| {folder} ({name}) | " + " | ".join(mean_std(per_option[o]) for o in OPTIONS) + " |")
+                        dice[option].setdefault(site, []).append(float(np.mean(scored[scoring]["dice"][site])))
+            for (blend, largest), per_site in dice.items():
+                cells = [mean_std(per_site[o]) if o in per_site else "–" for o in ORGANS]
+                site_means = np.mean([per_site[s] for s in per_site], axis=0)
+                lines.append(f"| {folder} ({name}) | {blend} | {'largest' if largest else 'none'} | "
+                             + " | ".join(cells) + f" | {mean_std(list(site_means))} |")
     return "\n".join(lines)
 
 
@@ -385,9 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("folders", nargs="+")
     e = sub.add_parser("eval-options", help="blending and clean-up scored on the validation cases")
     e.add_argument("folders", nargs="+")
+    e.add_argument("--cases", type=int, metavar="N",
+                   help="phantom runs: score on N validation cases a site (training's 4 and more)")
     args, passed = p.parse_known_args(argv)
     if passed and args.what != "suite":
         p.error(f"unrecognized arguments: {' '.join(passed)}")
+    if getattr(args, "cases", None) is not None and args.cases < 1:
+        p.error(f"eval-options: --cases {args.cases}: needs at least 1 case a site")
     if args.what == "suite":
         given = {a.split("=")[0] for a in passed}
         if {"--mode", "--fedbn", "--resume"} & given:
@@ -411,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "validation":
         print(validation_table(args.folders))
     else:
-        print(eval_options_table(args.folders))
+        print(eval_options_table(args.folders, args.cases))
     return 0
 
 

@@ -554,9 +554,18 @@ def test_eval_options_rescores_the_validation_that_training_reported(tmp_path, c
     validation = [json.loads((cand / f"seed-{s}" / "metrics.json").read_text())["validation"][-1] for s in (0, 1)]
     assert all(v["liver"] > 0.05 for v in validation)  # something was learnt: equal numbers mean something
     trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
-    options = eval_options_table([str(cand)]).splitlines()
-    assert options[0].split(" | ")[3] == "constant, largest"
-    assert options[-1].split(" | ")[3] == trained  # the preset's constant blending with the clean-up
+    table = eval_options_table([str(cand)])
+    rows = {tuple(r[1:3]): r[-1] for r in option_rows(table)}
+    assert rows[("gaussian", "largest")] == trained  # the preset's Gaussian blending with the clean-up
+    assert rows[("constant", "largest")] != trained  # constant blending scores the same models differently
+    # --cases draws the phantom's validation cases afresh: as many as training's are training's own
+    assert eval_options_table([str(cand)], 2) == table
+    assert option_rows(eval_options_table([str(cand)], 3)) != option_rows(table)
+
+
+def option_rows(table: str) -> list[list[str]]:
+    """The rows of an eval-options table, cells stripped (candidate, blending, clean-up, sites..., mean)."""
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()[2:]]
 
 
 
@@ -575,9 +584,11 @@ def test_eval_options_on_real_data_reads_the_held_out_cases_again(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
     cfg = torch.load(cand / "seed-0" / "model.pt", weights_only=False)["config"]
-    used = f"{cfg['blend']}{', largest' if cfg['largest'] else ''}"  # the real-data recipe's test-time options
-    header, *_, row = [line.strip("|").split(" | ") for line in eval_options_table([str(cand)]).splitlines()]
-    assert row[[h.strip() for h in header].index(used)].strip() == trained
+    used = (cfg["blend"], "largest" if cfg["largest"] else "none")  # the real-data recipe's test-time options
+    assert {tuple(r[1:3]): r[-1] for r in option_rows(eval_options_table([str(cand)]))}[used] == trained
+    more = run("experiments.py", "eval-options", str(cand), "--cases", "4")  # real data: the split is the split
+    assert more.returncode == 2 and len(more.stderr.strip().splitlines()) == 1, more.stderr
+    assert "--cases" in more.stderr and "held-out split" in more.stderr
 
     # a run whose held-out cases are not the ones the folders give now is refused, in one line
     ckpt_path = cand / "seed-0" / "model.pt"
