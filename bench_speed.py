@@ -25,7 +25,7 @@ _T = TypeVar("_T")
 
 TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0, "surface": 1.0}
 SIZES = {  # full sizes, and --quick ones for CI
-    "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (48, 48, 32), 2)},
+    "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (64, 64, 32), 2)},
     "dice": {"full": ((256, 256, 128), 8), "quick": ((96, 96, 64), 4)},
     "sliding_window": {"full": (256, 256, 160), "quick": (160, 160, 64)},
 }

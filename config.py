@@ -45,14 +45,14 @@ class Preset:
 
 PRESETS = {
     # sized for a 2-core laptop CPU: a few minutes for four sites (docs/choices.md: how it was chosen)
-    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(48, 48, 32), volumes_per_batch=2,
+    "phantom": Preset(channels=(16, 32, 64, 128), norm="instance", patch=(64, 64, 32), volumes_per_batch=2,
                       patches_per_volume=1, p_affine=0.5, p_intensity=0.5, rounds=100, local_steps=4, local_epochs=0,
                       lr=3e-3, loss="dicece", spacing=(3.0, 3.0, 3.0), share_buffers=True, keep="last",
-                      finetune_epochs=0, roi=None, blend="constant", largest=True,
+                      finetune_epochs=0, roi=None, blend="gaussian", largest=True,
                       # few cases a site: more rounds, more context around small organs, every patch augmented;
                       # test-time options of their own (each chosen on validation, docs/choices.md)
                       real={"rounds": 200, "patch": (80, 80, 32), "p_affine": 1.0, "p_intensity": 1.0,
-                            "blend": "gaussian", "largest": False}),
+                            "largest": False}),
     # the original's recipe, item by item (docs/paper-preset.md)
     "paper": Preset(channels=(16, 32, 64, 128, 256), norm="batch", patch=(128, 128, 32),
                     volumes_per_batch=2, patches_per_volume=4, p_affine=1.0, p_intensity=1.0, rounds=50,

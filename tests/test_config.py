@@ -39,7 +39,7 @@ def test_defaults_come_from_the_preset_and_flags_override_them(tmp_path):
 
 def test_real_data_defaults_to_its_own_rounds_patch_augmentation_and_scoring_unless_given(tmp_path):
     phantom = config.PRESETS["phantom"]
-    assert set(phantom.real) == {"rounds", "patch", "p_affine", "p_intensity", "blend", "largest"}
+    assert set(phantom.real) == {"rounds", "patch", "p_affine", "p_intensity", "largest"}
     assert all(phantom.real[k] != getattr(phantom, k) for k in phantom.real)
     real = ["--data-root", str(tmp_path), "--out", str(tmp_path / "a")]
     assert (parse(real).rounds, parse(real).largest) == (phantom.real["rounds"], phantom.real["largest"])
