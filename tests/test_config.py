@@ -68,7 +68,7 @@ def test_the_default_out_folder_is_named_after_the_run(tmp_path, monkeypatch):
     (["--data", "lungs=/x"], "SITE=PATH"),
     (["--channels", "8,x"], "comma-separated"),
     (["--channels", "8"], "at least two levels"),
-    (["--channels", "8,16,32,64,128,256"], "divisible by 32"),
+    (["--channels", "8,16,32,64,128,256,512"], "divisible by 64"),
     (["--channels", "8,16", "--task-stages", "2"], "--task-stages"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
