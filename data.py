@@ -115,9 +115,10 @@ def load_federation(sites: tuple[str, ...], dc: DataConfig, seed: int, full_labe
     return train, test, {"source": "phantom"}
 
 
-def load_validation(sites: tuple[str, ...], dc: DataConfig, seed: int) -> dict[str, list[Case]]:
+def load_validation(sites: tuple[str, ...], dc: DataConfig, seed: int, phantom_cases: int | None = None
+                    ) -> dict[str, list[Case]]:
     """Each site's validation cases, labelled as the site labels: real data's held-out split,
-    or up to 4 extra phantom cases per site."""
+    or up to 4 extra phantom cases per site (`phantom_cases`: that many, the first 4 the same)."""
     if dc.real:
         from datasets import real_validation
 
@@ -125,7 +126,7 @@ def load_validation(sites: tuple[str, ...], dc: DataConfig, seed: int) -> dict[s
                                dc.workers, dc.val_split, seed, dc.max_cases)
     from phantom import phantom_validation
 
-    return phantom_validation(sites, min(4, dc.max_cases or 4), seed=seed, spec=phantom_spec(dc),
+    return phantom_validation(sites, phantom_cases or min(4, dc.max_cases or 4), seed=seed, spec=phantom_spec(dc),
                               cache_dir=dc.cache)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from common import check_writable, fail, resolve_device, write_json_atomic, write_text_atomic
-from data import NODE_SITES, ORGANS, DataConfig, DataError, load_validation, phantom_spec
+from data import NODE_SITES, ORGANS, DataConfig, DataError, load_validation
 from eval import (
     METRIC_DIGITS,
     METRIC_TITLES,
@@ -321,12 +321,8 @@ def validation_cases(cfg: dict, n: int | None = None) -> dict[str, list]:
     paths = tuple(sorted(overrides.items())) if real else ()
     dc = DataConfig(checkpoint_cache(cfg), tuple(cfg["spacing"]), cfg.get("max_cases"),
                     cfg.get("data_root") if real else None, paths, cfg.get("val_split", "auto"))
-    if n:
-        from phantom import phantom_validation
-
-        return phantom_validation(NODE_SITES[cfg["nodes"]], n, cfg["seed"], phantom_spec(dc), dc.cache)
     try:
-        cases = load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"])
+        cases = load_validation(NODE_SITES[cfg["nodes"]], dc, cfg["seed"], n)
     except DataError as e:
         fail(f"eval-options: {e}")
     if real and {s: sorted(c.name for c in cs) for s, cs in cases.items() if cs} != \
