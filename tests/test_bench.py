@@ -49,7 +49,8 @@ def test_preprocess_times_the_real_ct_and_a_synthetic_one(tmp_path):
         pytest.skip(layouts.MISSING)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, bench.__file__, "preprocess", "--shape", "64", "64", "40", "--repeats", "1",
-                        "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--threads", "1", "--ct", str(layouts.REAL_CT / "ct.nii.gz"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())["preprocess"]
     assert result["real_ct"]["cache_bytes"] > 0 and len(result["real_ct"]["working_shape"]) == 3

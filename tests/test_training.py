@@ -89,12 +89,14 @@ def test_each_model_trains_through_the_originals_window(mode, monkeypatch, tmp_p
 
 
 VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
+# the phantom at 6 mm: every code path of a run, on an eighth of the default's voxels
+SMALL = ("--spacing", "6", "6", "6")
 
 
 def tiny(mode, out, cache, *extra):
     script = ("experiments.py", "train") if any(a in VARIANTS for a in extra) else ("train.py",)
     return run(*script, "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
-               "--max-cases", "2", "--out", str(out), "--cache", str(cache), *extra)
+               "--max-cases", "2", "--out", str(out), "--cache", str(cache), *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +280,7 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
 
 # a variant with random state of its own (who is absent each round): experiments.py train
 RESUMABLE = ("experiments.py", "train", "--nodes", "2", "--mode", "segviz", "--rounds", "12", "--local-steps", "1",
-             "--max-cases", "1", "--dropout", "0.5", "--device", "cpu")
+             "--max-cases", "1", "--dropout", "0.5", "--device", "cpu", *SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +461,7 @@ def test_wilcoxon_marks_on_known_inputs():
 def test_the_suite_runs_every_setup_skips_finished_ones_and_compares(tmp_path, cache):
     out = tmp_path / "paper"
     args = ("experiments.py", "suite", "--nodes", "2", "--seeds", "0", "--out", str(out), "--rounds", "2",
-            "--local-steps", "1", "--max-cases", "1", "--val-every", "1", "--cache", str(cache))
+            "--local-steps", "1", "--max-cases", "1", "--val-every", "1", "--cache", str(cache), *SMALL)
     first = run(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     names = {"single-2", "central-2", "central-marginal-2", "fedavg-2", "fedavg-marginal-2", "segviz-2",
@@ -549,10 +551,10 @@ def test_eval_options_rescores_the_validation_that_training_reported(tmp_path, c
 
     cand = tmp_path / "cand"
     result = run("train.py", "--nodes", "2", "--rounds", "6", "--local-steps", "2", "--max-cases", "2", "--val-every",
-                 "6", "--no-test", "--seeds", "0", "1", "--out", str(cand), "--cache", str(cache))
+                 "6", "--no-test", "--seeds", "0", "--out", str(cand / "seed-0"), "--cache", str(cache), *SMALL)
     assert result.returncode == 0, result.stderr[-2000:]
-    validation = [json.loads((cand / f"seed-{s}" / "metrics.json").read_text())["validation"][-1] for s in (0, 1)]
-    assert all(v["liver"] > 0.05 for v in validation)  # something was learnt: equal numbers mean something
+    validation = json.loads((cand / "seed-0" / "metrics.json").read_text())["validation"][-1]
+    assert validation["liver"] > 0.05  # something was learnt: equal numbers mean something
     trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
     table = eval_options_table([str(cand)])
     rows = {tuple(r[1:3]): r[-1] for r in option_rows(table)}
