@@ -43,12 +43,16 @@ from eval import (
     METRIC_TITLES,
     METRICS,
     across_seeds,
+    case_scores,
     cases_source,
     checkpoint_cache,
-    evaluate,
+    clean_masks,
     format_cell,
     format_table,
     load_checkpoint,
+    organ_masks,
+    predict_scores,
+    scorings,
 )
 from segviz import BINARY, site_model
 from unet3d import UNetConfig
@@ -334,6 +338,22 @@ def validation_cases(cfg: dict, n: int | None = None) -> dict[str, list]:
 OPTIONS = [("gaussian", True), ("gaussian", False), ("constant", True), ("constant", False)]
 
 
+def options_dice(model: torch.nn.Module, cases: Sequence, site: str, roi: Sequence[int], overlap: float
+                 ) -> dict[tuple[str, bool], float]:
+    """One site's mean Dice on its cases under each test-time option, as `evaluate` scores them:
+    one inference per case and blending, both clean-ups read from it."""
+    model = model.to("cpu").eval()
+    kind = "heads" if "heads" in scorings(model) else "classes"
+    dice: dict[tuple[str, bool], list[float]] = {o: [] for o in OPTIONS}
+    for case in cases:
+        for blend in dict.fromkeys(b for b, _ in OPTIONS):
+            scores = predict_scores(model, case, roi, "cpu", overlap, blend)
+            for largest in (c for b, c in OPTIONS if b == blend):
+                masks = clean_masks(organ_masks(scores, [site], kind), largest)
+                dice[(blend, largest)] += case_scores(masks, case.label, [site], kind, case.spacing, False)["dice"]
+    return {o: float(np.mean(v)) for o, v in dice.items()}
+
+
 def eval_options_table(folders: list[str], n: int | None = None) -> str:
     """Per candidate and test-time option (blending, clean-up): each site's validation Dice and
     their mean, mean ± std over seeds."""
@@ -347,11 +367,9 @@ def eval_options_table(folders: list[str], n: int | None = None) -> str:
                 cfg = ckpt["config"]
                 cases = validation_cases(cfg, n)
                 for site, model in site_models(ckpt).items():
-                    for option in OPTIONS:
-                        scored = evaluate(model, cases[site], [site], cfg["roi"], "cpu", cfg["eval_overlap"],
-                                          option[0], option[1], surface=False)
-                        scoring = "heads" if "heads" in scored else "classes"
-                        dice[option].setdefault(site, []).append(float(np.mean(scored[scoring]["dice"][site])))
+                    for option, value in options_dice(model, cases[site], site, cfg["roi"],
+                                                      cfg["eval_overlap"]).items():
+                        dice[option].setdefault(site, []).append(value)
             for (blend, largest), per_site in dice.items():
                 cells = [mean_std(per_site[o]) if o in per_site else "–" for o in ORGANS]
                 site_means = np.mean([per_site[s] for s in per_site], axis=0)
