@@ -154,7 +154,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
     local = sites if only is None else tuple(only)
     samplers = {s: site_sampler(train_cases[s], windows[s], binary, sampler_cfg, cfg.device, seed_for(cfg.seed, s),
                                 len(organs)) for s in local}
-    # channels-last: the layout Tensor Cores want (on a CPU the top unit picks its own, unet3d.py)
+    # channels-last: the layout Tensor Cores want (on a CPU the top unit is channels-last either way)
     model = UNet3D(unet_cfg).to(cfg.device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # one live model trains; every client is only its stored state, on the device if all fit

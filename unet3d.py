@@ -106,14 +106,15 @@ class UpLayer(nn.Module):
         super().__init__()
         self.up = conv_unit(cin, cout, stride, norm, transposed=True)
         self.unit = ResidualUnit(cout, cout, 1, 1, norm, last_conv_only=top)  # top: bare logits
-        self.top = top
+        self.logits_layer = top
 
     def forward(self, skip: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
         h = self.up(torch.cat([skip, deeper], dim=1))
-        if self.top and h.device.type == "cpu":
+        if self.logits_layer and h.device.type == "cpu":
             # The top unit convolves only the classes' few channels, at full resolution: oneDNN's
             # CPU kernels for so narrow a convolution are several times faster channels-last
-            # (a phantom training step takes a third less time, docs/speed.md). Same arithmetic.
+            # (the training step of bench.py speed: 1.3x, docs/speed.md). The same arithmetic,
+            # summed in another order.
             return self.unit(h.contiguous(memory_format=torch.channels_last_3d)).contiguous()
         return self.unit(h)
 
