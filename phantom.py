@@ -128,11 +128,16 @@ class _Blob:
         extent = np.abs(self.rot.T) @ self.radii * 1.35
         return self.centre - extent, self.centre + extent
 
-    def mask(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
+    def region(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
+        """The blob's bounding box on the grid and its field there (None, None: off the grid)."""
         sl = grid.box(*self.bounds())
         if sl is None:
             return None, None
-        return sl, self.field(grid, sl) < 1.0
+        return sl, self.field(grid, sl)
+
+    def mask(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
+        sl, f = self.region(grid)
+        return sl, (None if f is None else f < 1.0)
 
 
 def _wobbly(rng: np.random.Generator, centre: Sequence[float], radii: Sequence[float], rot: np.ndarray | None = None,
@@ -232,10 +237,10 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
     for _ in range(int(rng.integers(14, 22))):
         c = [rng.uniform(-110, 110), rng.uniform(-10, 80), rng.uniform(-120, 10)]
         blob = _wobbly(rng, c, [rng.uniform(12, 22)] * 3, amp=0.15, shift_mm=0)
-        sl, m = blob.mask(grid)
+        sl, f = blob.region(grid)
         if sl is None:
             continue
-        f = blob.field(grid, sl)
+        m = f < 1.0
         content = rng.choice(["gas", "fluid", "bowel_wall"], p=[0.35, 0.4, 0.25])
         _paint(hu, sl, m, tone["bowel_wall"])
         _paint(hu, sl, f < 0.7, tone[content])
@@ -249,9 +254,9 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
         _paint(hu, sl, f < 0.6, tone["fluid"])
     # stomach: left upper quadrant, gas anterior over fluid
     stomach = _wobbly(rng, [-50, 45, 55], [48, 32, 45], amp=0.1)
-    sl, m = stomach.mask(grid)
+    sl, f = stomach.region(grid)
     if sl is not None:
-        f = stomach.field(grid, sl)
+        m = f < 1.0
         _paint(hu, sl, m, tone["bowel_wall"])
         _, yy, _ = grid.coords(sl)
         lumen = f < 0.8
@@ -310,10 +315,10 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
     kidney_parts = []
     for side, centre in ((1, [62, -55, -40]), (-1, [-60, -50, -20])):
         k = _wobbly(rng, centre, [27, 24, 52], _rot_z(side * 20) @ _rot_x(10), amp=0.06)
-        sl, m = k.mask(grid)
+        sl, f = k.region(grid)
         if sl is None:
             continue
-        f = k.field(grid, sl)
+        m = f < 1.0
         xx, yy, _ = grid.coords(sl)
         sinus_c = k.centre - np.array([side * 16, -6, 0])
         sinus = ((xx - sinus_c[0]) / 13) ** 2 + ((yy - sinus_c[1]) / 11) ** 2 < 1
