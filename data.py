@@ -173,7 +173,9 @@ class PatchSampler:
     arithmetic, then one `grid_sample` for rotation and scaling. Centres are foreground or
     background voxels with probability pos/(pos+neg), like MONAI's RandCropByPosNegLabeld;
     a centre near the border is shifted so the patch stays inside (volumes smaller than
-    the patch are zero-padded first). Labels are cut with nearest-neighbour sampling.
+    the patch are zero-padded first). The context box that rotation and scaling read from
+    is centred on the patch and reads zeros where it reaches past the border, so the patch
+    keeps its centre voxel wherever that lies. Labels are cut with nearest-neighbour sampling.
     """
 
     def __init__(self, images: list[torch.Tensor], labels: list[torch.Tensor], cfg: SamplerConfig,
@@ -194,6 +196,7 @@ class PatchSampler:
         ctx = ctx + (ctx - patch) % 2
         self.ctx = ctx.to(self.device)
         self.patch = patch.to(self.device)
+        self.margin = (self.ctx - self.patch) // 2  # of the context box on each side of the patch
         self.grid = _identity_grid(cfg.patch, self.device)
 
         flat_img, flat_lab, shapes, offsets, fg, bg = [], [], [], [], [], []
@@ -203,7 +206,7 @@ class PatchSampler:
             if img.shape != lab.shape or img.dim() != 3:
                 raise ValueError(f"image {tuple(img.shape)} and label {tuple(lab.shape)} must be equal 3-D")
             pad = [(0, 0)] * 3
-            need = [max(0, int(c) - s) for c, s in zip(ctx, img.shape)]
+            need = [max(0, p - s) for p, s in zip(cfg.patch, img.shape)]
             if any(need):
                 pad = [(n // 2, n - n // 2) for n in need]
                 flat_pad = [p for pair in reversed(pad) for p in pair]
@@ -226,8 +229,8 @@ class PatchSampler:
             offsets.append(offset)
             offset += img.numel()
         d = self.device
-        self.img = torch.cat(flat_img).to(d)
-        self.lab = torch.cat(flat_lab).to(d)
+        self.img = torch.cat([*flat_img, torch.zeros(1)]).to(d)
+        self.lab = torch.cat([*flat_lab, torch.zeros(1, dtype=torch.uint8)]).to(d)
         self.shapes = torch.tensor(shapes, device=d)
         self.offsets = torch.tensor(offsets, device=d)
         self.fg, self.fg_start, self.fg_count = _pack(fg, d)
@@ -267,19 +270,21 @@ class PatchSampler:
         return img, lab.long()
 
     def _cut(self, vols: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather context boxes around the centres, shifted to stay inside each volume."""
+        """Gather the context box of each patch: the patch around its centre, shifted to stay
+        inside its volume, widened by the margin; what lies past the border reads as zero."""
         shape = self.shapes[vols]
-        ctx = self.ctx
-        start = (centre - ctx // 2).clamp(min=0)
-        start = torch.minimum(start, shape - ctx)
-        d = self.device
-        ix = start[:, 0, None] + torch.arange(int(ctx[0]), device=d)
-        iy = start[:, 1, None] + torch.arange(int(ctx[1]), device=d)
-        iz = start[:, 2, None] + torch.arange(int(ctx[2]), device=d)
-        sy, sz = shape[:, 1], shape[:, 2]
-        flat = (self.offsets[vols, None, None, None]
-                + (ix[:, :, None, None] * sy[:, None, None, None] + iy[:, None, :, None]) * sz[:, None, None, None]
-                + iz[:, None, None, :])
+        start = (centre - self.patch // 2).clamp(min=0)
+        start = torch.minimum(start, shape - self.patch) - self.margin
+        d, zero = self.device, len(self.img) - 1  # the buffers end in one zero voxel
+        # each axis's share of the flat index; an index past the border adds `zero`, so that
+        # the sum reaches it (and is clamped to it) exactly when some axis lies outside
+        stride = torch.stack([shape[:, 1] * shape[:, 2], shape[:, 2], torch.ones_like(shape[:, 2])], dim=1)
+        part = []
+        for a in range(3):
+            i = start[:, a, None] + torch.arange(int(self.ctx[a]), device=d)
+            part.append(torch.where((i >= 0) & (i < shape[:, a, None]), i * stride[:, a, None], zero))
+        flat = (self.offsets[vols, None, None, None] + part[0][:, :, None, None] + part[1][:, None, :, None]
+                + part[2][:, None, None, :]).clamp_(max=zero)
         # index_select on the flat index is ~2.5x faster than advanced indexing on CPU
         idx = flat.reshape(-1)
         return self.img.index_select(0, idx).view(flat.shape), self.lab.index_select(0, idx).view(flat.shape)

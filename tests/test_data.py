@@ -196,12 +196,45 @@ def test_identity_augmentation_is_an_exact_crop():
 
 
 def test_rotation_and_scaling_stay_inside_the_context_box():
-    # a constant image: any sample taken from the zero padding outside the context box shows as < 1
+    # a constant image and centres whose context boxes lie inside it: any sample taken from
+    # outside the context box (grid_sample's zero padding) shows as < 1
     image = torch.ones(SHAPE)
-    label = box_label(SHAPE, [(FG_BOX, 1)])
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=4, patches_per_volume=4, p_spatial=1.0, p_intensity=0.0)
-    img, _ = PatchSampler([image], [label], cfg, seed=6).sample()
+    label = box_label(SHAPE, [((slice(15, 25), slice(14, 22), slice(12, 18)), 1)])
+    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=4, patches_per_volume=4, pos=1.0, neg=0.0, p_spatial=1.0,
+                        p_intensity=0.0)
+    sampler = PatchSampler([image], [label], cfg, seed=6)
+    assert sampler.margin.tolist() == [3, 3, 1]  # the boxes above stay inside SHAPE with this margin
+    img, _ = sampler.sample()
     torch.testing.assert_close(img, torch.ones_like(img), rtol=0, atol=1e-5)
+
+
+def test_augmented_patches_keep_their_centre_at_the_border():
+    # an organ in a corner of the volume: with augmentation on (here the identity transform,
+    # so the patch is a plain crop), a patch must still hold its centre voxel, and a patch
+    # drawn on the organ must hold some of it, however close to the border the centre lies
+    label = box_label(SHAPE, [((slice(0, 3), slice(0, 3), slice(0, 2)), 1)])
+    image = coordinate_volume(SHAPE)
+    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=20, patches_per_volume=10, p_spatial=0.0, p_intensity=0.0)
+    _, centre, want_fg = PatchSampler([image], [label], cfg, seed=11).centres()
+    img, lab = PatchSampler([image], [label], cfg, seed=11).sample()
+    assert want_fg.any() and not want_fg.all()
+    for patch, patch_lab, c, fg in zip(img[:, 0], lab, centre, want_fg):
+        value = image[c[0], c[1], c[2]]
+        assert ((patch - value).abs() < 1e-2).any(), "the centre voxel must lie inside its patch"
+        if fg:
+            assert (patch_lab > 0).any()
+
+
+def test_rotated_patches_at_the_border_read_zero_outside_the_volume():
+    # a constant image, centres on the border: the part of a rotated patch past the border is 0,
+    # the rest is the image (bilinear blending only at the border itself)
+    image = torch.ones(SHAPE)
+    label = box_label(SHAPE, [((slice(0, 1), slice(0, SHAPE[1]), slice(0, SHAPE[2])), 1)])
+    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=8, patches_per_volume=2, pos=1.0, neg=0.0, p_spatial=1.0,
+                        p_intensity=0.0, max_rotation_deg=15.0)
+    img, lab = PatchSampler([image], [label], cfg, seed=3).sample()
+    assert (img == 0).any() and (img > 1 - 1e-5).float().mean() > 0.5
+    assert (lab[img[:, 0] == 0] == 0).all()
 
 
 def test_intensity_augmentation_scales_and_shifts_each_patch():
