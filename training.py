@@ -311,16 +311,21 @@ def keep_if_best(run: Run, scores: dict[str, float], rounds_done: int) -> None:
 def finetune_heads(run: Run, val_cases: dict[str, list], epochs: int) -> None:
     """After federation, each site trains its task block alone (representation frozen) for
     `epochs` of its data, keeping the head of its best validation Dice, as the original's last
-    stage. The frozen weights do not move: Adam skips parameters without a gradient."""
+    stage. The frozen weights do not move: Adam skips parameters without a gradient. Norm
+    layers still run in training mode, so their running statistics move: local ones keep
+    them (as the original's did); shared ones are put back after every epoch, so that one
+    representation still serves every head."""
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
     for client in tqdm(run.clients, desc="fine-tune heads", disable=None):
         def score(site: str = client.name) -> float:  # without validation cases the last epoch is kept
             return validate(run, val_cases, [site]).get(site, -1.0)
 
+        shared = {k: client.model_state[k] for k in run.keys}
         best = (score(), client.model_state)
         for _ in range(epochs):
             fl.local_train(run.model, run.optimizer, client, epoch_steps(run.cfg, len(run.samplers[client.name])))
+            client.model_state.update(shared)
             if (s := score()) >= best[0]:
                 best = (s, client.model_state)
         client.model_state = best[1]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import fl
 import training
 from config import PRESETS, Config, resolve
 from data import Case
@@ -86,6 +87,31 @@ def test_each_model_trains_through_the_originals_window(mode, monkeypatch, tmp_p
     training.build_run(resolve(Config(mode=mode, out=str(tmp_path))), cases, training.Extensions())
     expected = ORIGINAL_WINDOWS if mode in ("segviz", "single") else dict.fromkeys(ORIGINAL_WINDOWS, ORIGINAL_POOLED)
     assert seen == expected
+
+
+def test_a_saved_state_restores_validation_the_best_model_and_the_pooled_position(tmp_path):
+    # what only some runs use (validation curves, keep="best", the central model's round-robin)
+    # must come back from state.pt too
+    cases = {s: [Case(f"{s}-{i}", torch.rand(48, 48, 32), (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)
+                 for i in range(2)] for s in ("liver", "spleen")}
+    cfg = resolve(Config(nodes=2, mode="central", out=str(tmp_path)))
+    run = training.build_run(cfg, cases, training.Extensions())
+    fl.local_train(run.model, run.optimizer, run.clients[0], 2)  # moves the weights and the pooled position
+    run.validation = [{"round": 4, "liver": 0.5, "spleen": 0.25}]
+    run.best = {"round": 4, "score": 0.375, "states": {"pooled": dict(run.clients[0].model_state)}}
+    run.log, run.norms = ["round 3: absent: spleen"], [{"pooled": 1.5}]
+    position = run.pooled.position[0]
+    assert position != 0
+    training.save_state(run, 5)
+
+    fresh = training.build_run(cfg, cases, training.Extensions())
+    assert training.restore_state(fresh, str(tmp_path / training.STATE_FILE)) == 5
+    assert fresh.pooled.position[0] == position
+    assert (fresh.validation, fresh.log, fresh.norms) == (run.validation, run.log, run.norms)
+    assert fresh.best["round"] == 4 and fresh.best["score"] == 0.375
+    assert all(torch.equal(fresh.best["states"]["pooled"][k], v) for k, v in run.best["states"]["pooled"].items())
+    assert all(torch.equal(fresh.clients[0].model_state[k], v) for k, v in run.clients[0].model_state.items())
+    assert torch.equal(fresh.samplers["liver"].gen.get_state(), run.samplers["liver"].gen.get_state())
 
 
 VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
@@ -630,6 +656,20 @@ def test_paper_preset_runs_end_to_end(tmp_path, cache):
     assert params and all(torch.equal(liver[k], spleen[k]) for k in params)
     stat = "rep.down.0.units.0.norm.running_mean"
     assert not torch.equal(liver[stat], spleen[stat])
+    assert not torch.equal(liver["task.up.0.up.conv.weight"], spleen["task.up.0.up.conv.weight"])
+
+
+def test_head_fine_tuning_keeps_one_shared_representation_with_batchnorm(tmp_path, cache):
+    # the phantom preset shares normalisation statistics: fine-tuning a head (in training mode,
+    # so BatchNorm's running statistics move) must leave every site the same representation
+    out = tmp_path / "ft"
+    result = tiny("segviz", out, cache, "--norm", "batch", "--finetune-epochs", "1", "--max-cases", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["config"]["shared_rep"]
+    liver, spleen = ckpt["states"]["liver"], ckpt["states"]["spleen"]
+    rep = [k for k in liver if k.startswith("rep.")]
+    assert "rep.down.0.units.0.norm.running_mean" in rep and all(torch.equal(liver[k], spleen[k]) for k in rep)
     assert not torch.equal(liver["task.up.0.up.conv.weight"], spleen["task.up.0.up.conv.weight"])
 
 
