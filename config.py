@@ -7,6 +7,7 @@ experiments.py and the Flower app take the same flags through `add_config_argume
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -208,7 +209,7 @@ def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "",
     checks = [
         (cfg.rounds < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and not preset.local_epochs),
          "--rounds and --local-steps must be at least 1"),
-        (cfg.lr <= 0, "--lr must be positive"),
+        (not (math.isfinite(cfg.lr) and cfg.lr > 0), "--lr must be a positive number"),
         (cfg.finetune_epochs < 0, "--finetune-epochs must be >= 0"),
         (cfg.max_cases is not None and cfg.max_cases < 1, "--max-cases must be at least 1"),
         (cfg.fedbn and cfg.mode != "segviz", "--fedbn applies to --mode segviz only"),
@@ -216,9 +217,9 @@ def config_of(a: argparse.Namespace, p: argparse.ArgumentParser, stem: str = "",
          f"--channels: {len(cfg.channels)} levels need patch sides divisible by {2 ** (len(cfg.channels) - 1)}; "
          f"the {cfg.preset} preset's patch{' on real data' if preset.patch != PRESETS[cfg.preset].patch else ''} "
          f"is {preset.patch}"),
-        (not 0 <= cfg.task_stages < len(cfg.channels),
-         f"--task-stages must be in 0..{len(cfg.channels) - 1} for {len(cfg.channels)} levels"),
-        (min(cfg.spacing) <= 0, "--spacing must be positive"),
+        (not 1 <= cfg.task_stages < len(cfg.channels),
+         f"--task-stages must be in 1..{len(cfg.channels) - 1} for {len(cfg.channels)} levels"),
+        (not all(math.isfinite(v) and v > 0 for v in cfg.spacing), "--spacing must be positive numbers"),
         (not valid_split(cfg.val_split), f"--val-split {cfg.val_split}: auto, original or a fraction in [0, 1)"),
         (cfg.val_every < 0, "--val-every must be >= 0"),
     ]

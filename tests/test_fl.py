@@ -40,11 +40,28 @@ def test_local_train_changes_the_client_and_only_it():
     assert not torch.equal(a.model_state["0.weight"], model[0].weight)
 
 
+def test_a_client_trains_with_its_own_optimiser_state_only():
+    # b trained after a must be exactly b trained alone: the live optimiser's moments from a's
+    # steps must not carry over into b's
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    a, b = make_clients(model, opt, 2)
+    fl.local_train(model, opt, a, steps=3)
+    fl.local_train(model, opt, b, steps=3)
+    model_alone = tiny_model()
+    opt_alone = torch.optim.Adam(model_alone.parameters(), 1e-2)
+    _, b_alone = make_clients(model_alone, opt_alone, 2)
+    fl.local_train(model_alone, opt_alone, b_alone, steps=3)
+    assert all(torch.equal(b.model_state[k], b_alone.model_state[k]) for k in b.model_state)
+    moments = [(k, m) for k, st in b.optim_state["state"].items() for m in ("exp_avg", "exp_avg_sq")]
+    assert all(torch.equal(b.optim_state["state"][k][m], b_alone.optim_state["state"][k][m]) for k, m in moments)
+
+
 def test_average_is_the_elementwise_mean_and_respects_weights():
-    s = [{"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(4)}]
+    s = [{"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(6)}]
     out = fl.average(s)
     torch.testing.assert_close(out["w"], torch.tensor([1.0, 3.0]))
-    assert out["n"].dtype == torch.int64 and int(out["n"]) == 2  # 2.5 rounds to even
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 4  # 3.5 is rounded, not truncated
     weighted = fl.average(s, [3.0, 1.0])
     torch.testing.assert_close(weighted["w"], torch.tensor([0.5, 2.5]))
 
