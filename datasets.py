@@ -45,7 +45,9 @@ REAL_CACHE_VERSION = "real-v1"
 
 
 def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A 3-D volume as stored (array order) and its affine; DataError if unusable."""
+    """A 3-D volume as stored (array order) and its affine, checked: readable, 3-D, not empty,
+    numeric voxels, an affine that places the voxels in space; DataError naming the file and
+    the problem otherwise."""
     import nibabel as nib
 
     if not os.path.isfile(path):
@@ -60,7 +62,17 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path}: a {data.ndim}-D volume of shape {tuple(data.shape)}; a 3-D CT is expected")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise DataError(f"{path}: voxels of type {data.dtype}; integers or floats are expected")
+    if 0 in data.shape:
+        raise DataError(f"{path}: an empty volume of shape {tuple(data.shape)}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    axes = affine[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0)
+    # singular or non-finite: no orientation to bring the volume to RAS nor to write labels back
+    if not (np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3):
+        raise DataError(f"{path}: no usable affine (voxel axes {np.round(axes, 3).tolist()})")
+    return data, affine
 
 
 def label_counts(label: np.ndarray, slab: int = 32) -> dict[int, int]:
@@ -205,16 +217,27 @@ def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     return out
 
 
+def output_header(geometry: dict) -> object | None:
+    """The source scan's NIfTI header for a volume written on its grid: its qform/sform codes,
+    so that viewers align the two, without what describes the CT itself (the display range a
+    viewer would open a label map with, the description, the intent)."""
+    import nibabel as nib
+
+    src = geometry.get("source")
+    if not (src and os.path.isfile(src)):
+        return None
+    header = nib.load(src).header.copy()
+    header["cal_min"], header["cal_max"], header["descrip"] = 0, 0, b""
+    header.set_intent("none")
+    return header
+
+
 def save_label_nifti(label: np.ndarray, geometry: dict, path: str) -> None:
     """Write a label map on the original grid with the original affine, atomically."""
     import nibabel as nib
 
     affine = np.asarray(geometry["affine"])
-    header = None
-    src = geometry.get("source")
-    if src and os.path.isfile(src):
-        header = nib.load(src).header.copy()  # keeps qform/sform codes, so viewers align it
-    img = nib.Nifti1Image(label.astype(np.uint8), affine, header)
+    img = nib.Nifti1Image(label.astype(np.uint8), affine, output_header(geometry))
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -2,9 +2,10 @@
 
 `python eval.py --checkpoint OUT/model.pt` rebuilds the model and the test set from what the
 checkpoint holds and prints the tables again. `python eval.py predict -i SCANS -o LABELS
---checkpoint OUT/model.pt` segments every scan of a folder on its own grid (predict.py). Dice conventions
-follow MONAI's users' expectations: an empty prediction against an empty truth scores 1,
-exactly one empty scores 0; HD95 and NSD follow MONAI's too (metrics.py).
+--checkpoint OUT/model.pt` segments every scan of a folder on its own grid (predict.py). Dice: an
+empty prediction against an empty truth scores 1 (MONAI's DiceMetric with ignore_empty=False;
+its default leaves such a case out), exactly one empty scores 0. HD95 and NSD follow MONAI's
+rules (metrics.py).
 """
 
 from __future__ import annotations

@@ -67,22 +67,12 @@ def list_scans(path: str) -> list[tuple[str, str]]:
 
 
 def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A scan to segment and its affine, checked: readable, 3-D, not empty, real-valued finite
-    voxels, an affine that places the voxels in space; DataError naming the file and the problem
-    otherwise."""
+    """A scan to segment and its affine, checked as read_nifti checks, and finite; DataError
+    naming the file and the problem otherwise."""
     from data import DataError
     from datasets import read_nifti
 
-    image, affine = read_nifti(path)  # unreadable or not 3-D
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise DataError(f"{path}: voxels of type {image.dtype}; a CT in HU (integers or floats) is expected")
-    if 0 in image.shape:
-        raise DataError(f"{path}: an empty volume of shape {tuple(image.shape)}")
-    axes = affine[:3, :3]
-    sizes = np.linalg.norm(axes, axis=0)
-    # singular or non-finite: no orientation to bring the scan to RAS nor to write the labels back
-    if not (np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3):
-        raise DataError(f"{path}: no usable affine (voxel axes {np.round(axes, 3).tolist()})")
+    image, affine = read_nifti(path)
     if np.issubdtype(image.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(image)))
         if bad:
@@ -106,12 +96,10 @@ def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
     3e-5), and every NIfTI reader applies the scale factor."""
     import nibabel as nib
 
-    from datasets import to_original_grid
+    from datasets import output_header, to_original_grid
 
     data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
-    src = case.geometry.get("source")
-    header = nib.load(src).header.copy() if src and os.path.isfile(src) else None  # qform/sform codes
-    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), header)
+    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), output_header(case.geometry))
     img.set_data_dtype(np.int16)
     write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 

@@ -268,6 +268,18 @@ def test_volume_that_is_not_3d(shape, dims, tmp_path):
         load_source(source, NATIVE, None)
 
 
+def test_image_and_label_with_a_singular_affine(tmp_path):
+    # a scanner header whose slice axis is zero: nothing to orient the volume by
+    _, source = one_case(tmp_path)
+    flat = np.diag([0.8, 0.8, 0.0, 1.0])
+    for path in (source.pairs[0].label, source.pairs[0].image):
+        img = nib.Nifti1Image(np.asanyarray(nib.load(path).dataobj), None)
+        img.set_sform(flat, code=1)  # nibabel will not write a singular qform; a sform it will
+        nib.save(img, path)
+    with pytest.raises(DataError, match=f"{source.pairs[0].image}: no usable affine"):
+        load_source(source, NATIVE, None)
+
+
 def test_nan_voxels(tmp_path):
     _, source = one_case(tmp_path)
     img = np.asanyarray(nib.load(source.pairs[0].image).dataobj).astype(np.float32)

@@ -7,6 +7,7 @@ from eval import (
     CHECKPOINT_FORMAT,
     dice,
     format_table,
+    importance_map,
     label_dice,
     load_checkpoint,
     organ_masks,
@@ -180,6 +181,36 @@ def test_sliding_window_without_overlap_tiles_exactly():
 
     sliding_window(counting, torch.zeros(1, 1, 16, 16, 8), (8, 8, 8), overlap=0.0, blend="constant")
     assert sum(count) == 4
+
+
+def test_gaussian_importance_map_is_monais_gaussian_with_sigma_an_eighth_of_the_window():
+    roi = (16, 12, 8)
+    w = importance_map(roi, "gaussian", "cpu")
+    assert w.shape == roi and float(w.max()) == 1.0
+    profiles = [torch.exp(-0.5 * ((torch.arange(n) - (n - 1) / 2) / (n / 8)) ** 2) for n in roi]
+    expected = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    expected = expected / expected.max()
+    torch.testing.assert_close(w, expected.clamp(min=float(expected.min())), rtol=1e-6, atol=0)
+    assert torch.equal(importance_map(roi, "constant", "cpu"), torch.ones(roi))
+
+
+def test_windows_that_disagree_are_blended_by_their_weights():
+    # two windows along x, overlapping on x = 4..7; the model answers 0 in the first and 1 in
+    # the second, so the blend at each overlap voxel is the second window's share of the weight
+    calls = []
+
+    def which_window(x):
+        calls.append(len(calls))
+        return torch.full_like(x, float(calls[-1]))
+
+    roi = (8, 4, 4)
+    for blend in ("gaussian", "constant"):
+        calls.clear()
+        out = sliding_window(which_window, torch.zeros(1, 1, 12, 4, 4), roi, overlap=0.5, blend=blend, batch=1)
+        assert len(calls) == 2
+        w = importance_map(roi, blend, "cpu")[:, 0, 0]
+        share = w[:4] / (w[4:] + w[:4])  # at x = 4..7: second window's voxels 0..3, first's 4..7
+        torch.testing.assert_close(out[0, 0, :, 0, 0], torch.cat([torch.zeros(4), share, torch.ones(4)]))
 
 
 def test_sliding_window_output_channels_follow_the_model():

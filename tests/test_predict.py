@@ -130,7 +130,9 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
     folder = tmp_path / "in"
     folder.mkdir()
     block = (slice(3, 9), slice(10, 14), slice(5, 20))  # array indices as stored, under an L,S,P affine
-    nib.save(ct((24, 16, 28), FLIPPED, bright=block), folder / "b.nii.gz")
+    scan = ct((24, 16, 28), FLIPPED, bright=block)
+    scan.header["cal_min"], scan.header["cal_max"], scan.header["descrip"] = -1024, 3071, b"CT abdomen"
+    nib.save(scan, folder / "b.nii.gz")
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
     monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt: Bright())
     out = tmp_path / "out"
@@ -143,6 +145,11 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
     assert liver.get_data_dtype() == np.int16 and np.array_equal(liver.affine, FLIPPED)
     np.testing.assert_allclose(liver.get_fdata(), expected > 0, atol=1e-4)  # the scale factor brings back [0, 1]
     np.testing.assert_allclose(spleen.get_fdata(), 0, atol=1e-4)
+    # the scan's orientation codes carry over, not its CT display range (a viewer would open 0-11 at -1024..3071)
+    for written in (nib.load(out / "b.nii.gz"), liver):
+        assert written.header["qform_code"] == scan.header["qform_code"]
+        assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == (0.0, 0.0)
+        assert written.header["descrip"].tobytes().strip(b"\0") == b""
     # a second run with probabilities asked for again finds everything written
     assert ev.main(["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
 
