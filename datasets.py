@@ -199,7 +199,10 @@ def to_original_grid(label: torch.Tensor | np.ndarray, geometry: dict) -> np.nda
 
 def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     """ORGAN_ID label map (RAS, working grid) -> BTCV ids; each kidney component becomes the
-    right (2) or left (3) kidney by the side of the body's midline its centre lies on."""
+    right (2) or left (3) kidney by the side of the midline its centre lies on (+x is the
+    patient's right). The midline: halfway between the two largest components where they lie
+    apart in x (the two kidneys), else the middle of the volume (the case is cropped to the
+    body, but a table or the arms can move that off the spine)."""
     from scipy import ndimage
 
     lab = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
@@ -209,10 +212,17 @@ def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     kidney = lab == ORGAN_ID["kidneys"]
     parts, n = ndimage.label(kidney, structure=np.ones((3, 3, 3), bool))
     if n:
-        centres = ndimage.center_of_mass(kidney, parts, range(1, n + 1))
-        midline = (lab.shape[0] - 1) / 2  # the case is cropped to the body; +x is the patient's right
-        side = np.array([0] + [BTCV_RIGHT_KIDNEY if c[0] > midline else BTCV_LEFT_KIDNEY for c in centres],
-                        np.uint8)
+        index = range(1, n + 1)
+        centres = [c[0] for c in ndimage.center_of_mass(kidney, parts, index)]
+        midline = (lab.shape[0] - 1) / 2
+        if n >= 2:
+            sizes = ndimage.sum_labels(kidney, parts, index)
+            a, b = np.argsort(sizes)[::-1][:2]
+            spans = ndimage.find_objects(parts)
+            lo, hi = sorted((a, b), key=lambda i: centres[i])
+            if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
+                midline = (spans[lo][0].stop + spans[hi][0].start - 1) / 2
+        side = np.array([0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres], np.uint8)
         out[kidney] = side[parts[kidney]]
     return out
 

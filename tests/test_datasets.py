@@ -221,6 +221,24 @@ def rewrite(path, array, affine=None):
     nib.save(nib.Nifti1Image(array, img.affine if affine is None else affine), path)
 
 
+def test_kidney_sides_follow_the_two_kidneys_not_the_middle_of_the_volume():
+    # a body off the middle of the volume (a wide table): both kidneys lie at high x, the left
+    # one (low x) right of the volume's middle; a small fragment beside the right kidney
+    lab = np.zeros((60, 20, 10), np.uint8)
+    k = ORGAN_ID["kidneys"]
+    lab[34:40, 5:15, 2:8] = k  # left kidney
+    lab[50:56, 5:15, 2:8] = k  # right kidney
+    lab[58, 5, 2] = k  # a stray voxel, far right
+    ids = datasets.to_btcv_ids(torch.from_numpy(lab))
+    right, left = datasets.BTCV_RIGHT_KIDNEY, datasets.BTCV_LEFT_KIDNEY
+    assert (ids[34:40, 5:15, 2:8] == left).all() and (ids[50:56, 5:15, 2:8] == right).all() and ids[58, 5, 2] == right
+    # one kidney alone (or two fragments that overlap in x) keeps the volume's middle
+    one = np.zeros_like(lab)
+    one[20:26, 5:15, 2:8] = k
+    one[22:24, 16:18, 2:4] = k
+    assert set(np.unique(datasets.to_btcv_ids(torch.from_numpy(one)))) == {0, left}
+
+
 def test_truncated_nifti(tmp_path):
     _, source = one_case(tmp_path)
     path = source.pairs[0].image
