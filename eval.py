@@ -190,19 +190,6 @@ def label_map(masks: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
-    """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
-    case came from a file (else on the working grid, with its spacing)."""
-    from datasets import save_label_nifti, to_btcv_ids, to_original_grid
-
-    btcv = to_btcv_ids(label_map(masks))
-    if case.geometry is not None:
-        save_label_nifti(to_original_grid(btcv, case.geometry), case.geometry, path)
-    else:
-        geometry = {"affine": np.diag([*case.spacing, 1.0]).tolist()}
-        save_label_nifti(btcv, geometry, path)
-
-
 def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Sequence[str], scoring: str,
                 spacing: Sequence[float], surface: bool = True) -> dict[str, list[float]]:
     """Dice, HD95 (mm) and NSD (at NSD_TOLERANCE_MM) of each organ on one case, in `organs`
@@ -240,6 +227,8 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
     With `largest`, each organ's mask keeps only its largest connected component(s) first.
     With `save_pred`, each case's label map (`primary` scoring) is written there as <case>.nii.gz.
     """
+    from predict import save_prediction  # predict.py builds on this module
+
     model = model.to(device).eval()
     kinds = scorings(model)
     primary = primary or kinds[0]

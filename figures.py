@@ -106,7 +106,7 @@ def radiological(plane: torch.Tensor) -> torch.Tensor:
     at the top of a coronal (x, z) one.
 
     Working volumes are RAS arrays (data.py): x grows towards the patient's RIGHT (the phantom's
-    liver lies at high x, its spleen at low x; datasets.to_btcv_ids calls high x the right kidney),
+    liver lies at high x, its spleen at low x; predict.to_btcv_ids calls high x the right kidney),
     y towards anterior, z towards superior. imshow draws row 0 at the top and column 0 at the
     left, so both axes are reversed: high x to the left, high y (or z) to the top."""
     return plane.T.flip(0).flip(1)

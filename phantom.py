@@ -128,16 +128,13 @@ class _Blob:
         extent = np.abs(self.rot.T) @ self.radii * 1.35
         return self.centre - extent, self.centre + extent
 
-    def region(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
-        """The blob's bounding box on the grid and its field there (None, None: off the grid)."""
+    def mask(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None, torch.Tensor | None]:
+        """The blob's box on the grid, its inside there and its field (all None: off the grid)."""
         sl = grid.box(*self.bounds())
         if sl is None:
-            return None, None
-        return sl, self.field(grid, sl)
-
-    def mask(self, grid: _Grid) -> tuple[Box | None, torch.Tensor | None]:
-        sl, f = self.region(grid)
-        return sl, (None if f is None else f < 1.0)
+            return None, None, None
+        f = self.field(grid, sl)
+        return sl, f < 1.0, f
 
 
 def _wobbly(rng: np.random.Generator, centre: Sequence[float], radii: Sequence[float], rot: np.ndarray | None = None,
@@ -237,10 +234,9 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
     for _ in range(int(rng.integers(14, 22))):
         c = [rng.uniform(-110, 110), rng.uniform(-10, 80), rng.uniform(-120, 10)]
         blob = _wobbly(rng, c, [rng.uniform(12, 22)] * 3, amp=0.15, shift_mm=0)
-        sl, f = blob.region(grid)
+        sl, m, f = blob.mask(grid)
         if sl is None:
             continue
-        m = f < 1.0
         content = rng.choice(["gas", "fluid", "bowel_wall"], p=[0.35, 0.4, 0.25])
         _paint(hu, sl, m, tone["bowel_wall"])
         _paint(hu, sl, f < 0.7, tone[content])
@@ -254,9 +250,8 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
         _paint(hu, sl, f < 0.6, tone["fluid"])
     # stomach: left upper quadrant, gas anterior over fluid
     stomach = _wobbly(rng, [-50, 45, 55], [48, 32, 45], amp=0.1)
-    sl, f = stomach.region(grid)
+    sl, m, f = stomach.mask(grid)
     if sl is not None:
-        m = f < 1.0
         _paint(hu, sl, m, tone["bowel_wall"])
         _, yy, _ = grid.coords(sl)
         lumen = f < 0.8
@@ -287,13 +282,13 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
         inside_liver = torch.zeros_like(f, dtype=torch.bool)
         _paint(hu, sl, (f < 1) & _restrict(liver_sl, liver, sl, inside_liver), tone["portal"])
     gallbladder = _wobbly(rng, [55, 45, -5], [16, 14, 32], _rot_x(-25), amp=0.05)
-    sl, m = gallbladder.mask(grid)
+    sl, m, _ = gallbladder.mask(grid)
     if sl is not None:
         _paint(hu, sl, m, tone["gallbladder"])
         organ_masks["gallbladder"] = (sl, m)
 
     spleen = _wobbly(rng, [-92, -40, 65], [26, 55, 50], _rot_z(30), amp=0.12)
-    sl, m = spleen.mask(grid)
+    sl, m, _ = spleen.mask(grid)
     m &= (wall < 1).expand(grid.shape)[sl]
     spleen_tex = tone["spleen"] + (12 if acq.phase == "arterial" else 4) * _smooth_noise(gen, m.shape, 8)
     _paint(hu, sl, m, spleen_tex)
@@ -315,10 +310,9 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
     kidney_parts = []
     for side, centre in ((1, [62, -55, -40]), (-1, [-60, -50, -20])):
         k = _wobbly(rng, centre, [27, 24, 52], _rot_z(side * 20) @ _rot_x(10), amp=0.06)
-        sl, f = k.region(grid)
+        sl, m, f = k.mask(grid)
         if sl is None:
             continue
-        m = f < 1.0
         xx, yy, _ = grid.coords(sl)
         sinus_c = k.centre - np.array([side * 16, -6, 0])
         sinus = ((xx - sinus_c[0]) / 13) ** 2 + ((yy - sinus_c[1]) / 11) ** 2 < 1
@@ -340,7 +334,7 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
         centre = np.array([float(grid.x[liver_sl[0]][p[0]]), float(grid.y[liver_sl[1]][p[1]]),
                            float(grid.z[liver_sl[2]][p[2]])])
         t = _wobbly(rng, centre, [rng.uniform(5, 12)] * 3, amp=0.1, shift_mm=0)
-        tsl, tm = t.mask(grid)
+        tsl, tm, _ = t.mask(grid)
         if tsl is None:
             continue
         tm &= _restrict(liver_sl, liver, tsl, torch.zeros_like(tm))

@@ -1,6 +1,7 @@
 """`python eval.py predict -i SCANS -o LABELS --checkpoint OUT/model.pt`: segment every NIfTI
 scan of a folder (or one scan) with a trained checkpoint, each label map on its scan's own grid
-and orientation, with BTCV's label ids; optionally each organ's probability map.
+and orientation, with BTCV's label ids; optionally each organ's probability map. Writing a label
+map is here too (eval.py --save-pred writes its test cases' the same way).
 """
 
 from __future__ import annotations
@@ -14,19 +15,95 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from archives import BTCV_IDS, BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
 from common import check_writable, fail, resolve_device, write_atomic
-from data import Case
+from data import ORGAN_ID, Case
 from eval import (
     add_inference_arguments,
     clean_masks,
+    label_map,
     load_checkpoint,
     model_from_checkpoint,
     organ_masks,
     predict_scores,
     primary_scoring,
-    save_prediction,
     sliding_settings,
 )
+
+# ---------------------------------------------------------------------------------------
+# Label maps written on the scan's grid, in BTCV's ids
+# ---------------------------------------------------------------------------------------
+
+
+def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
+    """ORGAN_ID label map (RAS, working grid) -> BTCV ids; each kidney component becomes the
+    right (2) or left (3) kidney by the side of the midline its centre lies on (+x is the
+    patient's right). The midline: halfway between the two largest components where they lie
+    apart in x (the two kidneys), else the middle of the volume (the case is cropped to the
+    body, but a table or the arms can move that off the spine)."""
+    from scipy import ndimage
+
+    lab = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    out = np.zeros(lab.shape, np.uint8)
+    for organ in ("liver", "spleen", "pancreas"):
+        out[lab == ORGAN_ID[organ]] = BTCV_IDS[organ][0]
+    kidney = lab == ORGAN_ID["kidneys"]
+    parts, n = ndimage.label(kidney, structure=np.ones((3, 3, 3), bool))
+    if n:
+        index = range(1, n + 1)
+        centres = [c[0] for c in ndimage.center_of_mass(kidney, parts, index)]
+        midline = (lab.shape[0] - 1) / 2
+        if n >= 2:
+            sizes = ndimage.sum_labels(kidney, parts, index)
+            a, b = np.argsort(sizes)[::-1][:2]
+            spans = ndimage.find_objects(parts)
+            lo, hi = sorted((a, b), key=lambda i: centres[i])
+            if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
+                midline = (spans[lo][0].stop + spans[hi][0].start - 1) / 2
+        side = np.array([0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres], np.uint8)
+        out[kidney] = side[parts[kidney]]
+    return out
+
+
+def output_header(geometry: dict) -> object | None:
+    """The source scan's NIfTI header for a volume written on its grid: its qform/sform codes,
+    so that viewers align the two, without what describes the CT itself (the display range a
+    viewer would open a label map with, the description, the intent)."""
+    import nibabel as nib
+
+    src = geometry.get("source")
+    if not (src and os.path.isfile(src)):
+        return None
+    header = nib.load(src).header.copy()
+    header["cal_min"], header["cal_max"], header["descrip"] = 0, 0, b""
+    header.set_intent("none")
+    return header
+
+
+def save_label_nifti(label: np.ndarray, geometry: dict, path: str) -> None:
+    """Write a label map on the original grid with the original affine, atomically."""
+    import nibabel as nib
+
+    affine = np.asarray(geometry["affine"])
+    img = nib.Nifti1Image(label.astype(np.uint8), affine, output_header(geometry))
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.endswith(".gz") else ".nii")
+
+
+def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
+    """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
+    case came from a file (else on the working grid, with its spacing)."""
+    from datasets import to_original_grid
+
+    btcv = to_btcv_ids(label_map(masks))
+    if case.geometry is not None:
+        save_label_nifti(to_original_grid(btcv, case.geometry), case.geometry, path)
+    else:
+        geometry = {"affine": np.diag([*case.spacing, 1.0]).tolist()}
+        save_label_nifti(btcv, geometry, path)
+
 
 # ---------------------------------------------------------------------------------------
 # Scans in, label maps out
@@ -96,7 +173,7 @@ def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
     3e-5), and every NIfTI reader applies the scale factor."""
     import nibabel as nib
 
-    from datasets import output_header, to_original_grid
+    from datasets import to_original_grid
 
     data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
     img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), output_header(case.geometry))

@@ -156,8 +156,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
                                 len(organs)) for s in local}
     # channels-last: the layout Tensor Cores want (on a CPU the top unit is channels-last either way)
     model = UNet3D(unet_cfg).to(cfg.device, memory_format=torch.channels_last_3d)
-    # foreach: one call per step for all tensors, the same arithmetic as the per-tensor loop
-    # (bitwise, on a CPU) at a third less time; PyTorch picks it by itself only on a GPU
+    # foreach: the per-tensor loop's arithmetic (bitwise, on a CPU) in a third less time
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     # one live model trains; every client is only its stored state, on the device if all fit
     store = fl.choose_store(torch.device(cfg.device), len(sites), fl.state_bytes(model))
@@ -311,10 +310,8 @@ def keep_if_best(run: Run, scores: dict[str, float], rounds_done: int) -> None:
 def finetune_heads(run: Run, val_cases: dict[str, list], epochs: int) -> None:
     """After federation, each site trains its task block alone (representation frozen) for
     `epochs` of its data, keeping the head of its best validation Dice, as the original's last
-    stage. The frozen weights do not move: Adam skips parameters without a gradient. Norm
-    layers still run in training mode, so their running statistics move: local ones keep
-    them (as the original's did); shared ones are put back after every epoch, so that one
-    representation still serves every head."""
+    stage. Frozen weights do not move (Adam skips them); running statistics do, in training
+    mode: local ones keep moving, as the original's; shared ones are put back every epoch."""
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
     for client in tqdm(run.clients, desc="fine-tune heads", disable=None):

@@ -16,6 +16,7 @@ import torch
 import archives
 import datasets
 import layouts
+import predict
 from archives import find_dataset, find_sources
 from data import ORGAN_ID, DataError
 from datasets import load_source
@@ -118,14 +119,14 @@ def test_a_label_map_goes_back_onto_the_original_grid(folder, role, root, tmp_pa
     original = nib.load(source.pairs[0].label)
     truth = np.asanyarray(original.dataobj)
     if role == "test":
-        back_ids = datasets.to_btcv_ids(case.label)
+        back_ids = predict.to_btcv_ids(case.label)
         pairs = {"spleen": 1, "right kidney": 2, "left kidney": 3, "liver": 6, "pancreas": 11}
     else:
         back_ids = case.label.numpy()
         truth = (truth > 0).astype(np.uint8) * ORGAN_ID["kidneys"]  # tumour merged
         pairs = {"kidneys": ORGAN_ID["kidneys"]}
     out = tmp_path / "pred.nii.gz"
-    datasets.save_label_nifti(datasets.to_original_grid(back_ids, case.geometry), case.geometry, str(out))
+    predict.save_label_nifti(datasets.to_original_grid(back_ids, case.geometry), case.geometry, str(out))
     saved = nib.load(out)
     assert saved.shape == original.shape
     np.testing.assert_allclose(saved.affine, original.affine, atol=1e-5)
@@ -229,14 +230,14 @@ def test_kidney_sides_follow_the_two_kidneys_not_the_middle_of_the_volume():
     lab[34:40, 5:15, 2:8] = k  # left kidney
     lab[50:56, 5:15, 2:8] = k  # right kidney
     lab[58, 5, 2] = k  # a stray voxel, far right
-    ids = datasets.to_btcv_ids(torch.from_numpy(lab))
-    right, left = datasets.BTCV_RIGHT_KIDNEY, datasets.BTCV_LEFT_KIDNEY
+    ids = predict.to_btcv_ids(torch.from_numpy(lab))
+    right, left = predict.BTCV_RIGHT_KIDNEY, predict.BTCV_LEFT_KIDNEY
     assert (ids[34:40, 5:15, 2:8] == left).all() and (ids[50:56, 5:15, 2:8] == right).all() and ids[58, 5, 2] == right
     # one kidney alone (or two fragments that overlap in x) keeps the volume's middle
     one = np.zeros_like(lab)
     one[20:26, 5:15, 2:8] = k
     one[22:24, 16:18, 2:4] = k
-    assert set(np.unique(datasets.to_btcv_ids(torch.from_numpy(one)))) == {0, left}
+    assert set(np.unique(predict.to_btcv_ids(torch.from_numpy(one)))) == {0, left}
 
 
 def test_truncated_nifti(tmp_path):
