@@ -195,6 +195,7 @@ class PatchSampler:
         ctx = torch.ceil(reach).long() if cfg.augment else patch.clone()
         ctx = ctx + (ctx - patch) % 2
         self.ctx = ctx.to(self.device)
+        self.ctx_sides = tuple(int(c) for c in ctx)  # as Python ints: no device read per batch
         self.patch = patch.to(self.device)
         self.margin = (self.ctx - self.patch) // 2  # of the context box on each side of the patch
         self.grid = _identity_grid(cfg.patch, self.device)
@@ -281,7 +282,7 @@ class PatchSampler:
         stride = torch.stack([shape[:, 1] * shape[:, 2], shape[:, 2], torch.ones_like(shape[:, 2])], dim=1)
         part = []
         for a in range(3):
-            i = start[:, a, None] + torch.arange(int(self.ctx[a]), device=d)
+            i = start[:, a, None] + torch.arange(self.ctx_sides[a], device=d)
             part.append(torch.where((i >= 0) & (i < shape[:, a, None]), i * stride[:, a, None], zero))
         flat = (self.offsets[vols, None, None, None] + part[0][:, :, None, None] + part[1][:, None, :, None]
                 + part[2][:, None, None, :]).clamp_(max=zero)
