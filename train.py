@@ -11,7 +11,7 @@ Modes (the paper's figure 2):
 Reading order: unet3d.py (the network), segviz.py (what is shared, the meta-model), fl.py (a
 round), config.py (the settings), training.py (the run, top to bottom). Every setup for several
 node counts and seeds, the marginal-loss baselines, the oracle and robust aggregation:
-`python experiments.py`. The state is saved every round; `python train.py --resume OUT`
+`python experiments.py`. The state is saved between rounds; `python train.py --resume OUT`
 continues a killed run.
 """
 

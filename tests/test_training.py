@@ -680,3 +680,32 @@ def test_variants_that_do_not_fit_are_refused_before_anything_is_written(tmp_pat
     suite = run("experiments.py", "suite", "--out", str(out), "--dropout", "0.2")
     assert suite.returncode == 2 and "python experiments.py train" in suite.stderr
     assert not out.exists()
+
+
+def test_the_state_is_saved_after_the_first_and_last_round_and_spaced_by_its_cost(tmp_path, monkeypatch):
+    # a fake clock: a round takes 1 s, a save 0.125 s; with SAVE_SPACING 50 the state is written
+    # again once 6.25 s of training have passed since the last save
+    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32), (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
+             for s in ("liver", "spleen")}
+    run = training.build_run(resolve(Config(nodes=2, rounds=16, out=str(tmp_path))), cases, training.Extensions())
+    clock, saved = [0.0], []
+
+    class FakeTime:
+        @staticmethod
+        def time():
+            return clock[0]
+
+    def fake_round(*args, **kwargs):
+        clock[0] += 1.0
+        return fl.RoundReport({"liver": 0.5, "spleen": 0.5}, [], {}, {})
+
+    def fake_save(run, rounds_done):
+        clock[0] += 0.125
+        saved.append(rounds_done)
+
+    monkeypatch.setattr(training, "SAVE_SPACING", 50)
+    monkeypatch.setattr(training, "time", FakeTime)
+    monkeypatch.setattr(fl, "federated_round", fake_round)
+    monkeypatch.setattr(training, "save_state", fake_save)
+    training.rounds_loop(run, {}, 0)
+    assert saved == [1, 8, 15, 16]
