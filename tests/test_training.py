@@ -709,3 +709,25 @@ def test_the_state_is_saved_after_the_first_and_last_round_and_spaced_by_its_cos
     monkeypatch.setattr(training, "save_state", fake_save)
     training.rounds_loop(run, {}, 0)
     assert saved == [1, 8, 15, 16]
+
+
+def test_the_seed_sets_the_initial_weights(tmp_path, cache, monkeypatch):
+    # the weights a run starts from: equal under one seed, different under another (train()
+    # seeds torch before it builds the model, whatever else it draws first)
+    class Started(Exception):
+        pass
+
+    def first_state(run, val_cases, start):
+        raise Started({k: v.clone() for k, v in run.clients[0].model_state.items()})
+
+    monkeypatch.setattr(training, "rounds_loop", first_state)
+    states = []
+    for seed in (0, 0, 1):
+        cfg = resolve(Config(nodes=2, seed=seed, max_cases=1, spacing=(6.0, 6.0, 6.0), cache=str(cache),
+                             out=str(tmp_path / f"seed-{seed}")))
+        with pytest.raises(Started) as stopped:
+            training.train(cfg)
+        states.append(stopped.value.args[0])
+    a, b, c = states
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
