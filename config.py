@@ -107,7 +107,15 @@ def resolve(cfg: Config) -> Config:
     p = preset_of(cfg)
     keys = ("rounds", "local_steps", "lr", "loss", "channels", "norm", "finetune_epochs", "largest", "spacing")
     cfg = replace(cfg, **{k: getattr(p, k) for k in keys if getattr(cfg, k) is None})
-    return replace(cfg, channels=tuple(cfg.channels), spacing=tuple(cfg.spacing))
+    cfg = replace(cfg, channels=tuple(cfg.channels), spacing=tuple(cfg.spacing))
+    if cfg.val_split == "auto" and not validates(cfg):
+        cfg = replace(cfg, val_split="0")  # cases held out that nothing reads would only be lost to training
+    return cfg
+
+
+def validates(cfg: Config) -> bool:
+    """Whether the run reads validation cases: curves, model selection, head fine-tuning."""
+    return bool(cfg.val_every or preset_of(cfg).keep == "best" or cfg.finetune_epochs)
 
 
 def run_name(cfg: Config, stem: str = "") -> str:
@@ -162,8 +170,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="working voxel spacing in mm (default: the preset's, phantom 3 3 3, paper 1.5 1.5 2)")
     p.add_argument("--val-split", default="auto",
                    help="real data: 'original' holds out the last N cases per site as the original code; a "
-                        "fraction F holds out F of them, seeded; auto (default): the original's split on the "
-                        "original archive, else 0.2")
+                        "fraction F holds out F of them, seeded; auto (default): when the run validates, the "
+                        "original's split on the original archive, else 0.2; when it does not, none")
     p.add_argument("--max-cases", type=int, help="use at most this many cases per site and for the test set")
 
 

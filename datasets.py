@@ -283,9 +283,10 @@ def split_validation(pairs: list[Pair], site: str, val: str = "auto", seed: int 
                      ) -> tuple[list[Pair], list[Pair], str]:
     """Training and validation pairs, and the rule that split them, in words.
 
-    "auto": the original's split when the folder holds the original archive's cases (the last
-    N held out: liver 25 of 131, spleen 9 of 41, pancreas 56 of 281, kidneys 42 of 210), else
-    a fifth of them (at least one), chosen with the seed; a site of one case trains on it.
+    "auto" (config.resolve makes it "0" for a run that reads no validation cases): the
+    original's split when the folder holds the original archive's cases (the last N held out:
+    liver 25 of 131, spleen 9 of 41, pancreas 56 of 281, kidneys 42 of 210), else a fifth of
+    them (at least one), chosen with the seed; a site of one case trains on it.
     "original": the original's split, whatever the folder holds. A fraction F: round(F * n)
     cases chosen with the seed."""
     n = len(pairs)
@@ -305,6 +306,8 @@ def split_validation(pairs: list[Pair], site: str, val: str = "auto", seed: int 
                             f"validation; pass --val-split FRACTION (e.g. 0.2, or 0 for none)")
         return pairs[: n - n_val], pairs[n - n_val:], f"the original's split (the last {n_val} of {n})"
     n_val = round(float(val) * n)
+    if n_val == 0:
+        return pairs, [], "every case trains, none held out"
     if n_val >= n:
         raise DataError(f"{site}: --val-split {val} would leave none of its {n} case(s) for training")
     train, held = _seeded_split(pairs, n_val, seed)

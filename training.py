@@ -25,7 +25,7 @@ from tqdm import tqdm
 import fl
 import segviz
 from common import fail, save_torch_atomic, write_json_atomic
-from config import EVAL_OVERLAP, PRESETS, Config, Preset, data_config, preset_of, run_name
+from config import EVAL_OVERLAP, PRESETS, Config, Preset, data_config, preset_of, run_name, validates
 from data import (
     NODE_SITES,
     ORGAN_ID,
@@ -274,11 +274,6 @@ def exchange_summary(run: Run) -> str:
     state = run.clients[0].model_state
     sent = sum(state[k].numel() * state[k].element_size() for k in run.keys)
     return f"{len(run.keys)}/{len(state)} keys shared | {sent / 1e6:.2f} MB up and down per site per round"
-
-
-def validates(cfg: Config) -> bool:
-    """Whether the run reads validation cases: curves, model selection, head fine-tuning."""
-    return bool(cfg.val_every or preset_of(cfg).keep == "best" or cfg.finetune_epochs)
 
 
 def validate(run: Run, val_cases: dict[str, list], sites: Sequence[str] | None = None) -> dict[str, float]:

@@ -115,3 +115,14 @@ def test_a_resumed_config_takes_the_saved_settings_and_only_device_and_rounds(tm
         with pytest.raises(SystemExit) as e:
             config.resumed_config(saved, "x", argv, p.parse_args(argv), p)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_automatic_split_holds_cases_out_only_for_a_run_that_validates(tmp_path):
+    # real data, phantom preset: nothing reads validation cases unless asked, so every case trains
+    real = Config(data_root=str(tmp_path), out=str(tmp_path / "run"))
+    assert config.resolve(real).val_split == "0"
+    assert config.resolve(dataclasses.replace(real, val_every=10)).val_split == "auto"
+    assert config.resolve(dataclasses.replace(real, finetune_epochs=5)).val_split == "auto"
+    # the paper preset keeps the best round on validation; a split given by hand is kept as given
+    assert config.resolve(dataclasses.replace(real, preset="paper")).val_split == "auto"
+    assert config.resolve(dataclasses.replace(real, val_split="0.25")).val_split == "0.25"

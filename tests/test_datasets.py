@@ -186,6 +186,8 @@ def test_validation_split_original_and_seeded():
     assert {p.name for p in a[0]}.isdisjoint(p.name for p in a[1])
     with pytest.raises(DataError, match="liver: 3 case"):
         datasets.split_validation(pairs[:3], "liver", "original")
+    train, val, rule = datasets.split_validation(pairs, "spleen", "0")
+    assert (len(train), val, rule) == (40, [], "every case trains, none held out")
 
 
 def test_automatic_split_fits_the_folder():
