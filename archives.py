@@ -102,6 +102,11 @@ def _niftis(folder: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if _is_nifti(n)) if os.path.isdir(folder) else []
 
 
+def _nifti_file(stem: str) -> str | None:
+    """`stem`.nii.gz, else `stem`.nii, if either is a file."""
+    return next((stem + ext for ext in (".nii.gz", ".nii") if os.path.isfile(stem + ext)), None)
+
+
 def find_dataset(path: str, role: str) -> Source:
     """Recognise the dataset layout at `path` and list its image/label pairs."""
     if not os.path.exists(path):
@@ -155,8 +160,8 @@ def _declared(labels: object, path: str) -> tuple[int, ...] | None:
 def _resolve(root: str, rel: str, nnunet_channel: bool = False) -> str:
     path = os.path.normpath(os.path.join(root, rel))
     if nnunet_channel and not os.path.exists(path) and _is_nifti(os.path.basename(path)):
-        alt = os.path.join(os.path.dirname(path), _stem(os.path.basename(path)) + "_0000.nii.gz")
-        if os.path.exists(alt):
+        alt = _nifti_file(os.path.join(os.path.dirname(path), _stem(os.path.basename(path)) + "_0000"))
+        if alt:
             return alt  # nnU-Net v1 lists x.nii.gz for the file x_0000.nii.gz
     return path
 
@@ -180,7 +185,7 @@ def _from_dataset_json(path: str, role: str) -> Source:
     meta_path = os.path.join(path, "dataset.json")
     meta = _read_json(meta_path)
     declared = _declared(meta.get("labels"), meta_path)
-    if "training" not in meta:  # nnU-Net v2: no file list, the folders speak
+    if not meta.get("training"):  # nnU-Net v2 (or an empty list): no file list, the folders speak
         return _from_folders(path, role, "nnunet", declared)
     pairs, problems = _pairs_from_list(path, meta["training"], meta_path, "training")
     layout = "nnunet" if any(_stem(os.path.basename(p.image)).endswith("_0000") for p in pairs) else "msd"
@@ -204,11 +209,11 @@ def _from_kits19(path: str, role: str) -> Source:
     pairs, notes = [], []
     unlabelled = 0
     for name in sorted(n for n in os.listdir(path) if n.startswith("case_")):
-        image = os.path.join(path, name, "imaging.nii.gz")
-        label = os.path.join(path, name, "segmentation.nii.gz")
-        if not os.path.isfile(image):
+        image = _nifti_file(os.path.join(path, name, "imaging"))
+        label = _nifti_file(os.path.join(path, name, "segmentation"))
+        if image is None:
             continue
-        if not os.path.isfile(label):
+        if label is None:
             unlabelled += 1  # KiTS19's test cases come without segmentation
             continue
         pairs.append(Pair(name, image, label))
@@ -223,7 +228,7 @@ def _from_folders(path: str, role: str, layout: str, declared: tuple[int, ...] |
     for name in _niftis(images):
         stem = _stem(name)
         base = stem[: -len("_0000")] if stem.endswith("_0000") else stem
-        label = os.path.join(labels, base + ".nii.gz")
+        label = _nifti_file(os.path.join(labels, base)) or os.path.join(labels, base + ".nii.gz")
         if not os.path.isfile(label):
             problems.append(f"{os.path.join(images, name)}: no label {label}")
         pairs.append(Pair(base, os.path.join(images, name), label))
@@ -255,23 +260,39 @@ def _from_btcv(path: str, folders: list[tuple[str, str]], role: str) -> Source:
 
 
 def _walk(root: str, depth: int = MAX_SEARCH_DEPTH) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk, at most `depth` folders deep, in sorted order, skipping hidden folders."""
+    """os.walk through links too (a root of symlinked downloads), at most `depth` folders deep
+    (which also ends any loop of links), in sorted order, skipping hidden folders and the
+    __MACOSX copies that macOS archives carry."""
     base = root.rstrip(os.sep).count(os.sep)
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
         if folder.count(os.sep) - base >= depth:
             dirs[:] = []
         yield folder, dirs, files
 
 
 def locate(data_root: str, role: str) -> str | None:
-    """The folder under `data_root` that holds `role`'s dataset, or None."""
+    """The folder under `data_root` that holds `role`'s dataset, or None. Names match in any
+    case (KiTS19/); a folder of the right name that holds no dataset is looked into further
+    (Task03_Liver/Task03_Liver/, as unpacking into a folder of the same name gives), and is
+    the answer only if nothing below holds one (its error then names it)."""
+    names = {n.lower() for n in ROOT_NAMES[role]}
+    named = None
     for folder, dirs, files in _walk(data_root):
-        if os.path.basename(folder) in ROOT_NAMES[role] and folder != data_root:
-            return folder
+        if folder != data_root and os.path.basename(folder).lower() in names:
+            if _holds_dataset(folder, role):
+                return folder
+            named = named or folder
         if role == "test" and ("dataset_0.json" in files or ("img" in dirs and "label" in dirs)):
             return folder
-    return None
+    return named
+
+
+def _holds_dataset(folder: str, role: str) -> bool:
+    try:
+        return bool(find_dataset(folder, role).pairs)
+    except DataError:
+        return False
 
 
 def find_sources(roles: Sequence[str], data_root: str | None = None,

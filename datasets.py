@@ -70,13 +70,45 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+def has_orientation(path: str) -> bool:
+    """Whether a NIfTI header places its voxels in space (a qform or sform code); a label map
+    without either carries no geometry of its own and lies on its image's grid."""
+    import nibabel as nib
+
+    header = nib.load(path).header
+    return bool(int(header.get("qform_code", 0)) or int(header.get("sform_code", 0)))
+
+
+def same_grid(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two affines of one array shape put its voxels in the same places: voxel axes
+    equal to 0.1 % of a voxel, origins less than half the smallest voxel apart (headers
+    written by different tools round differently; a label that far off is still voxel for
+    voxel its image's)."""
+    voxel = np.linalg.norm(a[:3, :3], axis=0)
+    return (np.allclose(a[:3, :3], b[:3, :3], rtol=0, atol=1e-3 * voxel.min())
+            and bool(np.linalg.norm(a[:3, 3] - b[:3, 3]) < 0.5 * voxel.min()))
+
+
+def integer_labels(label: np.ndarray, slab: int = 32, tolerance: float = 0.01) -> np.ndarray:
+    """Labels stored as floats, rounded to integers where every value lies within `tolerance`
+    of one (a label map saved through a scale factor reads back as 0.996 or 1.00002), in
+    place, a slab at a time; ValueError if some value does not."""
+    if np.issubdtype(label.dtype, np.integer):
+        return label
+    if not label.flags.writeable:
+        label = np.array(label)
+    for z in range(0, label.shape[2], slab):
+        part = label[:, :, z:z + slab]
+        rounded = np.rint(part)
+        if not np.all(np.abs(part - rounded) <= tolerance):  # NaN fails too
+            raise ValueError("non-integer label values")
+        part[...] = rounded
+    return label
+
+
 def label_counts(label: np.ndarray, slab: int = 32) -> dict[int, int]:
-    """Voxel count of each label value, in slabs so memory stays at one slab of int64."""
-    if not np.issubdtype(label.dtype, np.integer):
-        for z in range(0, label.shape[2], slab):
-            part = label[:, :, z:z + slab]
-            if not np.array_equal(part, np.round(part)):
-                raise ValueError("non-integer label values")
+    """Voxel count of each label value (integers, `integer_labels`), in slabs so memory stays
+    at one slab of int64."""
     counts: dict[int, int] = {}
     for z in range(0, label.shape[2], slab):
         values, n = np.unique(np.asarray(label[:, :, z:z + slab]).astype(np.int64), return_counts=True)
@@ -100,9 +132,10 @@ def read_pair(pair: Pair, declared: tuple[int, ...] | None
     if label.shape != image.shape:
         raise DataError(f"{pair.label}: shape {tuple(label.shape)} differs from its image's "
                         f"{tuple(image.shape)} ({pair.image})")
-    if not np.allclose(label_affine, affine, rtol=0, atol=1e-2):
+    if has_orientation(pair.label) and not same_grid(label_affine, affine):
         raise DataError(f"{pair.label}: affine differs from its image's ({pair.image})")
     try:
+        label = integer_labels(label)
         counts = label_counts(label)
     except ValueError:
         raise DataError(f"{pair.label}: label values are not integers") from None

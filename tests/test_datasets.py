@@ -281,6 +281,45 @@ def test_image_and_label_of_different_affine(tmp_path):
         load_source(source, NATIVE, None)
 
 
+def test_a_label_whose_header_differs_only_by_rounding_or_says_nothing_lies_on_its_image(tmp_path):
+    # headers written by other tools: an origin 0.05 mm off, axes rounded to float32; a label
+    # with no qform or sform code (nibabel then reports a fall-back affine of its own)
+    _, source = one_case(tmp_path)
+    expected = load_source(source, NATIVE, None)[0]
+    path = source.pairs[0].label
+    img = nib.load(path)
+    lab, near = np.asanyarray(img.dataobj), img.affine.copy()
+    near[:3, 3] += 0.05
+    near[:3, :3] = near[:3, :3].astype(np.float32)
+    for affine, code in ((near, 1), (img.affine, 0)):
+        out = nib.Nifti1Image(lab, affine)
+        out.set_qform(affine, code=code)
+        out.set_sform(affine, code=code)
+        nib.save(out, path)
+        assert torch.equal(load_source(source, NATIVE, None)[0].label, expected.label)
+    # half a voxel off (the CT's voxels are 3 mm) is a different grid
+    far = img.affine.copy()
+    far[0, 3] += 1.5
+    rewrite(path, lab, far)
+    with pytest.raises(DataError, match=f"{path}: affine differs"):
+        load_source(source, NATIVE, None)
+
+
+def test_labels_stored_as_scaled_floats_are_rounded_and_fractions_refused(tmp_path):
+    _, source = one_case(tmp_path)
+    expected = load_source(source, NATIVE, None)[0]
+    path = source.pairs[0].label
+    lab = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+    scaled = nib.Nifti1Image(lab * 0.996, nib.load(path).affine)  # reads back as 0.996: a scale factor's error
+    nib.save(scaled, path)
+    assert np.asanyarray(nib.load(path).dataobj).max() < 1
+    assert torch.equal(load_source(source, NATIVE, None)[0].label, expected.label)
+    lab[lab > 0] = 0.5
+    rewrite(path, lab)
+    with pytest.raises(DataError, match=f"{path}: label values are not integers"):
+        load_source(source, NATIVE, None)
+
+
 @pytest.mark.parametrize("shape, dims", [((64, 64), "2-D"), ((16, 16, 8, 2), "4-D")])
 def test_volume_that_is_not_3d(shape, dims, tmp_path):
     _, source = one_case(tmp_path)
