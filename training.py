@@ -264,8 +264,7 @@ def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
         if r + 1 == cfg.rounds or time.time() - saved_at >= SAVE_SPACING * save_seconds:
             t = time.time()
             save_state(run, r + 1)
-            saved_at = time.time()
-            save_seconds = saved_at - t
+            saved_at, save_seconds = time.time(), time.time() - t
     bar.close()
 
 
@@ -336,10 +335,7 @@ def finetune_heads(run: Run, val_cases: dict[str, list], epochs: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 STATE_FILE = "state.pt"
-# A state is tens of MB (every site's weights and optimiser), and writing it after every round took
-# 5 % of a phantom run. It is written after the first and the last round, and otherwise once the
-# training since the last save has taken SAVE_SPACING times as long as that save did: saving then
-# costs at most 1/SAVE_SPACING of the run, and a kill loses at most SAVE_SPACING saves' time.
+# state.pt (tens of MB): after the first and last round, else once training since the last save took 50 times it
 SAVE_SPACING = 50
 STATE_FORMAT = "segviz-state/3"  # /3: the config dataclass; /2 held train.py's flags one by one
 
