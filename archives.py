@@ -158,12 +158,13 @@ def _declared(labels: object, path: str) -> tuple[int, ...] | None:
 
 
 def _resolve(root: str, rel: str, nnunet_channel: bool = False) -> str:
+    """The file a JSON entry names; x.nii for x.nii.gz (and the reverse) when only that exists."""
     path = os.path.normpath(os.path.join(root, rel))
-    if nnunet_channel and not os.path.exists(path) and _is_nifti(os.path.basename(path)):
-        alt = _nifti_file(os.path.join(os.path.dirname(path), _stem(os.path.basename(path)) + "_0000"))
-        if alt:
-            return alt  # nnU-Net v1 lists x.nii.gz for the file x_0000.nii.gz
-    return path
+    if os.path.exists(path) or not _is_nifti(os.path.basename(path)):
+        return path
+    stem = os.path.join(os.path.dirname(path), _stem(os.path.basename(path)))
+    # nnU-Net v1 lists x.nii.gz for the file x_0000.nii.gz
+    return _nifti_file(stem) or (nnunet_channel and _nifti_file(stem + "_0000")) or path
 
 
 def _pairs_from_list(root: str, entries: object, meta_path: str, key: str) -> tuple[list[Pair], list[str]]:
@@ -252,7 +253,8 @@ def _from_btcv(path: str, folders: list[tuple[str, str]], role: str) -> Source:
         for name in _niftis(img_dir):
             if not name.startswith("img"):
                 continue
-            label = os.path.join(lab_dir, "label" + name[len("img"):])
+            stem = os.path.join(lab_dir, "label" + _stem(name)[len("img"):])
+            label = _nifti_file(stem) or stem + ".nii.gz"
             if not os.path.isfile(label):
                 problems.append(f"{os.path.join(img_dir, name)}: no label {label}")
             pairs.append(Pair(_stem(name), os.path.join(img_dir, name), label))

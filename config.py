@@ -115,7 +115,8 @@ def resolve(cfg: Config) -> Config:
 
 def validates(cfg: Config) -> bool:
     """Whether the run reads validation cases: curves, model selection, head fine-tuning."""
-    return bool(cfg.val_every or preset_of(cfg).keep == "best" or cfg.finetune_epochs)
+    finetunes = cfg.finetune_epochs and cfg.mode in ("single", "segviz")  # the binary modes' heads
+    return bool(cfg.val_every or preset_of(cfg).keep == "best" or finetunes)
 
 
 def run_name(cfg: Config, stem: str = "") -> str:

@@ -79,20 +79,21 @@ def has_orientation(path: str) -> bool:
     return bool(int(header.get("qform_code", 0)) or int(header.get("sform_code", 0)))
 
 
-def same_grid(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two affines of one array shape put its voxels in the same places: voxel axes
-    equal to 0.1 % of a voxel, origins less than half the smallest voxel apart (headers
-    written by different tools round differently; a label that far off is still voxel for
-    voxel its image's)."""
-    voxel = np.linalg.norm(a[:3, :3], axis=0)
-    return (np.allclose(a[:3, :3], b[:3, :3], rtol=0, atol=1e-3 * voxel.min())
-            and bool(np.linalg.norm(a[:3, 3] - b[:3, 3]) < 0.5 * voxel.min()))
+def same_grid(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> bool:
+    """Whether two affines put every voxel of an array of `shape` within half the smallest
+    voxel of the same place (headers written by different tools round differently; that
+    close, each voxel is still nearest its own). The affine map is linear, so the corners
+    bound every voxel."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    apart = np.linalg.norm((a - b)[:3] @ corners, axis=0).max()
+    return bool(apart < 0.5 * np.linalg.norm(a[:3, :3], axis=0).min())
 
 
 def integer_labels(label: np.ndarray, slab: int = 32, tolerance: float = 0.01) -> np.ndarray:
     """Labels stored as floats, rounded to integers where every value lies within `tolerance`
-    of one (a label map saved through a scale factor reads back as 0.996 or 1.00002), in
-    place, a slab at a time; ValueError if some value does not."""
+    (absolute) of one (a map of 0s and 1s saved through a scale factor can read back as 0.996
+    or 1.00002), in place, a slab at a time; ValueError if some value does not."""
     if np.issubdtype(label.dtype, np.integer):
         return label
     if not label.flags.writeable:
@@ -132,7 +133,7 @@ def read_pair(pair: Pair, declared: tuple[int, ...] | None
     if label.shape != image.shape:
         raise DataError(f"{pair.label}: shape {tuple(label.shape)} differs from its image's "
                         f"{tuple(image.shape)} ({pair.image})")
-    if has_orientation(pair.label) and not same_grid(label_affine, affine):
+    if has_orientation(pair.label) and not same_grid(label_affine, affine, label.shape):
         raise DataError(f"{pair.label}: affine differs from its image's ({pair.image})")
     try:
         label = integer_labels(label)

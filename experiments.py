@@ -320,6 +320,8 @@ def validation_cases(cfg: dict, n: int | None = None) -> dict[str, list]:
     real = source.get("source") == "real"
     if n and real:
         fail("eval-options: --cases: real data's validation cases are its held-out split")
+    if real and not any(source.get("validation", {}).values()):
+        fail("eval-options: this run held out no validation cases; train with --val-every or --val-split F")
     # checkpoints before the Config dataclass kept the source under "data"; their paths are its roots
     overrides = (cfg.get("data") or {}) if "source" in cfg else {}
     paths = tuple(sorted(overrides.items())) if real else ()

@@ -243,7 +243,7 @@ def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
           f"{run.samplers[run.sites[0]].cfg.batch} x {preset.patch} | {exchange_summary(run)} | device {cfg.device}")
     bar = tqdm(total=cfg.rounds * steps, initial=start * steps, desc="train", unit="step", disable=None,
                dynamic_ncols=True)
-    saved_at, save_seconds = time.time(), 0.0
+    saved_at, save_seconds = time.monotonic(), 0.0
     for r in range(start, cfg.rounds):
         present = run.ext.present(run.clients) if run.ext.present else run.clients
         report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys,
@@ -261,10 +261,10 @@ def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
                 keep_if_best(run, scores, r + 1)
             line += "  | validation " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
         bar.write(line + ("  | " + "; ".join(events) if events else ""))
-        if r + 1 == cfg.rounds or time.time() - saved_at >= SAVE_SPACING * save_seconds:
-            t = time.time()
+        if r + 1 == cfg.rounds or time.monotonic() - saved_at >= SAVE_SPACING * save_seconds:
+            t = time.monotonic()
             save_state(run, r + 1)
-            saved_at, save_seconds = time.time(), time.time() - t
+            saved_at, save_seconds = time.monotonic(), time.monotonic() - t
     bar.close()
 
 

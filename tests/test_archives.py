@@ -70,6 +70,21 @@ def test_uncompressed_nifti_in_every_layout(tmp_path):
     assert (source.pairs[0].image, source.pairs[0].label, source.problems) == (image, label, [])
 
 
+def test_a_listed_or_paired_file_is_found_under_either_extension(tmp_path):
+    base = tmp_path / "Task09_Spleen"
+    image, label = touch(base / "imagesTr" / "spleen_0.nii"), touch(base / "labelsTr" / "spleen_0.nii.gz")
+    (base / "dataset.json").write_text(json.dumps(
+        {"labels": {"0": "background", "1": "spleen"},
+         "training": [{"image": "./imagesTr/spleen_0.nii.gz", "label": "./labelsTr/spleen_0.nii"}]}))
+    source = find_dataset(str(base), "spleen")
+    assert (source.pairs[0].image, source.pairs[0].label, source.problems) == (image, label, [])
+    # BTCV: an image and its label stored one compressed, one not
+    btcv = tmp_path / "Abdomen" / "RawData" / "Training"
+    image, label = touch(btcv / "img" / "img0001.nii.gz"), touch(btcv / "label" / "label0001.nii")
+    source = find_dataset(str(tmp_path / "Abdomen"), "test")
+    assert (source.pairs[0].image, source.pairs[0].label, source.problems) == (image, label, [])
+
+
 def test_a_dataset_json_with_an_empty_training_list_reads_the_folders(tmp_path):
     base = msd_folders(tmp_path / "Task09_Spleen")
     (base / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": []}))

@@ -123,6 +123,8 @@ def test_the_automatic_split_holds_cases_out_only_for_a_run_that_validates(tmp_p
     assert config.resolve(real).val_split == "0"
     assert config.resolve(dataclasses.replace(real, val_every=10)).val_split == "auto"
     assert config.resolve(dataclasses.replace(real, finetune_epochs=5)).val_split == "auto"
+    # head fine-tuning runs for the binary modes only: a multi-class model's flag reads nothing
+    assert config.resolve(dataclasses.replace(real, mode="fedavg", finetune_epochs=5)).val_split == "0"
     # the paper preset keeps the best round on validation; a split given by hand is kept as given
     assert config.resolve(dataclasses.replace(real, preset="paper")).val_split == "auto"
     assert config.resolve(dataclasses.replace(real, val_split="0.25")).val_split == "0.25"

@@ -297,12 +297,15 @@ def test_a_label_whose_header_differs_only_by_rounding_or_says_nothing_lies_on_i
         out.set_sform(affine, code=code)
         nib.save(out, path)
         assert torch.equal(load_source(source, NATIVE, None)[0].label, expected.label)
-    # half a voxel off (the CT's voxels are 3 mm) is a different grid
-    far = img.affine.copy()
+    # half a voxel off (the CT's voxels are 3 mm) is a different grid, and so is a voxel size
+    # 1 % off: the far corner lies more than a voxel away
+    far, stretched = img.affine.copy(), img.affine.copy()
     far[0, 3] += 1.5
-    rewrite(path, lab, far)
-    with pytest.raises(DataError, match=f"{path}: affine differs"):
-        load_source(source, NATIVE, None)
+    stretched[:3, 0] *= 1.01
+    for affine in (far, stretched):
+        rewrite(path, lab, affine)
+        with pytest.raises(DataError, match=f"{path}: affine differs"):
+            load_source(source, NATIVE, None)
 
 
 def test_labels_stored_as_scaled_floats_are_rounded_and_fractions_refused(tmp_path):
