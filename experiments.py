@@ -133,9 +133,14 @@ def run_label(m: dict) -> str:
             f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
 
 
+TEST_KEYS = ("dice", "hd95", "nsd", "by_scoring", "scoring", "nsd_tolerance_mm")  # of eval.py's metrics.json
+
+
 def read_runs(folder: str) -> dict[str, list[dict]]:
     """Every finished training run under `folder` (DIR/metrics.json, DIR/*/metrics.json or
-    DIR/*/*/metrics.json), by setup name, its seeds in order. Each metrics dict gains "dir"."""
+    DIR/*/*/metrics.json), by setup name, its seeds in order. Each metrics dict gains "dir". A run
+    trained with --no-test counts with the scores `eval.py --checkpoint` wrote into its eval/
+    folder (the way to read the test set once, after choosing on validation), else not at all."""
     if not os.path.isdir(folder):
         fail(f"{folder}: no such folder")
     runs: dict[str, list[dict]] = {}
@@ -152,11 +157,17 @@ def read_runs(folder: str) -> dict[str, list[dict]]:
                 m = json.load(f)
             if "checkpoint" in m:  # a re-evaluation written by eval.py, not a training run
                 continue
+            if not m.get("dice"):  # trained with --no-test
+                later = os.path.join(os.path.dirname(path), "eval", "metrics.json")
+                if not os.path.isfile(later):
+                    continue
+                with open(later) as f:
+                    m = {**m, **{k: v for k, v in json.load(f).items() if k in TEST_KEYS}}
             runs.setdefault(run_label(m), []).append({**m, "dir": os.path.dirname(path)})
         except (OSError, ValueError, KeyError) as e:
             fail(f"{path}: not a metrics file written by train.py ({e})")
     if not runs:
-        fail(f"{folder}: no run folder with a metrics.json")
+        fail(f"{folder}: no run folder with test scores (train.py's metrics.json, or eval.py's in eval/)")
     return {name: sorted(ms, key=lambda m: m.get("seed", m.get("config", {}).get("seed", 0)))
             for name, ms in runs.items()}
 

@@ -90,6 +90,28 @@ def test_compare_reports_mean_and_std_over_seeds_and_tests_matched_pairs(tmp_pat
     assert "0.750 ± 0.100" in text and "3 seed(s)" in text
 
 
+def test_compare_counts_a_run_trained_without_test_with_its_later_evaluation(tmp_path):
+    import json
+    import shutil
+
+    from experiments import compare_runs
+
+    for seed, cases in {0: [0.8, 0.9], 1: [0.6, 0.7]}.items():
+        write_run(tmp_path, "segviz", 2, seed, {"liver": cases})
+        d = tmp_path / "segviz-2" / f"seed-{seed}"
+        scored = json.loads((d / "metrics.json").read_text())
+        (d / "eval").mkdir()
+        (d / "eval" / "metrics.json").write_text(json.dumps({**scored, "checkpoint": str(d / "model.pt")}))
+        (d / "metrics.json").write_text(json.dumps({**scored, "dice": {}}))  # as --no-test writes it
+    compare_runs(str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
+    # a run not yet evaluated is left out, not counted as zero
+    shutil.rmtree(tmp_path / "segviz-2" / "seed-1" / "eval")
+    compare_runs(str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["segviz-2"]["liver"]["mean"] == pytest.approx(0.85)
+
+
 def md_row(table, name):
     """The cells of the markdown row named exactly `name`."""
     (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} |")]
