@@ -139,8 +139,8 @@ TEST_KEYS = ("dice", "hd95", "nsd", "by_scoring", "scoring", "nsd_tolerance_mm")
 def read_runs(folder: str) -> dict[str, list[dict]]:
     """Every finished training run under `folder` (DIR/metrics.json, DIR/*/metrics.json or
     DIR/*/*/metrics.json), by setup name, its seeds in order. Each metrics dict gains "dir". A run
-    trained with --no-test counts with the scores `eval.py --checkpoint` wrote into its eval/
-    folder (the way to read the test set once, after choosing on validation), else not at all."""
+    trained with --no-test gains the test scores `eval.py --checkpoint` wrote into its eval/
+    folder, if any (the way to read the test set once, after choosing on validation)."""
     if not os.path.isdir(folder):
         fail(f"{folder}: no such folder")
     runs: dict[str, list[dict]] = {}
@@ -157,17 +157,15 @@ def read_runs(folder: str) -> dict[str, list[dict]]:
                 m = json.load(f)
             if "checkpoint" in m:  # a re-evaluation written by eval.py, not a training run
                 continue
-            if not m.get("dice"):  # trained with --no-test
-                later = os.path.join(os.path.dirname(path), "eval", "metrics.json")
-                if not os.path.isfile(later):
-                    continue
+            later = os.path.join(os.path.dirname(path), "eval", "metrics.json")
+            if not m.get("dice") and os.path.isfile(later):  # trained with --no-test, scored later
                 with open(later) as f:
                     m = {**m, **{k: v for k, v in json.load(f).items() if k in TEST_KEYS}}
             runs.setdefault(run_label(m), []).append({**m, "dir": os.path.dirname(path)})
         except (OSError, ValueError, KeyError) as e:
             fail(f"{path}: not a metrics file written by train.py ({e})")
     if not runs:
-        fail(f"{folder}: no run folder with test scores (train.py's metrics.json, or eval.py's in eval/)")
+        fail(f"{folder}: no run folder with a metrics.json")
     return {name: sorted(ms, key=lambda m: m.get("seed", m.get("config", {}).get("seed", 0)))
             for name, ms in runs.items()}
 
@@ -212,7 +210,9 @@ def compare_runs(folder: str) -> str:
     Dice (each setup against SegViz with the same number of nodes: Wilcoxon over matched (seed,
     test case) pairs), then of HD95 and NSD. results.json: {row: {organ: Dice entry, with its
     "hd95" and "nsd" entries inside}}."""
-    runs = read_runs(folder)
+    runs = {name: scored for name, ms in read_runs(folder).items() if (scored := [m for m in ms if m.get("dice")])}
+    if not runs:
+        fail(f"{folder}: no run with test scores (train.py's, or eval.py's in a --no-test run's eval/ folder)")
     rows = scored_rows(runs)
     nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
     result, lines = {}, []
