@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from common import check_writable, resolve_device
 from data import ORGANS, DataConfig
+from segviz import BINARY
 
 MODES = ("single", "central", "fedavg", "segviz")
 
@@ -115,7 +116,7 @@ def resolve(cfg: Config) -> Config:
 
 def validates(cfg: Config) -> bool:
     """Whether the run reads validation cases: curves, model selection, head fine-tuning."""
-    finetunes = cfg.finetune_epochs and cfg.mode in ("single", "segviz")  # the binary modes' heads
+    finetunes = cfg.finetune_epochs and cfg.mode in BINARY  # only binary models' heads are fine-tuned
     return bool(cfg.val_every or preset_of(cfg).keep == "best" or finetunes)
 
 
