@@ -193,6 +193,19 @@ def test_phantom_cases_are_deterministic_and_seed_dependent(test_site):
     assert again.hu.shape != other.hu.shape or not torch.equal(other.hu, case.hu)
 
 
+def test_scanner_blur_is_a_gaussian_per_axis_with_edges_repeated():
+    from scipy.ndimage import gaussian_filter1d
+
+    vol = torch.rand(12, 10, 9, generator=torch.Generator().manual_seed(0)) * 1000
+    expected = vol.double().numpy()
+    for axis, s in enumerate((0.6, 0.6, 0.5)):
+        expected = gaussian_filter1d(expected, s, axis=axis, mode="nearest", radius=math.ceil(3 * s))
+    mkldnn = torch.backends.mkldnn.enabled
+    got = phantom._gaussian_blur(vol, (0.6, 0.6, 0.5))
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-3)
+    assert torch.backends.mkldnn.enabled == mkldnn  # the switch to the native kernel is undone
+
+
 # ---------------------------------------------------------------------------------------
 # resample()
 # ---------------------------------------------------------------------------------------
