@@ -43,7 +43,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_json_atomic(path: str, obj: object) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def fail(message: str) -> NoReturn:

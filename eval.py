@@ -67,7 +67,6 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torc
     """Run `predict` over overlapping windows of a (1, C, X, Y, Z) volume; blend the outputs.
 
     Volumes smaller than the window are padded with `pad_value` (air, in HU) and cropped back.
-    `predict` must return a new tensor (or a view of one): its output is weighted in place.
     """
     shape = volume.shape[2:]
     pad = [max(0, r - s) for r, s in zip(roi, shape)]
@@ -83,12 +82,11 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torc
     for i in range(0, len(corners), batch):
         chunk = corners[i:i + batch]
         x = torch.cat([volume[:, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in chunk])
-        # weighted in place, one product per batch rather than a new tensor per window
-        y = predict(x).contiguous().mul_(weight)
+        y = predict(x)
         if out is None:
             out = torch.zeros((1, y.shape[1], *full), device=volume.device)
         for j, (a, b, c) in enumerate(chunk):
-            out[0, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += y[j]
+            out[0, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += y[j] * weight
             norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
     out /= norm
     if any(pad):

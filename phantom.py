@@ -171,7 +171,8 @@ def _smooth_noise(gen: torch.Generator, shape: Sequence[int], cells: int = 8) ->
 
 def _gaussian_blur(vol: torch.Tensor, sigmas_vox: tuple[float, float, float]) -> torch.Tensor:
     """Separable Gaussian blur (the scanner's point spread and slice profile), on PyTorch's own
-    conv3d: for one channel and a 1-D kernel it is 2-10 times faster than oneDNN's, same numbers."""
+    conv3d: for one channel and a 1-D kernel it is 2-10 times faster than oneDNN's, same numbers.
+    The switch is process-wide: not for several threads at once (phantoms are made in one)."""
     out, mkldnn = vol[None, None], torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
