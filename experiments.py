@@ -133,7 +133,7 @@ def run_label(m: dict) -> str:
             f"{'-marginal' if cfg.get('loss') == 'marginal' else ''}-{m['nodes']}")
 
 
-TEST_KEYS = ("dice", "hd95", "nsd", "by_scoring", "scoring", "nsd_tolerance_mm")  # of eval.py's metrics.json
+TEST_KEYS = (*METRICS, "by_scoring", "scoring", "nsd_tolerance_mm")  # eval.scored_metrics's keys
 
 
 def read_runs(folder: str) -> dict[str, list[dict]]:
