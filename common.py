@@ -83,12 +83,18 @@ def check_writable(path: str, flag: str, file: bool = False) -> None:
                 os.rmdir(folder)
 
 
+def auto_device() -> torch.device:
+    """A CUDA GPU, else Apple's MPS, else the CPU."""
+    mps = torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+
+
 def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     """--device: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda[:N] or mps; one
     clear line and exit 2 for a device this machine does not have."""
     mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        return auto_device()
     if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
         parser.error(f"--device {name}: must be auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():

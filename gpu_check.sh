@@ -25,7 +25,7 @@ log "CUDA tests (tests that name cuda)"
 timeout 120 python3 -m pytest -q -k cuda tests/ 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
 
 log "bench.py speed --device cuda (MONAI $(python3 -c 'import monai; print(monai.__version__)' 2>/dev/null || echo missing))"
-timeout 200 python3 bench.py speed --device cuda --repeats 3 --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+timeout 200 python3 -m bench speed --device cuda --repeats 3 --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "exit $?" >> "$OUT/bench.txt"
 tail -15 "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
 

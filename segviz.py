@@ -13,14 +13,15 @@ The idea in three steps (Kanhere et al., SegViz):
    pass of the representation, one head per organ, and the organ probabilities merged into a
    single label map (`merge`).
 
-Baselines use the same machinery with other key sets: conventional FL (`fedavg`) shares every
-key; single-site models (`single`) share none. This file is the only place that knows which
-keys are shared.
+The baselines of the paper's figure 2 use the same machinery with other choices, and `MODES`
+is the one table of them: what each mode shares, whether it trains binary site models or one
+(1 + K)-class model, and how its output is scored. No other module decides these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +32,28 @@ from unet3d import UNet3D, UNetConfig
 
 REP_PREFIX = "rep."
 TASK_PREFIX = "task."
-BINARY = ("single", "segviz")  # modes with one binary model per site; central and fedavg train one (1 + K)-class model
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One training setup of the paper's figure 2."""
+
+    figure: str  # its panel in the paper's figure 2
+    binary: bool  # one binary model per site (its organ against the rest), else one (1 + K)-class model
+    shares: str  # what is averaged each round: "none", "rep" (the representation block) or "all"
+    pooled: bool  # one model trained on the pooled data of every site (no federation)
+    # how its output is scored, the first for its tables: "heads" (each binary head alone on its
+    # organ), "merged" (the heads merged into one label map), "classes" (the argmax of 1 + K classes)
+    scorings: tuple[str, ...]
+
+
+MODES = {
+    "single": Mode("A", binary=True, shares="none", pooled=False, scorings=("heads", "merged")),
+    "central": Mode("B", binary=False, shares="none", pooled=True, scorings=("classes",)),
+    "fedavg": Mode("C", binary=False, shares="all", pooled=False, scorings=("classes",)),
+    "segviz": Mode("D", binary=True, shares="rep", pooled=False, scorings=("merged", "heads")),
+}
+GLOBAL = "global"  # what a multi-class mode keeps: one model, under this name
 
 
 def is_norm_key(key: str) -> bool:
@@ -46,14 +68,10 @@ def shared_keys(state: Mapping[str, torch.Tensor], mode: str, fedbn: bool = Fals
     `parameters`: share only these keys (the model's parameter names), so buffers such as
     BatchNorm's running statistics stay local, as in the original, which averaged
     `named_parameters()`."""
-    if mode == "single":
+    shares = MODES[mode].shares
+    if shares == "none":
         return []
-    if mode == "fedavg":
-        keys = list(state)
-    elif mode == "segviz":
-        keys = [k for k in state if k.startswith(REP_PREFIX)]
-    else:
-        raise ValueError(f"no federated aggregation in mode {mode!r}")
+    keys = list(state) if shares == "all" else [k for k in state if k.startswith(REP_PREFIX)]
     if fedbn:
         keys = [k for k in keys if not is_norm_key(k)]
     if parameters is not None:
@@ -133,12 +151,34 @@ def merge(organ_probs: torch.Tensor) -> torch.Tensor:
     return torch.cat([background, organ_probs], dim=0)
 
 
+def kept_states(mode: str, client_states: Mapping[str, State]) -> dict[str, State]:
+    """What a run keeps of its clients: each site's model (binary modes), else the one global
+    model (every client of a multi-class mode holds it after a round)."""
+    if MODES[mode].binary:
+        return dict(client_states)
+    return {GLOBAL: next(iter(client_states.values()))}
+
+
+def site_state(mode: str, states: Mapping[str, State], site: str) -> State:
+    """The model a site holds, from what a run keeps: its own, or the global one."""
+    return states[site] if MODES[mode].binary else states[GLOBAL]
+
+
 def site_model(cfg: UNetConfig, mode: str, site: str, state: State, window_hu: tuple) -> nn.Module:
     """The model one site holds, HU in: its own binary model (single, segviz), or the one
     (1 + K)-class model, each seen through the site's window."""
-    if mode in BINARY:
+    if MODES[mode].binary:
         return MetaModel(cfg, {site: state}, {site: window_hu}, shared_rep=False)
     return MultiClassModel(cfg, state, window_hu)
+
+
+def trained_model(cfg: UNetConfig, mode: str, states: Mapping[str, State], windows: Mapping[str, tuple],
+                  shared_rep: bool) -> nn.Module:
+    """The model a run tests, HU in: binary sites' models merged into the meta-model (each head
+    through its own site's window, as it trained), else the one multi-class model."""
+    if MODES[mode].binary:
+        return MetaModel(cfg, states, {site: windows[site] for site in states}, shared_rep)
+    return MultiClassModel(cfg, states[GLOBAL], next(iter(windows.values())))
 
 
 class MultiClassModel(nn.Module):

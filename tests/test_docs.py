@@ -11,7 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))]
-SCRIPTS = ("train.py", "eval.py", "datasets.py", "bench.py", "experiments.py")
+SCRIPTS = ("train.py", "eval.py")  # python SCRIPT ...
+WINGS = ("realdata", "experiments", "bench")  # python -m WING COMMAND ...
 
 
 def read(doc: str) -> str:
@@ -20,16 +21,22 @@ def read(doc: str) -> str:
 
 
 def commands(doc: str) -> list[tuple[str, list[str]]]:
-    """(script, arguments) of every `python SCRIPT ...` line in the document's code blocks."""
+    """(script or "-m WING", arguments) of every `python SCRIPT ...` and `python -m WING ...` line
+    in the document's code blocks."""
     text = read(doc)
     found = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             for part in re.split(r"&&|;|\|", line):
-                m = re.search(r"python3? (\S+\.py)(.*)", part)
-                if m and os.path.basename(m.group(1)) in SCRIPTS:
-                    found.append((os.path.basename(m.group(1)), shlex.split(m.group(2), posix=True)))
+                m = re.search(r"python3? (-m (\w+)|(\S+\.py))(.*)", part)
+                if not m:
+                    continue
+                args = shlex.split(m.group(4), posix=True)
+                if m.group(2) in WINGS:
+                    found.append((f"-m {m.group(2)}", args))
+                elif m.group(3) and os.path.basename(m.group(3)) in SCRIPTS:
+                    found.append((os.path.basename(m.group(3)), args))
     return found
 
 
@@ -38,7 +45,7 @@ HELP: dict[tuple[str, str | None], str] = {}
 
 def help_text(script: str, sub: str | None) -> str:
     if (script, sub) not in HELP:
-        argv = [sys.executable, script, *([sub] if sub else []), "--help"]
+        argv = [sys.executable, *script.split(), *([sub] if sub else []), "--help"]
         out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (argv, out.stderr[-500:])
         HELP[(script, sub)] = out.stdout
@@ -49,9 +56,11 @@ def help_text(script: str, sub: str | None) -> str:
 def test_every_command_uses_flags_its_script_has(doc):
     for script, args in commands(doc):
         top = help_text(script, None)
-        # a subcommand is a first word the top-level help lists in its {a,b,c} choices
-        sub = args[0] if args and not args[0].startswith("-") and re.search(
-            r"\{[^}]*\b" + re.escape(args[0]) + r"\b[^}]*\}", top) else None
+        # a subcommand is a wing's first word, or one the top-level help lists in {a,b,c} choices
+        sub = args[0] if args and not args[0].startswith("-") and (script.startswith("-m") or re.search(
+            r"\{[^}]*\b" + re.escape(args[0]) + r"\b[^}]*\}", top)) else None
+        if sub and script.startswith("-m"):
+            assert sub in top, f"{doc}: `python {script} {sub}` is not a command of {script}"
         text = help_text(script, sub) if sub else top
         for flag in (a.split("=")[0] for a in args if a.startswith("--")):
             if flag.startswith("--no-") and ("--" + flag[5:]) in text:

@@ -27,9 +27,8 @@ sys.path.insert(0, APP)  # the app's package, as Flower loads it from the FAB
 
 from segviz_flower import server_app, task  # noqa: E402
 
-from config import add_config_arguments, config_of  # noqa: E402
 from eval import main as eval_main  # noqa: E402
-from training import saved_config  # noqa: E402
+from settings import add_arguments, config_from_args, saved  # noqa: E402
 from unet3d import UNet3D, UNetConfig  # noqa: E402
 
 GIVE_UP_S = 240  # the whole federation: start, two rounds, head collection, test
@@ -92,34 +91,30 @@ def test_the_app_defaults_are_train_py_defaults(tmp_path):
     cfg = {**app_config(), "out": str(tmp_path / "run")}
     mine = server_app.server_config(cfg, server_app.options(cfg))
     p = argparse.ArgumentParser()
-    add_config_arguments(p)
-    plain = config_of(p.parse_args(["--out", str(tmp_path / "run"), "--cache", mine.cache]), p)
-    assert saved_config(mine) == saved_config(plain)
+    add_arguments(p)
+    plain = config_from_args(p.parse_args(["--out", str(tmp_path / "run"), "--cache", mine.cache]), p)
+    assert saved(mine) == saved(plain)
 
 
 def test_unset_values_mean_the_presets():
     assert "--channels" not in task.train_argv({"channels": ""})
-    argv = task.train_argv({"channels": "8,16,32,64,128"})
+    argv = task.train_argv({"channels": "8,16,32,64,128", "patch": "32 32 16", "data": "test=/a,liver=/b"})
     assert argv[argv.index("--channels") + 1] == "8,16,32,64,128"
-    assert "--no-largest" in task.train_argv({"largest": False}) and "--largest" in task.train_argv({"largest": "true"})
-    assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(task.train_argv({"largest": "", "rounds": 0}))
+    assert argv[argv.index("--patch") + 1:argv.index("--patch") + 4] == ["32", "32", "16"]
+    assert argv.count("--data") == 2 and "liver=/b" in argv
+    assert "--no-largest" in task.train_argv({"largest": False}) and "--largest" in task.train_argv({"largest": True})
+    assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(task.train_argv({"largest": "", "rounds": ""}))
 
 
-def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path, monkeypatch):
-    import dataclasses
-
-    import config
-
+def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path):
     cfg = {**app_config(), "out": str(tmp_path / "run")}
     v = task.variant_of(cfg)
     key = task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v)
     assert task.settings_key(task.config_from(cfg, out="c", cache="d", device="cpu"), v) == key
     assert task.settings_key(task.config_from({**cfg, "lr": 0.01}, out="a", cache="b", device="cpu"), v) != key
     assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), {**v, "dropout": 0.5}) != key
-    # the patch is the preset's, not a setting: a node of another version must not match either
-    other = dataclasses.replace(config.PRESETS["phantom"], patch=(32, 32, 32))
-    monkeypatch.setitem(config.PRESETS, "phantom", other)
-    assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v) != key
+    # a node of another version, whose preset has another patch, must not match either
+    assert task.settings_key(task.config_from({**cfg, "patch": "32 32 32"}, out="a", cache="b", device="cpu"), v) != key
 
 
 def test_modes_that_pool_data_and_bad_variants_are_refused(tmp_path):
@@ -240,6 +235,7 @@ def log_tail(path, n: int = 3000) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     t0 = time.time()
     deadline = t0 + GIVE_UP_S
@@ -353,6 +349,7 @@ def processes_mentioning(text: str) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_non_zero(tmp_path):
     home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
     http, control = free_ports(2)

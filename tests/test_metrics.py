@@ -1,4 +1,5 @@
-"""Tests of metrics.py: HD95 and surface Dice on shapes with known distances, a brute-force reference and MONAI."""
+"""The metrics: Dice with its empty-mask rule, every organ's Dice from one confusion count, and
+HD95 and surface Dice on shapes with known distances, a brute-force reference and MONAI."""
 
 import math
 import warnings
@@ -9,7 +10,82 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from metrics import hd95, surface_dice, surface_distances
+from metrics import dice, hd95, label_dice, surface_dice, surface_distances
+
+# ---------------------------------------------------------------------------------------
+# Dice
+# ---------------------------------------------------------------------------------------
+
+
+def mask(shape, *voxels):
+    m = torch.zeros(shape, dtype=torch.bool)
+    for v in voxels:
+        m[v] = True
+    return m
+
+
+def test_dice_of_identical_masks_is_one():
+    m = mask((4, 4, 4), (0, 0, 0), (1, 2, 3), (3, 3, 3))
+    assert dice(m, m.clone()) == 1.0
+
+
+def test_dice_of_disjoint_masks_is_zero():
+    assert dice(mask((4, 4, 4), (0, 0, 0)), mask((4, 4, 4), (1, 1, 1))) == 0.0
+
+
+def test_dice_partial_overlap_matches_hand_computation():
+    # pred 3 voxels, truth 2 voxels, 1 shared: 2 * 1 / (3 + 2)
+    pred = mask((4, 4, 4), (0, 0, 0), (0, 0, 1), (0, 0, 2))
+    truth = mask((4, 4, 4), (0, 0, 2), (3, 3, 3))
+    assert dice(pred, truth) == pytest.approx(0.4)
+    assert dice(truth, pred) == pytest.approx(0.4)  # symmetric
+
+
+def test_dice_of_two_empty_masks_is_one():
+    assert dice(mask((3, 3, 3)), mask((3, 3, 3))) == 1.0
+
+
+def test_dice_with_exactly_one_empty_mask_is_zero():
+    some = mask((3, 3, 3), (1, 1, 1))
+    assert dice(some, mask((3, 3, 3))) == 0.0
+    assert dice(mask((3, 3, 3)), some) == 0.0
+
+
+def test_dice_treats_nonzero_values_as_foreground():
+    # integer label maps count any nonzero voxel, whatever its value
+    pred = torch.tensor([0, 2, 2, 0])
+    truth = torch.tensor([0, 1, 0, 0])
+    assert dice(pred, truth) == pytest.approx(2 * 1 / 3)
+
+
+def test_label_dice_equals_dice_of_each_organs_masks():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 5, (20, 18, 16), generator=g)
+    noise = torch.randint(0, 5, truth.shape, generator=g)
+    pred = torch.where(torch.rand(truth.shape, generator=g) < 0.3, noise, truth)
+    pred[pred == 3] = 0  # organ 3 never predicted: Dice 0 against a present truth
+    truth[truth == 4] = 0
+    pred[pred == 4] = 0  # organ 4 absent in both: Dice 1
+    expected = [dice(pred == c, truth == c) for c in range(1, 5)]
+    assert label_dice(pred, truth, 4) == pytest.approx(expected, abs=0)
+    assert expected[2] == 0.0 and expected[3] == 1.0 and 0 < expected[0] < 1
+
+
+def test_label_dice_beyond_uint8_range_and_bad_labels():
+    truth = torch.arange(40).reshape(2, 4, 5) % 20
+    pred = truth.clone()
+    pred[0, 0, :3] = 0
+    expected = [dice(pred == c, truth == c) for c in range(1, 20)]
+    assert label_dice(pred, truth, 19) == pytest.approx(expected, abs=0)
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        label_dice(pred, truth, 4)
+    with pytest.raises(ValueError, match=r"0\.\.19"):
+        label_dice(pred - 1, truth, 19)
+
+
+# ---------------------------------------------------------------------------------------
+# Surface metrics
+# ---------------------------------------------------------------------------------------
 
 CT_SPACING = (0.8, 0.8, 3.0)  # in-plane 0.8 mm, 3 mm slices: an axis mix-up changes every distance
 

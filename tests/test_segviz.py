@@ -5,7 +5,7 @@ import torch
 
 import fl
 import segviz
-from training import dice_loss
+from train import dice_loss
 from unet3d import UNet3D, UNetConfig
 
 CFG = UNetConfig(channels=(4, 8, 16), classes=2)

@@ -1,8 +1,8 @@
 """SegViz over Flower: the ServerApp (server_app.py), the ClientApp (client_app.py) and what
 both use (task.py).
 
-The app is this package alone (the FAB); the SegViz modules it trains with (fl, segviz, data,
-config, training, robust, ...) are those of a checkout on each machine. They are found, in
+The app is this package alone (the FAB); the SegViz modules it trains with (the core: fl,
+segviz, train, ...; and experiments.robust) are those of a checkout on each machine. They are found, in
 order: already importable (PYTHONPATH), $SEGVIZ_ROOT, the checkout this package sits in (when
 run from source), the working directory (where `flwr run`, the SuperLink or the SuperNode was
 started).
@@ -15,18 +15,18 @@ import os
 import sys
 from pathlib import Path
 
-MARKER = "training.py"  # a module only the SegViz checkout has at its top level
+MARKER = "segviz.py"  # a module only the SegViz checkout has at its top level
 
 
 def _segviz_root() -> str | None:
     """The folder holding the SegViz modules, or None when they are importable already."""
-    if importlib.util.find_spec("training") is not None and importlib.util.find_spec("segviz") is not None:
+    if importlib.util.find_spec("train") is not None and importlib.util.find_spec("segviz") is not None:
         return None
     candidates = [os.environ.get("SEGVIZ_ROOT", ""), str(Path(__file__).resolve().parents[2]), os.getcwd()]
     for folder in candidates:
         if folder and os.path.isfile(os.path.join(folder, MARKER)):
             return os.path.abspath(folder)
-    raise ImportError("the SegViz modules (training.py, fl.py, ...) are not importable here: set SEGVIZ_ROOT to a "
+    raise ImportError("the SegViz modules (segviz.py, train.py, ...) are not importable here: set SEGVIZ_ROOT to a "
                       "checkout of the repository, or start flwr run / the SuperLink / the SuperNode from one")
 
 

@@ -1,7 +1,7 @@
 """The ClientApp: one site per SuperNode (its `site` node config, or in Flower's simulation
 its partition-id: 0 liver, 1 spleen, 2 pancreas, 3 kidneys).
 
-A round of local training is `fl.local_train` on the very client that `training.build_run`
+A round of local training is `fl.local_train` on the very client that `train.build_run`
 builds for the in-process loop: same sampler seed, same initial weights from the run's seed,
 same Adam, learning rate and loss. What never leaves the site (the task block, Adam's moments,
 the sampler's random state) stays in the node's Context.state between rounds, and in a file
@@ -131,7 +131,7 @@ def hello(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
     site = open_site(context)
     info = {"site": site.name, "member": True, "cases": int(site.client.weight),
-            "batch": int(site.run.samplers[site.name].cfg.batch), "settings": site.key, "simulated": simulated}
+            "settings": site.key, "simulated": simulated}
     return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
 
 

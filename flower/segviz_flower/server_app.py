@@ -1,11 +1,11 @@
 """The ServerApp: discover the sites, run the rounds, assemble, test and save.
 
 It sends the shared weights (`segviz.shared_keys`: `rep.*` in segviz, every key in fedavg),
-combines what comes back with the in-process loop's combining function (`variants.extensions`:
+combines what comes back with the in-process loop's combining function (`experiments.variants`:
 the mean, or robust.py's median or trimmed mean, the Guard's refusals and optional DP noise),
 counts a node that does not answer in time as absent,
 and after the last round collects each site's task block once to assemble the meta-model,
-which `training.finish` tests and saves (model.pt and metrics.json, as train.py writes them).
+which `train.finish` tests and saves (model.pt and metrics.json, as train.py writes them).
 With keep-heads-local the heads stay on their nodes and the server keeps the representation.
 """
 
@@ -16,7 +16,6 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import NoReturn
 
 import torch
@@ -24,11 +23,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 import fl
-import training
+import train
+from cases import load_federation
 from common import save_torch_atomic, write_json_atomic
-from config import Config, data_config
-from data import NODE_SITES, Case, DataError, load_federation
-from variants import extensions
+from data import NODE_SITES, Case, DataError
+from experiments.variants import extensions
+from settings import Config
 
 from .task import (
     VARIANTS,
@@ -66,21 +66,22 @@ def options(run_config: Mapping) -> Options:
 
 
 def server_config(run_config: Mapping, opts: Options) -> Config:
-    """The run's Config on the server: only the test set is searched for under test-data."""
+    """The run's Config on the server: only the test set is searched for under data-root (or data)."""
     return config_from(run_config, out=opts.out, cache=str(run_config.get("cache", "")),
-                       device=str(run_config.get("device", "auto")), data_root=str(run_config.get("test-data", "")))
+                       device=str(run_config.get("device", "auto")) or "auto",
+                       data_root=str(run_config.get("data-root", "")), data=str(run_config.get("data", "")))
 
 
 @dataclass
 class Coordinator:
-    """The server's side of a run: training.Run with one stand-in client per site. A stand-in
+    """The server's side of a run: train.Run with one stand-in client per site. A stand-in
     holds the shared weights (as every in-process client does after a round), the site's loss
     history and weight; its task block arrives once, at the end."""
 
     cfg: Config
     opts: Options
     key: str  # settings_key
-    run: training.Run
+    run: train.Run
     tag: str  # names this run series on the nodes' disks; kept when resuming
     nodes: dict[str, int] = field(default_factory=dict)  # site -> Flower node id
     counted: dict[str, int] = field(default_factory=dict)  # site -> last round whose reply arrived
@@ -120,10 +121,10 @@ def remote(*_) -> NoReturn:
 
 def coordinator(cfg: Config, opts: Options, v: dict) -> Coordinator:
     """The server's federation at round 0: the same model, initial weights and shared keys as
-    train.py's (built by training.build_run without any site's data)."""
+    train.py's (built by train.build_run without any site's data)."""
     torch.manual_seed(cfg.seed)
     changed = {k.replace("-", "_"): val for k, val in v.items() if val != VARIANTS[k]}
-    run = training.build_run(cfg, {}, extensions(cfg, changed), only=())  # seeded as experiments.py train
+    run = train.build_run(cfg, {}, extensions(cfg, changed), only=())  # seeded as experiments train
     start = fl.snapshot(run.model, "cpu")
     run.clients = [fl.Client(s, dict(start), {}, remote, remote) for s in run.sites]
     journal = {"mode": cfg.mode, "fedbn": cfg.fedbn, "shared_keys": list(run.keys), "rounds": [], "final": {}}
@@ -185,9 +186,6 @@ def adopt_node(co: Coordinator, reply: Message, live: set[int] | None = None) ->
     co.nodes[site] = node
     client = next(c for c in co.run.clients if c.name == site)
     client.weight = float(info["cases"])
-    # training.finish records the batch size from the first site's sampler; the server has none,
-    # so it keeps what the nodes report
-    co.run.samplers[site] = SimpleNamespace(cfg=SimpleNamespace(batch=int(info["batch"])))
 
 
 def refresh_nodes(grid: Grid, co: Coordinator) -> list[str]:
@@ -324,9 +322,9 @@ def resume_server(co: Coordinator) -> int:
 
 
 def server_test_set(cfg: Config) -> tuple[list[Case], dict]:
-    """The fully labelled test set, on the server's machine: the phantom's, or test-data's."""
+    """The fully labelled test set, on the server's machine: the phantom's, or data-root's."""
     try:
-        _, test, info = load_federation((), data_config(cfg), cfg.seed)
+        _, test, info = load_federation(cfg, sites=())
     except DataError as e:
         raise RuntimeError(str(e)) from None
     return test, info
@@ -369,4 +367,4 @@ def main(grid: Grid, context: Context) -> None:
     if opts.keep_heads_local:
         keep_representation(co)
         return
-    training.finish(co.run, test_cases, data_info, (t_start, t_data, time.time()))
+    train.finish(co.run, test_cases, data_info, (t_start, t_data, time.time()))

@@ -1,6 +1,7 @@
-"""What the ServerApp and the ClientApp share: the run config read as train.py's flags (a
-`config.Config`) plus the aggregation variants, the settings' fingerprint, tensors on the
-wire, and a site's training as `training.build_run` builds it, kept prepared between messages.
+"""What the ServerApp and the ClientApp share: the run config read as train.py's settings (a
+`settings.Config`, one run-config key per field) plus the aggregation variants, the settings'
+fingerprint, tensors on the wire, and a site's training as `train.build_run` builds it, kept
+prepared between messages.
 """
 
 from __future__ import annotations
@@ -12,62 +13,72 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 import fl
-import robust
-import training
-from config import Config, add_config_arguments, config_of, data_config, default_cache, preset_of
-from data import NODE_SITES, Case, DataError, load_federation
-from segviz import BINARY
+import train
+from cases import phantom_spec
+from data import NODE_SITES, Case, DataError
+from experiments import robust
+from phantom import phantom_federation
+from segviz import MODES
+from settings import Config, add_arguments, config_from_args, default_cache, flag_of, is_real, saved
 
 State = fl.State
 FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central pools every site's images)
 SITES = NODE_SITES[4]  # a simulated node without `site` takes SITES[partition-id]
 
 # ---------------------------------------------------------------------------------------
-# The run config: train.py's flags, the variants of experiments.py train, the server's keys
+# The run config: one key per Config field, the variants of experiments train, the server's keys
 # ---------------------------------------------------------------------------------------
 
-# run-config keys that are train.py flags of the same name (`local-steps` -> --local-steps)
-FLAGS = ("nodes", "mode", "fedbn", "preset", "rounds", "local-steps", "lr", "loss", "channels", "norm", "task-stages",
-         "seeds", "max-cases", "largest", "val-split")
-# robust aggregation, absences and DP: experiments.py train's variant flags of the same names
+# run-config keys of the Config fields: their flags' names (`local-steps`, `seeds`)
+SETTING_KEYS = {flag_of(f)[2:]: f.name for f in fields(Config)}
+# robust aggregation, absences and DP: experiments train's variant flags of the same names
 VARIANTS = {"weighted": False, "dropout": 0.0, "aggregate": "mean", "max-update-norm": 0.0, "norm-factor": 0.0,
             "dp-clip": 0.0, "dp-noise": 0.0}
-# settings that may differ between the machines of one run (paths) or grow on resume
-MACHINE_SETTINGS = {"cache", "data_root", "data", "rounds", "out"}
+# the server's own: where its results go is `out`; these say how it runs the exchange
+SERVER_KEYS = {"keep-heads-local": False, "resume": False, "timeout": 600, "wait-for-nodes": 300}
+# settings that may differ between the machines of one run (paths, devices) or grow on resume
+MACHINE_SETTINGS = {"cache", "data_root", "data", "rounds", "out", "device"}
 
 
 def train_argv(run_config: Mapping) -> list[str]:
-    """The train.py command line that the run config's train.py keys stand for. TOML has no
-    null: 0 and "" mean "not given" (the preset's value); largest takes true, false or ""."""
+    """The train.py command line that the run config's setting keys stand for. TOML has no null:
+    "" means "not given" (the preset's value). A sequence is written "16,32,64" or "64 64 32"; a
+    dataset "SITE=PATH", several separated by commas."""
     argv: list[str] = []
-    for key in FLAGS:
+    for key in SETTING_KEYS:
         value = run_config.get(key, "")
-        if key == "largest":
-            text = str(value).lower()
-            argv += ["--largest"] if text == "true" else ["--no-largest"] if text == "false" else []
-        elif isinstance(value, bool):
-            argv += [f"--{key}"] if value else []
-        elif value not in ("", 0, 0.0) or (key == "seeds" and value == 0):
-            argv += [f"--{key}", str(value)]
+        if value == "":
+            continue
+        flag = f"--{key}"
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key}")
+        elif key == "data":
+            argv += [a for item in str(value).split(",") if item for a in (flag, item.strip())]
+        elif key in ("spacing", "patch", "roi", "seeds"):
+            argv += [flag, *str(value).replace(",", " ").split()]
+        else:
+            argv += [flag, str(value)]
     return argv
 
 
-def config_from(run_config: Mapping, *, out: str, cache: str, device: str, data_root: str = "") -> Config:
+def config_from(run_config: Mapping, *, out: str, cache: str, device: str, data_root: str = "",
+                data: str = "") -> Config:
     """The run's Config as train.py parses and checks it, with this machine's paths and device;
     a refused setting raises ValueError (argparse has printed why)."""
     p = argparse.ArgumentParser(prog="flower run config", exit_on_error=False)
-    add_config_arguments(p)
-    argv = [*train_argv(run_config), "--out", out, "--cache", cache or default_cache(), "--device", device]
-    argv += ["--data-root", data_root] if data_root else []
+    add_arguments(p)
+    machine = {"out": out, "cache": cache or default_cache(), "device": device, "data-root": data_root,
+               "data": data}
+    argv = train_argv({**run_config, **machine})
     try:
-        cfg = config_of(p.parse_args(argv), p, check_out=False)
+        cfg = config_from_args(p.parse_args(argv), p, check_out=False)
     except (SystemExit, argparse.ArgumentError) as e:
         raise ValueError(f"train.py refuses these settings: {' '.join(argv)}") from e
     if cfg.mode not in FEDERATED:
@@ -92,8 +103,8 @@ def variant_of(run_config: Mapping) -> dict:
 def settings_key(cfg: Config, v: dict) -> str:
     """A fingerprint of what defines the training (not paths or devices): the server and every
     node must agree on it, and a resumed run must match the state it resumes."""
-    settings = {k: val for k, val in training.saved_config(cfg).items() if k not in MACHINE_SETTINGS}
-    settings |= {"real": data_config(cfg).real, "variant": v, "recipe": training.recipe(preset_of(cfg))}
+    settings = {k: val for k, val in saved(cfg).items() if k not in MACHINE_SETTINGS}
+    settings |= {"real": is_real(cfg), "variant": v}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,13 +157,13 @@ def local_keys(state: Mapping[str, torch.Tensor], shared: list[str]) -> list[str
 
 @dataclass
 class Site:
-    """A SuperNode's site as training.build_run builds it: its client, live model and sampler,
+    """A SuperNode's site as train.build_run builds it: its client, live model and sampler,
     and the round-0 state every message starts from unless the node's state says otherwise."""
 
     name: str
     cfg: Config
     key: str  # settings_key
-    run: training.Run
+    run: train.Run
     folder: str  # on this node: state files for resuming, and a kept head
     initial: dict  # model and optimiser state and sampler random state at round 0
 
@@ -194,9 +205,9 @@ def node_settings(context: Context) -> tuple[str, Config, dict, str]:
     if threads := int(node.get("threads", 0)):
         torch.set_num_threads(threads)
     data_root = str(node.get("data-root", ""))
-    if bool(data_root) != bool(run_config.get("test-data", "")):
-        raise ValueError(f"site {site}: data-root {data_root!r} on this node but test-data "
-                         f"{run_config.get('test-data', '')!r} in the run: real data everywhere or the phantom "
+    if bool(data_root) != bool(run_config.get("data-root", "")):
+        raise ValueError(f"site {site}: data-root {data_root!r} on this node but data-root "
+                         f"{run_config.get('data-root', '')!r} in the run: real data everywhere or the phantom "
                          "everywhere")
     folder = os.path.join(os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config))
     cfg = config_from(run_config, out=folder, cache=str(node.get("cache", "")), device=str(node.get("device", "auto")),
@@ -218,7 +229,7 @@ def open_site(context: Context) -> Site:
         return site
     cases = site_cases(cfg, name)
     torch.manual_seed(cfg.seed)  # the initial weights train.py draws after seeding with the run's seed
-    run = training.build_run(cfg, {name: cases}, training.Extensions(), only=(name,))
+    run = train.build_run(cfg, {name: cases}, train.Extensions(), only=(name,))
     client = run.clients[0]
     initial = {"model": {k: v.clone() for k, v in client.model_state.items()},
                "optim": fl.stored(client.optim_state, "cpu"), "sampler": run.samplers[name].gen.get_state()}
@@ -231,15 +242,14 @@ def site_cases(cfg: Config, site: str) -> list[Case]:
     """This site's training cases: the phantom's, or its own dataset under data-root (its
     training split; the test set stays with the server)."""
     try:
-        if not data_config(cfg).real:
-            return load_federation((site,), replace(data_config(cfg), data_root=None), cfg.seed)[0][site]
-        from archives import Source, find_sources
-        from datasets import check_labelled, load_source, split_validation
+        if not is_real(cfg):  # this site's phantom cases alone
+            return phantom_federation((site,), cfg.seed, phantom_spec(cfg), cfg.cache)[0][site]
+        from realdata.archives import find_sources
+        from realdata.federation import site_split
+        from realdata.preprocess import check_labelled, load_source
 
-        source = find_sources((site,), cfg.data_root, cfg.data)[site]
-        keep, _, _ = split_validation(source.pairs, site, cfg.val_split, cfg.seed)
-        source = Source(source.role, source.layout, source.root, keep, source.declared, source.problems)
-        cases = load_source(source, cfg.spacing, cfg.cache, data_config(cfg).workers, cfg.max_cases)
+        source, _, _ = site_split(find_sources((site,), cfg.data_root, cfg.data)[site], cfg)
+        cases = load_source(source, cfg.spacing, cfg.cache, min(4, os.cpu_count() or 1), cfg.max_cases)
         check_labelled(cases, source)
         return cases
     except DataError as e:
@@ -247,4 +257,4 @@ def site_cases(cfg: Config, site: str) -> list[Case]:
 
 
 def binary(cfg: Config) -> bool:
-    return cfg.mode in BINARY
+    return MODES[cfg.mode].binary

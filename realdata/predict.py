@@ -1,0 +1,212 @@
+"""`python -m realdata predict -i SCANS -o LABELS --checkpoint OUT/model.pt`: segment every
+NIfTI scan of a folder (or one scan) with a trained checkpoint, each label map on its scan's own
+grid and orientation, with BTCV's label ids; optionally each organ's probability map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import config_of, model_of, read_checkpoint
+from common import check_writable, fail, write_atomic
+from data import ORGAN_ID, Case, DataError
+from eval import label_map, masks_of, predict_scores
+from realdata.archives import BTCV_IDS, BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
+from realdata.nifti import output_header, read_nifti, save_label_nifti
+from realdata.preprocess import preprocess_arrays, to_original_grid
+from segviz import MODES
+from settings import Config, add_arguments, given_of
+
+# ---------------------------------------------------------------------------------------
+# Label maps written on the scan's grid, in BTCV's ids
+# ---------------------------------------------------------------------------------------
+
+
+def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
+    """ORGAN_ID label map (RAS, working grid) -> BTCV ids; each kidney component becomes the
+    right (2) or left (3) kidney by the side of the midline its centre lies on (+x is the
+    patient's right). The midline: halfway between the two largest components where they lie
+    apart in x (the two kidneys), else the middle of the volume (the case is cropped to the
+    body, but a table or the arms can move that off the spine)."""
+    from scipy import ndimage
+
+    lab = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    out = np.zeros(lab.shape, np.uint8)
+    for organ in ("liver", "spleen", "pancreas"):
+        out[lab == ORGAN_ID[organ]] = BTCV_IDS[organ][0]
+    kidney = lab == ORGAN_ID["kidneys"]
+    parts, n = ndimage.label(kidney, structure=np.ones((3, 3, 3), bool))
+    if n:
+        index = range(1, n + 1)
+        centres = [c[0] for c in ndimage.center_of_mass(kidney, parts, index)]
+        midline = (lab.shape[0] - 1) / 2
+        if n >= 2:
+            sizes = ndimage.sum_labels(kidney, parts, index)
+            a, b = np.argsort(sizes)[::-1][:2]
+            spans = ndimage.find_objects(parts)
+            lo, hi = sorted((a, b), key=lambda i: centres[i])
+            if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
+                midline = (spans[lo][0].stop + spans[hi][0].start - 1) / 2
+        side = np.array([0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres], np.uint8)
+        out[kidney] = side[parts[kidney]]
+    return out
+
+
+def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
+    """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
+    case came from a file (else on the working grid, with its spacing)."""
+    btcv = to_btcv_ids(label_map(masks))
+    if case.geometry is not None:
+        save_label_nifti(to_original_grid(btcv, case.geometry), case.geometry, path)
+    else:
+        geometry = {"affine": np.diag([*case.spacing, 1.0]).tolist()}
+        save_label_nifti(btcv, geometry, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Scans in, label maps out
+# ---------------------------------------------------------------------------------------
+
+NNUNET_CHANNEL = "_0000"  # nnU-Net names a case's (only) CT channel CASE_0000.nii.gz
+
+
+def scan_name(filename: str) -> str | None:
+    """The case a NIfTI file name stands for (nnU-Net's channel suffix dropped); None if the file
+    is not a NIfTI image, or is hidden (macOS "._" companions, temporary files)."""
+    if filename.startswith(".") or not filename.endswith((".nii.gz", ".nii")):
+        return None
+    stem = filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else filename[: -len(".nii")]
+    return stem[: -len(NNUNET_CHANNEL)] if stem.endswith(NNUNET_CHANNEL) and stem != NNUNET_CHANNEL else stem
+
+
+def list_scans(path: str) -> list[tuple[str, str]]:
+    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted."""
+    if os.path.isfile(path):
+        name = scan_name(os.path.basename(path))
+        if name is None:
+            fail(f"-i {path}: not a NIfTI image (.nii or .nii.gz)")
+        return [(name, path)]
+    if not os.path.isdir(path):
+        fail(f"-i {path}: no such folder")
+    scans: dict[str, str] = {}
+    for filename in sorted(os.listdir(path)):
+        name = scan_name(filename)
+        if name is None or not os.path.isfile(os.path.join(path, filename)):
+            continue
+        if name in scans:
+            fail(f"-i {path}: {os.path.basename(scans[name])} and {filename} are both case {name}")
+        scans[name] = os.path.join(path, filename)
+    if not scans:
+        fail(f"-i {path}: no NIfTI image (.nii or .nii.gz) in it")
+    return sorted(scans.items())
+
+
+def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A scan to segment and its affine, checked as read_nifti checks, and finite; DataError
+    naming the file and the problem otherwise."""
+    image, affine = read_nifti(path)
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            raise DataError(f"{path}: {bad} NaN or inf voxel(s)")
+    return image, affine
+
+
+def organ_probabilities(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
+    """Each organ's probability from a model's blended output: a binary head's own, or the
+    multi-class softmax's channel of the organ (channel 0 is background)."""
+    first = 1 if scoring == "classes" else 0
+    return {organ: scores[first + k] for k, organ in enumerate(organs)}
+
+
+def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
+    """One organ's probability on the scan's own grid and affine, atomically.
+
+    Brought back from the working grid by nearest neighbour, as the label map is, so both come
+    from the same working voxel. Stored as int16 with a scale factor that nibabel picks
+    (scl_slope): NIfTI has no float16 type, int16 takes the same two bytes at a finer step (about
+    3e-5), and every NIfTI reader applies the scale factor."""
+    import nibabel as nib
+
+    data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
+    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), output_header(case.geometry))
+    img.set_data_dtype(np.int16)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m realdata predict -i IN -o OUT --checkpoint MODEL: every scan in IN segmented."""
+    p = argparse.ArgumentParser(
+        prog="python -m realdata predict",
+        description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by train.py: "
+                    "OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right kidney, 3 left kidney, "
+                    "6 liver, 11 pancreas; the checkpoint's organs only) on the scan's own grid and affine. "
+                    "nnU-Net's _0000 suffix is dropped from the case name. A scan that cannot be read is "
+                    "named and skipped; the command then exits 1.")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of .nii/.nii.gz scans (or one scan)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
+    p.add_argument("--overwrite", action="store_true", help="predict again the scans OUT already holds")
+    p.add_argument("--save-prob", action="store_true",
+                   help="also write OUT/<case>_<organ>.nii.gz, each organ's probability on the same grid "
+                        "(int16 scaled to [0, 1]: NIfTI has no float16)")
+    add_arguments(p, only=("device", "overlap", "largest"))
+    args = p.parse_args(argv)
+    given = given_of(args)
+    if "overlap" in given and not 0 <= given["overlap"] < 1:
+        p.error("--overlap must be in [0, 1)")
+    check_writable(args.output, "-o")
+    scans = list_scans(args.input)
+    if any(os.path.realpath(os.path.dirname(f)) == os.path.realpath(args.output) for _, f in scans):
+        fail(f"-o {args.output}: is where the scans are; the label maps would take their names")
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = replace(config_of(ckpt, device=given.pop("device", "auto"), parser=p), **given)
+    os.makedirs(args.output, exist_ok=True)
+    return predict_scans(ckpt, cfg, scans, args)
+
+
+def predict_scans(ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: argparse.Namespace) -> int:
+    """Segment each (case, file) into args.output; exit status 1 if some scan could not be read."""
+    organs = ckpt["organs"]
+    model = model_of(ckpt).to(cfg.device).eval()
+    scoring = MODES[ckpt["mode"]].scorings[0]
+    failed, skipped = [], 0
+    bar = tqdm(scans, desc="predict", unit="scan", disable=None, dynamic_ncols=True)
+    for name, path in bar:
+        out = os.path.join(args.output, f"{name}.nii.gz")
+        probs = {o: os.path.join(args.output, f"{name}_{o}.nii.gz") for o in organs} if args.save_prob else {}
+        if not args.overwrite and all(os.path.exists(f) for f in (out, *probs.values())):
+            skipped += 1
+            bar.write(f"{out}: already written, skipped (--overwrite predicts it again)")
+            continue
+        try:
+            image, affine = read_scan(path)
+        except DataError as e:
+            failed.append(path)
+            bar.write(f"error: {e}; skipped", file=sys.stderr)
+            continue
+        case = preprocess_arrays(image, affine, None, None, 0, cfg.spacing, name, os.path.abspath(path))
+        del image
+        scores = predict_scores(model, case, cfg)
+        masks = masks_of(scores, organs, scoring, cfg.largest)
+        for organ, prob in organ_probabilities(scores, organs, scoring).items():
+            if organ in probs:
+                save_probability(prob, case, probs[organ])
+        save_prediction(masks, case, out)  # last: its presence means the case is done
+        voxel_ml = float(np.prod(case.spacing)) / 1000
+        bar.write(f"{out}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
+    bar.close()
+    print(f"{len(scans) - skipped - len(failed)} scan(s) segmented into {args.output}, {skipped} already there, "
+          f"{len(failed)} failed")
+    if failed:
+        print(f"error: {len(failed)} scan(s) could not be segmented: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,23 @@
+"""What the end-to-end tests share: running a command of the checkout, and a run at a tiny size."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the phantom at 6 mm: a run end to end on an eighth of the default's voxels (its patches and
+# windows are mostly padding there; sampling and blending have tests of their own)
+SMALL = ("--spacing", "6", "6", "6")
+VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
+
+
+def run(*args: str, cwd: str = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python ARGS` in the checkout (`-m experiments ...` for a wing), its output captured."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(mode: str, out, cache, *extra: str) -> subprocess.CompletedProcess:
+    """A run of two sites, two rounds of one step, two cases a site, at 6 mm."""
+    script = ("-m", "experiments", "train") if any(a in VARIANTS for a in extra) else ("train.py",)
+    return run(*script, "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
+               "--max-cases", "2", "--out", str(out), "--cache", str(cache), *SMALL, *extra)

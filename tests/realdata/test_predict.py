@@ -1,0 +1,259 @@
+"""`python -m realdata predict`: a folder of scans in, a label map per scan on its own grid out; bad
+scans named and skipped, finished ones not redone, probabilities on request; kidneys by side."""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import model_checkpoint
+from data import ORGAN_ID
+from helpers import ROOT
+from realdata import predict
+from realdata.archives import BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
+from segviz import MetaModel
+from settings import resolve
+from unet3d import UNet3D, UNetConfig
+BTCV = {"liver": 6, "spleen": 1}
+
+
+def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0)) -> str:
+    """A checkpoint as train.py writes one for `--mode segviz --nodes 2`, with a tiny untrained net."""
+    unet = UNetConfig(classes=2, channels=(4, 8), norm="instance")
+    torch.manual_seed(0)
+    states = {site: UNet3D(unet).state_dict() for site in ("liver", "spleen")}
+    cfg = resolve({"nodes": 2, "mode": "segviz", "channels": (4, 8), "spacing": tuple(spacing), "patch": (16, 16, 16),
+                   "largest": False})
+    windows = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0)}
+    torch.save(model_checkpoint(cfg, "segviz-2", ["liver", "spleen"], unet, states, False, windows, {}, {}, {}), path)
+    return str(path)
+
+
+def ct(shape, affine, bright=None, dtype=np.int16) -> nib.Nifti1Image:
+    """Air around a soft-tissue body; `bright` (array slices) at 200 HU."""
+    data = np.full(shape, -1000, dtype)
+    data[2:-2, 2:-2, 1:-1] = 40
+    if bright is not None:
+        data[bright] = 200
+    return nib.Nifti1Image(data, affine)
+
+
+FLIPPED = np.array([[-4.0, 0, 0, 90], [0, 0, 5.0, -40], [0, -4.0, 0, 60], [0, 0, 0, 1]])  # L, S, P axes
+
+
+def scan_folder(folder) -> dict[str, str]:
+    """Two good scans (different shapes, one stored with a flipped and permuted affine) and
+    four bad ones; returns {what: path}."""
+    folder.mkdir()
+    paths = {"a": folder / "case_a.nii.gz", "b": folder / "case_b_0000.nii.gz", "truncated": folder / "broken.nii.gz",
+             "2d": folder / "flat.nii", "nan": folder / "nan.nii.gz", "affine": folder / "singular.nii.gz"}
+    nib.save(ct((30, 26, 20), np.diag([5.0, 5.0, 5.0, 1.0])), paths["a"])
+    nib.save(ct((24, 16, 28), FLIPPED), paths["b"])
+    whole = paths["a"].read_bytes()
+    paths["truncated"].write_bytes(whole[: len(whole) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((20, 20), np.int16), np.eye(4)), paths["2d"])
+    nan = np.zeros((20, 20, 10), np.float32)
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), paths["nan"])
+    singular = nib.Nifti1Image(ct((20, 20, 10), np.eye(4)).get_fdata().astype(np.int16), None)  # the header's own
+    singular.header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a zero voxel axis
+    singular.header.set_qform(None, code=0)
+    nib.save(singular, paths["affine"])
+    (folder / "notes.txt").write_text("not a scan")
+    (folder / "._case_a.nii.gz").write_bytes(b"macOS resource fork")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "realdata", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_predict_a_folder_skips_bad_scans_and_finished_ones_and_overwrites_on_request(tmp_path):
+    scans = scan_folder(tmp_path / "in")
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "out"
+    argv = ("predict", "-i", str(tmp_path / "in"), "-o", str(out), "--checkpoint", model, "--device", "cpu")
+    first = run(*argv)
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["case_a.nii.gz", "case_b.nii.gz"]  # nnU-Net's _0000 dropped
+    for case, scan in (("case_a", scans["a"]), ("case_b", scans["b"])):
+        image, label = nib.load(scan), nib.load(out / f"{case}.nii.gz")
+        assert label.shape == image.shape and np.array_equal(label.affine, image.affine)
+        assert label.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asanyarray(label.dataobj))) <= {0, *BTCV.values()}  # the checkpoint's organs
+    errors = first.stderr.strip().splitlines()
+    bad = [scans[k] for k in ("truncated", "2d", "nan", "affine")]
+    for path, why in zip(bad, ("cannot be read as NIfTI", "2-D", "NaN", "no usable affine")):
+        assert sum(path in line and why in line for line in errors) == 1, (path, first.stderr)
+    assert all(p in errors[-1] for p in bad) and "4 scan(s) could not be segmented" in errors[-1]
+    assert "2 scan(s) segmented" in first.stdout
+
+    written = {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)}
+    again = run(*argv)
+    assert again.returncode == 1 and again.stdout.count("already written, skipped") == 2
+    assert "0 scan(s) segmented" in again.stdout and all(p in again.stderr for p in bad)
+    assert {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)} == written
+
+    (out / "case_a.nii.gz").write_bytes(b"stale")
+    forced = run(*argv, "--overwrite")
+    assert forced.returncode == 1 and "2 scan(s) segmented" in forced.stdout
+    assert nib.load(out / "case_a.nii.gz").shape == (30, 26, 20)
+    assert not [f for f in os.listdir(out) if f.startswith(".")], "no temporary file left behind"
+
+
+def test_predict_exits_0_when_every_scan_is_good(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(ct((30, 26, 20), np.diag([5.0, 5.0, 5.0, 1.0])), folder / "one.nii")
+    result = run("predict", "-i", str(folder), "-o", str(tmp_path / "out"), "--checkpoint",
+                 tiny_checkpoint(tmp_path / "model.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path / "out") == ["one.nii.gz"]
+
+
+class Bright(MetaModel):
+    """A stand-in for a trained SegViz model: the liver is whatever is brighter than 100 HU."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+
+    def forward(self, hu):
+        liver = (hu > 100).float()
+        return torch.cat([liver, torch.zeros_like(liver)], dim=1)
+
+
+def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orientation(tmp_path, monkeypatch):
+    # the working spacing equals the scan's voxels, so the label map must be exactly the bright block
+    folder = tmp_path / "in"
+    folder.mkdir()
+    block = (slice(3, 9), slice(10, 14), slice(5, 20))  # array indices as stored, under an L,S,P affine
+    scan = ct((24, 16, 28), FLIPPED, bright=block)
+    scan.header["cal_min"], scan.header["cal_max"], scan.header["descrip"] = -1024, 3071, b"CT abdomen"
+    nib.save(scan, folder / "b.nii.gz")
+    model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
+    monkeypatch.setattr(predict, "model_of", lambda ckpt: Bright())
+    out = tmp_path / "out"
+    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+    assert sorted(os.listdir(out)) == ["b.nii.gz", "b_liver.nii.gz", "b_spleen.nii.gz"]
+    expected = np.zeros((24, 16, 28), np.uint8)
+    expected[block] = BTCV["liver"]
+    assert np.array_equal(np.asanyarray(nib.load(out / "b.nii.gz").dataobj), expected)
+    liver, spleen = nib.load(out / "b_liver.nii.gz"), nib.load(out / "b_spleen.nii.gz")
+    assert liver.get_data_dtype() == np.int16 and np.array_equal(liver.affine, FLIPPED)
+    np.testing.assert_allclose(liver.get_fdata(), expected > 0, atol=1e-4)  # the scale factor brings back [0, 1]
+    np.testing.assert_allclose(spleen.get_fdata(), 0, atol=1e-4)
+    # the scan's orientation codes carry over, not its CT display range (a viewer would open 0-11 at -1024..3071)
+    for written in (nib.load(out / "b.nii.gz"), liver):
+        assert written.header["qform_code"] == scan.header["qform_code"]
+        assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == (0.0, 0.0)
+        assert written.header["descrip"].tobytes().strip(b"\0") == b""
+    # a second run with probabilities asked for again finds everything written
+    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+
+
+def test_missing_probabilities_are_written_on_a_second_run(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(ct((20, 20, 12), np.diag([6.0, 6.0, 6.0, 1.0])), folder / "c.nii.gz")
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "out"
+    argv = ["predict", "-i", str(folder), "-o", str(out), "--checkpoint", model]
+    assert predict.main(argv[1:]) == 0 and os.listdir(out) == ["c.nii.gz"]
+    assert predict.main([*argv[1:], "--save-prob"]) == 0
+    assert sorted(os.listdir(out)) == ["c.nii.gz", "c_liver.nii.gz", "c_spleen.nii.gz"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("empty", "no NIfTI image"), ("missing", "no such folder"), ("same", "is where the scans are"),
+    ("duplicate", "are both case x"), ("not nifti", "not a NIfTI image"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(setup, message, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    out = tmp_path / "out"
+    if setup == "duplicate":
+        for name in ("x.nii", "x_0000.nii.gz"):
+            nib.save(ct((8, 8, 8), np.eye(4)), folder / name)
+    if setup == "same":
+        nib.save(ct((8, 8, 8), np.eye(4)), folder / "x.nii.gz")
+        out = folder
+    if setup == "not nifti":
+        folder = folder / "notes.txt"
+        folder.write_text("x")
+    if setup == "missing":
+        folder = tmp_path / "absent"
+    with pytest.raises(SystemExit) as e:
+        predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", str(tmp_path / "absent.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data, why", [
+    (np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), "voxels of type"),
+    (np.zeros((6, 6, 6), np.complex64), "voxels of type"),
+    (np.zeros((0, 6, 6), np.int16), "empty volume|1-D volume"),  # nibabel reads it back as (0,)
+    (np.zeros((6, 6, 6, 2), np.int16), "4-D"),
+])
+def test_scans_that_are_not_a_ct_are_named_and_refused(data, why, tmp_path):
+    from data import DataError
+
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(DataError, match=why) as e:
+        predict.read_scan(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_one_scan_may_be_given_instead_of_a_folder(tmp_path):
+    scan = tmp_path / "scan_0000.nii.gz"
+    nib.save(ct((20, 20, 12), np.diag([6.0, 6.0, 6.0, 1.0])), scan)
+    assert predict.list_scans(str(scan)) == [("scan", str(scan))]
+
+
+def test_the_real_ct_is_segmented_on_its_own_grid_in_any_orientation(tmp_path, monkeypatch):
+    import layouts
+
+    if layouts.MISSING:
+        pytest.skip(layouts.MISSING)
+    image, _, affine = layouts.real_ct()
+    folder = tmp_path / "in"
+    layouts.save(folder / "ras.nii.gz", image, affine)
+    ipl, ipl_affine = layouts.reoriented(image, affine, "IPL")  # as KiTS19 stores its scans
+    layouts.save(folder / "ipl.nii.gz", ipl, ipl_affine)
+    model = tiny_checkpoint(tmp_path / "model.pt", spacing=(6.0, 6.0, 6.0))
+    monkeypatch.setattr(predict, "model_of", lambda ckpt: Bright())
+    out = tmp_path / "out"
+    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model]) == 0
+    ras, back = nib.load(out / "ras.nii.gz"), nib.load(out / "ipl.nii.gz")
+    assert ras.shape == image.shape and np.array_equal(ras.affine, nib.load(folder / "ras.nii.gz").affine)
+    assert back.shape == ipl.shape and np.array_equal(back.affine, nib.load(folder / "ipl.nii.gz").affine)
+    # the same scan stored two ways gets the same labels, voxel for voxel in space
+    labels = np.asanyarray(ras.dataobj)
+    assert (labels == BTCV["liver"]).sum() > 1000  # bone and contrast are brighter than 100 HU
+    again, _ = layouts.reoriented(np.asanyarray(back.dataobj), back.affine, "RAS")
+    assert np.array_equal(again, labels)
+
+
+def test_kidney_sides_follow_the_two_kidneys_not_the_middle_of_the_volume():
+    # a body off the middle of the volume (a wide table): both kidneys lie at high x, the left
+    # one (low x) right of the volume's middle; a small fragment beside the right kidney
+    lab = np.zeros((60, 20, 10), np.uint8)
+    k = ORGAN_ID["kidneys"]
+    lab[34:40, 5:15, 2:8] = k  # left kidney
+    lab[50:56, 5:15, 2:8] = k  # right kidney
+    lab[58, 5, 2] = k  # a stray voxel, far right
+    ids = predict.to_btcv_ids(torch.from_numpy(lab))
+    right, left = BTCV_RIGHT_KIDNEY, BTCV_LEFT_KIDNEY
+    assert (ids[34:40, 5:15, 2:8] == left).all() and (ids[50:56, 5:15, 2:8] == right).all() and ids[58, 5, 2] == right
+    # one kidney alone (or two fragments that overlap in x) keeps the volume's middle
+    one = np.zeros_like(lab)
+    one[20:26, 5:15, 2:8] = k
+    one[22:24, 16:18, 2:4] = k
+    assert set(np.unique(predict.to_btcv_ids(torch.from_numpy(one)))) == {0, left}
