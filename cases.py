@@ -49,8 +49,9 @@ def load_federation(cfg: Config, full_labels: bool = False, sites: Sequence[str]
     if is_real(cfg):
         train, test, info = real_data().real_federation(sites, cfg, workers())
         return train, test, {"source": "real", **info, "val_split": cfg.val_split}
-    train, test = phantom_federation(sites, seed=cfg.seed, spec=phantom_spec(cfg), cache_dir=cfg.cache,
-                                     full_labels=full_labels)
+    train, test = phantom_federation(
+        sites, seed=cfg.seed, spec=phantom_spec(cfg), cache_dir=cfg.cache, full_labels=full_labels
+    )
     return train, test, {"source": "phantom"}
 
 

@@ -30,10 +30,21 @@ def model_checkpoint(cfg: Config, name: str, organs: list[str], unet: UNetConfig
                      extensions: dict) -> dict:
     """model.pt's content. `shared_rep`: every site holds the same representation, so one
     forward pass of it serves every head; `source`: where the cases came from (cases.py)."""
-    return {"format": MODEL_FORMAT, "name": name, "mode": cfg.mode, "nodes": cfg.nodes, "organs": organs,
-            "config": saved(cfg), "unet": unet.to_dict(), "shared_rep": shared_rep,
-            "windows": {k: list(v) for k, v in windows.items()}, "local_steps": local_steps,
-            "source": source, "extensions": extensions, "states": states}
+    return {
+        "format": MODEL_FORMAT,
+        "name": name,
+        "mode": cfg.mode,
+        "nodes": cfg.nodes,
+        "organs": organs,
+        "config": saved(cfg),
+        "unet": unet.to_dict(),
+        "shared_rep": shared_rep,
+        "windows": {k: list(v) for k, v in windows.items()},
+        "local_steps": local_steps,
+        "source": source,
+        "extensions": extensions,
+        "states": states,
+    }
 
 
 def write(blob: dict, path: str) -> None:
@@ -74,5 +85,10 @@ def config_of(ckpt: dict, device: str = "cpu", parser: argparse.ArgumentParser |
 
 def model_of(ckpt: dict) -> torch.nn.Module:
     """The model a checkpoint holds, HU in (segviz.trained_model)."""
-    return trained_model(UNetConfig.from_dict(ckpt["unet"]), ckpt["mode"], ckpt["states"], ckpt["windows"],
-                         ckpt["shared_rep"])
+    return trained_model(
+        UNetConfig.from_dict(ckpt["unet"]),
+        ckpt["mode"],
+        ckpt["states"],
+        ckpt["windows"],
+        ckpt["shared_rep"],
+    )

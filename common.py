@@ -21,7 +21,9 @@ def write_atomic(path: str, write: Callable[[str], None], suffix: str = ".tmp") 
     (or a run resumed after a kill) never sees half a file, and a failed write leaves none.
     `suffix` ends the temporary name, for writers that pick the format by it (nibabel)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}{suffix}")
+    tmp = os.path.join(
+        folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}{suffix}"
+    )
     try:
         write(tmp)
         os.replace(tmp, path)

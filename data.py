@@ -42,7 +42,9 @@ def window(hu: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
     return ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
-def body_box(hu: torch.Tensor, threshold: float = -500.0, margin: int = 2) -> tuple[slice, slice, slice]:
+def body_box(
+    hu: torch.Tensor, threshold: float = -500.0, margin: int = 2
+) -> tuple[slice, slice, slice]:
     """Bounding box of the voxels above `threshold` HU (the body), plus a margin."""
     inside = hu > threshold
     box = []

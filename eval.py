@@ -69,9 +69,15 @@ def importance_map(roi: Sequence[int], mode: str, device: torch.device | str) ->
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: the outputs are only ever scored
-def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor, roi: Sequence[int],
-                   overlap: float = 0.25, blend: str = "gaussian", batch: int = 4,
-                   pad_value: float = -1024.0) -> torch.Tensor:
+def sliding_window(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    roi: Sequence[int],
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch: int = 4,
+    pad_value: float = -1024.0,
+) -> torch.Tensor:
     """Run `predict` over overlapping windows of a (1, C, X, Y, Z) volume; blend the outputs.
 
     Volumes smaller than the window are padded with `pad_value` (air, in HU) and cropped back.
@@ -83,8 +89,12 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torc
         volume = torch.nn.functional.pad(volume, flat, value=pad_value)
     full = volume.shape[2:]
     weight = importance_map(roi, blend, volume.device)
-    corners = [(a, b, c) for a in _starts(full[0], roi[0], overlap) for b in _starts(full[1], roi[1], overlap)
-               for c in _starts(full[2], roi[2], overlap)]
+    corners = [
+        (a, b, c)
+        for a in _starts(full[0], roi[0], overlap)
+        for b in _starts(full[1], roi[1], overlap)
+        for c in _starts(full[2], roi[2], overlap)
+    ]
     out = None
     norm = torch.zeros(full, device=volume.device)
     for i in range(0, len(corners), batch):
@@ -106,7 +116,9 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], volume: torc
 def predict_scores(model: torch.nn.Module, case: Case, cfg: Config) -> torch.Tensor:
     """The model's output over the whole case, blended across sliding windows: (C, X, Y, Z).
     `cfg` gives the window (roi), the overlap, the blending and the device."""
-    return sliding_window(model, case.hu.to(cfg.device)[None, None], cfg.roi, cfg.overlap, cfg.blend)[0]
+    return sliding_window(
+        model, case.hu.to(cfg.device)[None, None], cfg.roi, cfg.overlap, cfg.blend
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +126,9 @@ def predict_scores(model: torch.nn.Module, case: Case, cfg: Config) -> torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
-def organ_masks(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
+def organ_masks(
+    scores: torch.Tensor, organs: Sequence[str], scoring: str
+) -> dict[str, torch.Tensor]:
     """Masks per organ from a model's blended output.
 
     "classes": (1 + K) class probabilities of a multi-class model, argmax. "merged": (K) organ
@@ -177,8 +191,14 @@ def segment(model: torch.nn.Module, case: Case, organs: Sequence[str], scorings:
 # ---------------------------------------------------------------------------------------
 
 
-def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Sequence[str], scoring: str,
-                spacing: Sequence[float], surface: bool = True) -> dict[str, list[float]]:
+def case_scores(
+    masks: dict[str, torch.Tensor],
+    label: torch.Tensor,
+    organs: Sequence[str],
+    scoring: str,
+    spacing: Sequence[float],
+    surface: bool = True,
+) -> dict[str, list[float]]:
     """Dice, HD95 (mm) and NSD (at NSD_TOLERANCE_MM) of each organ on one case, in `organs`
     order (Dice alone without `surface`); both surface metrics come from one surface distance
     computation per organ, in the case's voxel spacing. Empty masks follow metrics.py (MONAI's
@@ -205,8 +225,14 @@ def case_scores(masks: dict[str, torch.Tensor], label: torch.Tensor, organs: Seq
 Scores = dict[str, dict[str, dict[str, list[float]]]]  # {scoring: {metric: {organ: [per case]}}}
 
 
-def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str], scorings: Sequence[str],
-             cfg: Config, surface: bool = True) -> Scores:
+def evaluate(
+    model: torch.nn.Module,
+    cases: Sequence[Case],
+    organs: Sequence[str],
+    scorings: Sequence[str],
+    cfg: Config,
+    surface: bool = True,
+) -> Scores:
     """Dice, HD95 and NSD per organ per case of a HU-in model, for each way its output is scored
     (`segviz.MODES`), from one inference per case (`segment`): {scoring: {"dice" | "hd95" |
     "nsd": {organ: [value per case]}}}. Without `surface`, Dice alone (validation during
@@ -217,7 +243,9 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
     for case in tqdm(cases, desc="evaluate", leave=False, disable=None):
         label = case.label.to(cfg.device)
         for scoring, masks in segment(model, case, organs, scorings, cfg).items():
-            for metric, values in case_scores(masks, label, organs, scoring, case.spacing, surface).items():
+            for metric, values in case_scores(
+                masks, label, organs, scoring, case.spacing, surface
+            ).items():
                 for organ, value in zip(organs, values):
                     result[scoring][metric][organ].append(value)
     return result
@@ -231,8 +259,9 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Case], organs: Sequence[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Test a model written by train.py again, on the test set it was tested on or "
-                    "another one (--data-root, --data test=PATH), with the run's test-time settings "
-                    "unless given. Scores go to CHECKPOINT's folder/eval/metrics.json.")
+        "another one (--data-root, --data test=PATH), with the run's test-time settings "
+        "unless given. Scores go to CHECKPOINT's folder/eval/metrics.json."
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
     add_arguments(p, only=("data_root", "data", "device", "overlap", "largest", "cache"))
     p.add_argument("--out", help="folder for metrics.json (default: CHECKPOINT's folder/eval)")
@@ -257,11 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     per_case = evaluate(model_of(ckpt), test, ckpt["organs"], scorings, cfg)
     scored = scored_metrics(per_case, scorings[0])
     print(format_metric_tables({ckpt["name"]: scored["by_scoring"][scorings[0]]}, ckpt["organs"]))
-    metrics = {"mode": ckpt["mode"], "nodes": ckpt["nodes"], "organs": ckpt["organs"], **scored,
-               "seconds": round(time.time() - t0, 1), "checkpoint": os.path.abspath(args.checkpoint),
-               "test_set": {"data_root": cfg.data_root, "data": cfg.data, "seed": cfg.seed},
-               "settings": {"overlap": cfg.overlap, "largest": cfg.largest, "roi": list(cfg.roi),
-                            "blend": cfg.blend}}
+    metrics = {
+        "mode": ckpt["mode"],
+        "nodes": ckpt["nodes"],
+        "organs": ckpt["organs"],
+        **scored,
+        "seconds": round(time.time() - t0, 1),
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "test_set": {"data_root": cfg.data_root, "data": cfg.data, "seed": cfg.seed},
+        "settings": {
+            "overlap": cfg.overlap,
+            "largest": cfg.largest,
+            "roi": list(cfg.roi),
+            "blend": cfg.blend,
+        },
+    }
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     return 0

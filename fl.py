@@ -58,13 +58,26 @@ def stored(obj: _T, store: torch.device | str) -> _T:
     return copy.deepcopy(obj)
 
 
-def new_client(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, next_batch: Callable[[], Batch],
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight: float = 1.0,
-               store: torch.device | str | None = None) -> Client:
+def new_client(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], Batch],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weight: float = 1.0,
+    store: torch.device | str | None = None,
+) -> Client:
     """A client starting from the model's current weights and a fresh optimiser state, both
     kept on `store` (default: the model's device; see `choose_store`)."""
     store = store if store is not None else next(model.parameters()).device
-    return Client(name, snapshot(model, store), stored(optimizer.state_dict(), store), next_batch, loss_fn, weight)
+    return Client(
+        name,
+        snapshot(model, store),
+        stored(optimizer.state_dict(), store),
+        next_batch,
+        loss_fn,
+        weight,
+    )
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -73,7 +86,9 @@ def state_bytes(model: nn.Module) -> int:
     return weights + 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def choose_store(device: torch.device, clients: int, per_client: int, share: float = 0.5) -> torch.device:
+def choose_store(
+    device: torch.device, clients: int, per_client: int, share: float = 0.5
+) -> torch.device:
     """Where to keep the clients' states: on the training device if they all fit in `share` of
     its free memory (no copies each round), else in host memory. On a CPU that is the same."""
     if device.type != "cuda":
@@ -137,7 +152,9 @@ Notes = dict  # what a combining function reports: {"refused": {index: why}, "no
 Combine = Callable[[Sequence[State], State, Sequence[float] | None], tuple[State, Notes]]
 
 
-def mean(sent: Sequence[State], reference: State, weights: Sequence[float] | None = None) -> tuple[State, Notes]:
+def mean(
+    sent: Sequence[State], reference: State, weights: Sequence[float] | None = None
+) -> tuple[State, Notes]:
     """The default way to combine the clients' shared weights: their (weighted) mean."""
     return average(sent, weights), {}
 
@@ -147,13 +164,21 @@ class RoundReport:
     losses: dict[str, float]  # mean local loss of each client that trained
     absent: list[str]  # clients that did not take part
     refused: dict[str, str]  # clients whose update was not combined, and why (robust.py's guard)
-    norms: dict[str, float]  # L2 norm of each present client's update, where the combining function measures it
+    # L2 norm of each present client's update, where the combining function measures it
+    norms: dict[str, float]
 
 
-def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients: Sequence[Client],
-                    local_steps: int | Mapping[str, int], shared_keys: Sequence[str], combine: Combine = mean,
-                    weighted: bool = False, progress: Callable[[], None] | None = None,
-                    present: Sequence[Client] | None = None) -> RoundReport:
+def federated_round(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clients: Sequence[Client],
+    local_steps: int | Mapping[str, int],
+    shared_keys: Sequence[str],
+    combine: Combine = mean,
+    weighted: bool = False,
+    progress: Callable[[], None] | None = None,
+    present: Sequence[Client] | None = None,
+) -> RoundReport:
     """One round: local training at the clients present, then the shared keys combined.
 
     `local_steps`: optimiser steps of every client, or of each client by name. `combine`
@@ -164,9 +189,13 @@ def federated_round(model: nn.Module, optimizer: torch.optim.Optimizer, clients:
     """
     present = list(clients) if present is None else list(present)
     reference = {k: clients[0].model_state[k].clone() for k in shared_keys}
-    steps = local_steps if isinstance(local_steps, Mapping) else dict.fromkeys((c.name for c in clients), local_steps)
+    if isinstance(local_steps, Mapping):
+        steps = local_steps
+    else:
+        steps = dict.fromkeys((c.name for c in clients), local_steps)
     losses = {c.name: local_train(model, optimizer, c, steps[c.name], progress) for c in present}
-    report = RoundReport(losses, [c.name for c in clients if all(c is not p for p in present)], {}, {})
+    absent = [c.name for c in clients if all(c is not p for p in present)]
+    report = RoundReport(losses, absent, {}, {})
     if not shared_keys or not present:
         return report
     sent = [{k: c.model_state[k] for k in shared_keys} for c in present]

@@ -36,7 +36,8 @@ from scipy import ndimage
 from scipy.spatial import KDTree
 
 METRICS = ("dice", "hd95", "nsd")
-NSD_TOLERANCE_MM = 2.0  # normalised surface Dice: a surface voxel within 2 mm of the other surface counts
+# normalised surface Dice: a surface voxel within 2 mm of the other surface counts
+NSD_TOLERANCE_MM = 2.0
 
 Mask = np.ndarray | torch.Tensor
 Spacing = float | Sequence[float]
@@ -95,12 +96,15 @@ def _spacing_mm(spacing: Spacing, ndim: int) -> np.ndarray:
 
 
 def _bounding_box(union: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """Slices of the box around the foreground of a non-empty mask, `margin` voxels wider, clipped to the array."""
+    """Slices of the box around the foreground of a non-empty mask, `margin` voxels wider, clipped
+    to the array."""
     box = []
     for axis in range(union.ndim):
         others = tuple(a for a in range(union.ndim) if a != axis)
         hits = np.flatnonzero(union.any(axis=others))
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, union.shape[axis])))
+        box.append(
+            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, union.shape[axis]))
+        )
     return tuple(box)
 
 
@@ -119,7 +123,8 @@ def _nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def surface_distances(pred: Mask, truth: Mask, spacing: Spacing) -> tuple[np.ndarray, np.ndarray]:
-    """Distances in mm from each surface voxel of `pred` to the nearest one of `truth`, and from `truth` to `pred`.
+    """Distances in mm from each surface voxel of `pred` to the nearest one of `truth`, and from
+    `truth` to `pred`.
 
     As in MONAI: if exactly one mask is empty, both arrays hold inf once per surface voxel of the
     other; if both are empty, both arrays are empty.
@@ -144,8 +149,10 @@ def surface_distances(pred: Mask, truth: Mask, spacing: Spacing) -> tuple[np.nda
 
 
 def hd95_from_distances(pred_to_truth: np.ndarray, truth_to_pred: np.ndarray) -> float:
-    """Larger of the two directed 95th percentiles (linear interpolation, as torch.quantile); nan if a mask is empty."""
-    # Infinite distances only come from an empty mask; MONAI's percentile of them is nan (see the module docstring).
+    """Larger of the two directed 95th percentiles (linear interpolation, as torch.quantile); nan if
+    a mask is empty."""
+    # Infinite distances only come from an empty mask; MONAI's percentile of them is nan (see the
+    # module docstring).
     if pred_to_truth.size == 0 or truth_to_pred.size == 0:
         return math.nan
     if not (np.isfinite(pred_to_truth).all() and np.isfinite(truth_to_pred).all()):
@@ -153,8 +160,11 @@ def hd95_from_distances(pred_to_truth: np.ndarray, truth_to_pred: np.ndarray) ->
     return float(max(np.percentile(pred_to_truth, 95), np.percentile(truth_to_pred, 95)))
 
 
-def surface_dice_from_distances(pred_to_truth: np.ndarray, truth_to_pred: np.ndarray, tolerance_mm: float) -> float:
-    """Fraction of both surfaces' voxels within `tolerance_mm` of the other surface; nan if both masks are empty."""
+def surface_dice_from_distances(
+    pred_to_truth: np.ndarray, truth_to_pred: np.ndarray, tolerance_mm: float
+) -> float:
+    """Fraction of both surfaces' voxels within `tolerance_mm` of the other surface; nan if both
+    masks are empty."""
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be finite and >= 0, got {tolerance_mm}")
     total = pred_to_truth.size + truth_to_pred.size
@@ -178,9 +188,11 @@ def hd95(pred: Mask, truth: Mask, spacing: Spacing) -> float:
 
 
 def surface_dice(pred: Mask, truth: Mask, spacing: Spacing, tolerance_mm: float = 2.0) -> float:
-    """Normalised surface Dice at `tolerance_mm`: surface voxels of both masks within the tolerance, over all of them.
+    """Normalised surface Dice at `tolerance_mm`: surface voxels of both masks within the tolerance,
+    over all of them.
 
     Equal to MONAI's `compute_surface_dice(class_thresholds=[tolerance_mm], use_subvoxels=False)`
-    with the same spacing. Empty masks (MONAI's rule): nan when both are empty, 0.0 when exactly one is.
+    with the same spacing. Empty masks (MONAI's rule): nan when both are empty, 0.0 when exactly one
+    is.
     """
     return surface_dice_from_distances(*surface_distances(pred, truth, spacing), tolerance_mm)

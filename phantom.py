@@ -56,14 +56,48 @@ ACQUISITIONS = {
 # lie within ~40 HU of each other, and kidneys overlap vessels and bone, so no organ can be
 # found by intensity alone.
 HU = {
-    "venous": {"fat": -100, "muscle": 72, "liver": 105, "spleen": 112, "pancreas": 95,
-               "kidney_cortex": 165, "kidney_medulla": 150, "aorta": 165, "ivc": 145, "portal": 160,
-               "bowel_wall": 75, "fluid": 15, "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15,
-               "disc": 85, "tumour": 65, "gallbladder": 12},
-    "arterial": {"fat": -100, "muscle": 65, "liver": 78, "spleen": 130, "pancreas": 115,
-                 "kidney_cortex": 215, "kidney_medulla": 170, "aorta": 290, "ivc": 85, "portal": 110,
-                 "bowel_wall": 80, "fluid": 15, "gas": -850, "cortical": 700, "cancellous": 230, "csf": 15,
-                 "disc": 85, "tumour": 55, "gallbladder": 12},
+    "venous": {
+        "fat": -100,
+        "muscle": 72,
+        "liver": 105,
+        "spleen": 112,
+        "pancreas": 95,
+        "kidney_cortex": 165,
+        "kidney_medulla": 150,
+        "aorta": 165,
+        "ivc": 145,
+        "portal": 160,
+        "bowel_wall": 75,
+        "fluid": 15,
+        "gas": -850,
+        "cortical": 700,
+        "cancellous": 230,
+        "csf": 15,
+        "disc": 85,
+        "tumour": 65,
+        "gallbladder": 12,
+    },
+    "arterial": {
+        "fat": -100,
+        "muscle": 65,
+        "liver": 78,
+        "spleen": 130,
+        "pancreas": 115,
+        "kidney_cortex": 215,
+        "kidney_medulla": 170,
+        "aorta": 290,
+        "ivc": 85,
+        "portal": 110,
+        "bowel_wall": 80,
+        "fluid": 15,
+        "gas": -850,
+        "cortical": 700,
+        "cancellous": 230,
+        "csf": 15,
+        "disc": 85,
+        "tumour": 55,
+        "gallbladder": 12,
+    },
 }
 JITTER_HU = 10.0
 
@@ -92,7 +126,11 @@ class _Grid:
         return tuple(out)
 
     def coords(self, sl: Box) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.x[sl[0]][:, None, None], self.y[sl[1]][None, :, None], self.z[sl[2]][None, None, :])
+        return (
+            self.x[sl[0]][:, None, None],
+            self.y[sl[1]][None, :, None],
+            self.z[sl[2]][None, None, :],
+        )
 
 
 def _rot_z(deg: float) -> np.ndarray:
@@ -137,8 +175,16 @@ class _Blob:
         return sl, f < 1.0, f
 
 
-def _wobbly(rng: np.random.Generator, centre: Sequence[float], radii: Sequence[float], rot: np.ndarray | None = None,
-            amp: float = 0.09, n: int = 4, shift_mm: float = 8.0, scale: float = 0.1) -> _Blob:
+def _wobbly(
+    rng: np.random.Generator,
+    centre: Sequence[float],
+    radii: Sequence[float],
+    rot: np.ndarray | None = None,
+    amp: float = 0.09,
+    n: int = 4,
+    shift_mm: float = 8.0,
+    scale: float = 0.1,
+) -> _Blob:
     """An ellipsoid with per-case random position, size and smooth surface deformation."""
     c = np.asarray(centre, float) + rng.normal(0, shift_mm / 2, 3).clip(-shift_mm, shift_mm)
     r = np.asarray(radii, float) * (1 + rng.uniform(-scale, scale, 3))
@@ -256,7 +302,12 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
         _, yy, _ = grid.coords(sl)
         lumen = f < 0.8
         _paint(hu, sl, lumen, tone["fluid"])
-        _paint(hu, sl, lumen & (yy > stomach.centre[1] + rng.uniform(0, 15)).expand_as(lumen), tone["gas"])
+        _paint(
+            hu,
+            sl,
+            lumen & (yy > stomach.centre[1] + rng.uniform(0, 15)).expand_as(lumen),
+            tone["gas"],
+        )
 
     # solid organs, painted after the bowel so that they win where they touch
     organ_masks = {}
@@ -290,13 +341,17 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
     spleen = _wobbly(rng, [-92, -40, 65], [26, 55, 50], _rot_z(30), amp=0.12)
     sl, m, _ = spleen.mask(grid)
     m &= (wall < 1).expand(grid.shape)[sl]
-    spleen_tex = tone["spleen"] + (12 if acq.phase == "arterial" else 4) * _smooth_noise(gen, m.shape, 8)
+    spleen_tex = tone["spleen"] + (12 if acq.phase == "arterial" else 4) * _smooth_noise(
+        gen, m.shape, 8
+    )
     _paint(hu, sl, m, spleen_tex)
     organ_masks["spleen"] = (sl, m)
 
     # pancreas: a lobulated tube from the head (right, in the duodenal C) to the tail at the spleen
-    pts = np.array([[35, 12, -35], [28, 18, -15], [5, 28, -5], [-30, 18, 5], [-62, 0, 18], [-80, -18, 28]],
-                   float)
+    pts = np.array(
+        [[35, 12, -35], [28, 18, -15], [5, 28, -5], [-30, 18, 5], [-62, 0, 18], [-80, -18, 28]],
+        float,
+    )
     pts += rng.normal(0, 4, pts.shape)
     rads = np.array([17, 14, 11, 11, 10, 9], float) * (1 + rng.uniform(-0.12, 0.12))
     sl = grid.box(pts.min(0) - 25, pts.max(0) + 25)
@@ -343,7 +398,10 @@ def phantom_case(seed: int, site: str) -> tuple[torch.Tensor, torch.Tensor, Spac
 
     # vessels and spine last: they are drawn over organs they would displace
     aorta_r, ivc_r = rng.uniform(9, 12), rng.uniform(9, 12)
-    ac, ic = (-14 + rng.normal(0, 3), -22 + rng.normal(0, 3)), (22 + rng.normal(0, 3), -18 + rng.normal(0, 3))
+    ac, ic = (
+        (-14 + rng.normal(0, 3), -22 + rng.normal(0, 3)),
+        (22 + rng.normal(0, 3), -18 + rng.normal(0, 3)),
+    )
     aorta = (x - ac[0]) ** 2 + (y - ac[1]) ** 2 < aorta_r ** 2
     ivc = (((x - ic[0]) / ivc_r) ** 2 + ((y - ic[1]) / (ivc_r * 0.75)) ** 2 < 1) & (z < 90)
     hu.masked_fill_(aorta, tone["aorta"])
@@ -411,7 +469,9 @@ def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: Spacing, target: Spac
     share their physical extent, so a structure keeps its position and size in millimetres."""
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, target)]
     img = F.interpolate(hu[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    lab = F.interpolate(lab[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(torch.uint8)
+    lab = F.interpolate(lab[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(
+        torch.uint8
+    )
     return img, lab
 
 
@@ -419,7 +479,9 @@ def resample(hu: torch.Tensor, lab: torch.Tensor, spacing: Spacing, target: Spac
 class PhantomSpec:
     """Sizes of the phantom federation."""
 
-    cases: dict = field(default_factory=lambda: {"liver": 10, "spleen": 6, "pancreas": 9, "kidneys": 9, "test": 8})
+    cases: dict = field(
+        default_factory=lambda: {"liver": 10, "spleen": 6, "pancreas": 9, "kidneys": 9, "test": 8}
+    )
     spacing: Spacing = (3.0, 3.0, 3.0)
 
 
@@ -433,8 +495,9 @@ def site_label(raw: torch.Tensor, site: str) -> torch.Tensor:
     return out
 
 
-def phantom_cases(site: str, n: int, seed: int, spacing: Spacing, full_labels: bool = False, split: str = "train"
-                  ) -> list[Case]:
+def phantom_cases(
+    site: str, n: int, seed: int, spacing: Spacing, full_labels: bool = False, split: str = "train"
+) -> list[Case]:
     """n preprocessed phantom cases of one site (the test set when site == 'test').
 
     `full_labels` keeps every organ's label, as only a phantom can (the `oracle` upper bound).
@@ -458,8 +521,13 @@ def phantom_cases(site: str, n: int, seed: int, spacing: Spacing, full_labels: b
     return cases
 
 
-def phantom_validation(sites: tuple[str, ...], n: int, seed: int = 0, spec: PhantomSpec | None = None,
-                       cache_dir: str | None = None) -> dict[str, list[Case]]:
+def phantom_validation(
+    sites: tuple[str, ...],
+    n: int,
+    seed: int = 0,
+    spec: PhantomSpec | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, list[Case]]:
     """n validation cases per site, labelled as that site labels (for per-round validation)."""
     spec = spec or PhantomSpec()
     return {s: _cached(lambda s=s: phantom_cases(s, n, seed, spec.spacing, split="val"), cache_dir,
@@ -476,9 +544,12 @@ def phantom_federation(sites: tuple[str, ...], seed: int = 0, spec: PhantomSpec 
     out = {}
     for site in (*sites, "test"):
         full = full_labels and site != "test"
-        out[site] = _cached(lambda s=site, f=full: phantom_cases(s, spec.cases[s], seed, spec.spacing, f),
-                            cache_dir, f"phantom-v2-{site}-{spec.cases[site]}-{seed}-{spec.spacing}"
-                            + ("-full" if full else ""))
+        out[site] = _cached(
+            lambda s=site, f=full: phantom_cases(s, spec.cases[s], seed, spec.spacing, f),
+            cache_dir,
+            f"phantom-v2-{site}-{spec.cases[site]}-{seed}-{spec.spacing}"
+            + ("-full" if full else ""),
+        )
     test = out.pop("test")
     return out, test
 
@@ -495,5 +566,8 @@ def _cached(make: Callable[[], list[Case]], cache_dir: str | None, key: str) -> 
             pass  # a damaged cache entry is rebuilt
     cases = make()
     os.makedirs(cache_dir, exist_ok=True)
-    save_torch_atomic([{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)} for c in cases], path)
+    save_torch_atomic(
+        [{"name": c.name, "hu": c.hu, "label": c.label, "spacing": list(c.spacing)} for c in cases],
+        path,
+    )
     return cases

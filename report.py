@@ -24,9 +24,15 @@ def summarise(per_case: dict[str, list[float]]) -> dict[str, dict]:
     for organ, values in per_case.items():
         t = torch.tensor(values, dtype=torch.float64)
         finite = t[torch.isfinite(t)]
-        entry = {"mean": float(finite.mean()) if len(finite) else None,
-                 "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0 if len(finite) else None,
-                 "cases": [round(v, 6) if math.isfinite(v) else None for v in values]}
+        entry = {
+            "mean": float(finite.mean()) if len(finite) else None,
+            "std": float(finite.std(unbiased=False))
+            if len(finite) > 1
+            else 0.0
+            if len(finite)
+            else None,
+            "cases": [round(v, 6) if math.isfinite(v) else None for v in values],
+        }
         if len(finite) < len(t):
             entry["nan"] = len(t) - len(finite)
         out[organ] = entry
@@ -55,12 +61,17 @@ def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
     over seeds."""
     if any(organ not in d for d in per_seed):
         return None
-    means = np.array([np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float)
+    means = np.array(
+        [np.nan if d[organ]["mean"] is None else d[organ]["mean"] for d in per_seed], float
+    )
     finite = means[np.isfinite(means)]
     cases = [list(d[organ]["cases"]) for d in per_seed]
-    entry = {"mean": float(finite.mean()) if len(finite) else None,
-             "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
-             "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means], "cases": cases}
+    entry = {
+        "mean": float(finite.mean()) if len(finite) else None,
+        "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else None,
+        "seeds": [round(float(v), 6) if np.isfinite(v) else None for v in means],
+        "cases": cases,
+    }
     nan = sum(v is None or not math.isfinite(v) for c in cases for v in c)
     if nan:
         entry["nan"] = nan
@@ -68,7 +79,8 @@ def across_seeds(per_seed: list[dict], organ: str) -> dict | None:
 
 
 def format_cell(d: dict | None, digits: int = 3) -> str:
-    """mean ± std, "(n nan)" when some cases had no value, "nan" when none had, "—" if not scored."""
+    """mean ± std, "(n nan)" when some cases had no value, "nan" when none had, "—" if not scored.
+    """
     if d is None:
         return "—"
     nan = f" ({d['nan']} nan)" if d.get("nan") else ""
@@ -77,15 +89,22 @@ def format_cell(d: dict | None, digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}{nan}"
 
 
-def format_table(rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID), digits: int = 3) -> str:
+def format_table(
+    rows: dict[str, dict[str, dict]], organs: Sequence[str] = tuple(ORGAN_ID), digits: int = 3
+) -> str:
     """Rows = models, columns = organs, cells = mean ± std (— where not trained)."""
-    cells = {name: [format_cell(by_organ.get(o), digits) for o in organs] for name, by_organ in rows.items()}
+    cells = {
+        name: [format_cell(by_organ.get(o), digits) for o in organs]
+        for name, by_organ in rows.items()
+    }
     widths = [max([13, *(len(c[i]) for c in cells.values())]) for i in range(len(organs))]
     head = f"| {'model':<22} | " + " | ".join(f"{o:^{w}}" for o, w in zip(organs, widths)) + " |"
     sep = "|" + "-" * 24 + "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     lines = [head, sep]
     for name, row in cells.items():
-        lines.append(f"| {name:<22} | " + " | ".join(f"{c:^{w}}" for c, w in zip(row, widths)) + " |")
+        lines.append(
+            f"| {name:<22} | " + " | ".join(f"{c:^{w}}" for c, w in zip(row, widths)) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -95,11 +114,14 @@ METRIC_DIGITS = {"dice": 3, "hd95": 1, "nsd": 3}
 
 
 def format_metric_tables(rows: dict[str, dict[str, dict[str, dict]]], organs: Sequence[str]) -> str:
-    """The Dice table, then HD95 and NSD tables under titles: rows = {model: {metric: {organ: summary}}}."""
+    """The Dice table, then HD95 and NSD tables under titles: rows = {model: {metric: {organ:
+    summary}}}."""
     parts = []
     for metric in METRICS:
         if not any(metric in r for r in rows.values()):
             continue
-        table = format_table({name: r.get(metric, {}) for name, r in rows.items()}, organs, METRIC_DIGITS[metric])
+        table = format_table(
+            {name: r.get(metric, {}) for name, r in rows.items()}, organs, METRIC_DIGITS[metric]
+        )
         parts.append(table if metric == "dice" else f"{METRIC_TITLES[metric]}\n{table}")
     return "\n\n".join(parts)

@@ -60,7 +60,10 @@ class PatchSampler:
         # the context box around a patch that any rotation/scaling can reach; C - P even,
         # so the identity transform is an exact crop
         g = 1 + cfg.max_scale
-        c, s = math.cos(math.radians(cfg.max_rotation_deg)), math.sin(math.radians(cfg.max_rotation_deg))
+        c, s = (
+            math.cos(math.radians(cfg.max_rotation_deg)),
+            math.sin(math.radians(cfg.max_rotation_deg)),
+        )
         px, py, pz = cfg.patch
         reach = torch.tensor([g * (c * px + s * py), g * (s * px + c * py), g * pz])
         ctx = torch.ceil(reach).long() if cfg.augment else patch.clone()
@@ -76,7 +79,9 @@ class PatchSampler:
         cand_gen = torch.Generator().manual_seed(seed + 1)
         for img, lab in zip(images, labels):
             if img.shape != lab.shape or img.dim() != 3:
-                raise ValueError(f"image {tuple(img.shape)} and label {tuple(lab.shape)} must be equal 3-D")
+                raise ValueError(
+                    f"image {tuple(img.shape)} and label {tuple(lab.shape)} must be equal 3-D"
+                )
             pad = [(0, 0)] * 3
             need = [max(0, p - s) for p, s in zip(cfg.patch, img.shape)]
             if any(need):
@@ -126,8 +131,14 @@ class PatchSampler:
         flat = torch.where(want_fg, self.fg[pick.clamp(max=len(self.fg) - 1)],
                            self.bg[pick.clamp(max=len(self.bg) - 1)])
         shape = self.shapes[vols]
-        centre = torch.stack([flat // (shape[:, 1] * shape[:, 2]), (flat // shape[:, 2]) % shape[:, 1],
-                              flat % shape[:, 2]], dim=1)
+        centre = torch.stack(
+            [
+                flat // (shape[:, 1] * shape[:, 2]),
+                (flat // shape[:, 2]) % shape[:, 1],
+                flat % shape[:, 2],
+            ],
+            dim=1,
+        )
         return vols, centre, want_fg
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,23 +161,35 @@ class PatchSampler:
         d, zero = self.device, len(self.img) - 1  # the buffers end in one zero voxel
         # each axis's share of the flat index; an index past the border adds `zero`, so that
         # the sum reaches it (and is clamped to it) exactly when some axis lies outside
-        stride = torch.stack([shape[:, 1] * shape[:, 2], shape[:, 2], torch.ones_like(shape[:, 2])], dim=1)
+        stride = torch.stack(
+            [shape[:, 1] * shape[:, 2], shape[:, 2], torch.ones_like(shape[:, 2])], dim=1
+        )
         part = []
         for a in range(3):
             i = start[:, a, None] + torch.arange(self.ctx_sides[a], device=d)
-            part.append(torch.where((i >= 0) & (i < shape[:, a, None]), i * stride[:, a, None], zero))
-        flat = (self.offsets[vols, None, None, None] + part[0][:, :, None, None] + part[1][:, None, :, None]
-                + part[2][:, None, None, :]).clamp_(max=zero)
+            part.append(
+                torch.where((i >= 0) & (i < shape[:, a, None]), i * stride[:, a, None], zero)
+            )
+        flat = (
+            self.offsets[vols, None, None, None]
+            + part[0][:, :, None, None]
+            + part[1][:, None, :, None]
+            + part[2][:, None, None, :]
+        ).clamp_(max=zero)
         # index_select on the flat index is ~2.5x faster than advanced indexing on CPU
         idx = flat.reshape(-1)
-        return self.img.index_select(0, idx).view(flat.shape), self.lab.index_select(0, idx).view(flat.shape)
+        return self.img.index_select(0, idx).view(flat.shape), self.lab.index_select(0, idx).view(
+            flat.shape
+        )
 
     def _spatial(self, img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop the patch out of the context box under a random rotation about z and scaling."""
         cfg, g, d = self.cfg, self.gen, self.device
         b = img.shape[0]
         on = torch.rand(b, generator=g, device=d) < cfg.p_spatial
-        ang = (torch.rand(b, generator=g, device=d) * 2 - 1) * math.radians(cfg.max_rotation_deg) * on
+        ang = (
+            (torch.rand(b, generator=g, device=d) * 2 - 1) * math.radians(cfg.max_rotation_deg) * on
+        )
         scale = 1 + (torch.rand(b, 3, generator=g, device=d) * 2 - 1) * cfg.max_scale * on[:, None]
         cos, sin = torch.cos(ang), torch.sin(ang)
         a = torch.zeros(b, 3, 3, device=d)
@@ -179,7 +202,9 @@ class PatchSampler:
         theta = torch.zeros(b, 3, 4, device=d)
         theta[:, :, :3] = theta_xyz[:, rev][:, :, rev]
         grid = self.grid.expand(b, -1, -1).bmm(theta.transpose(1, 2)).view(b, *cfg.patch, 3)
-        img = F.grid_sample(img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        img = F.grid_sample(
+            img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         lab = F.grid_sample(lab[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                             align_corners=False)[:, 0]
         return img, lab.to(torch.uint8)
@@ -204,21 +229,32 @@ def _identity_grid(patch: tuple[int, int, int], device: torch.device | str) -> t
     return torch.stack([z, y, x, torch.ones_like(x)], dim=-1).reshape(1, -1, 4)
 
 
-def _pack(parts: list[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack(
+    parts: list[torch.Tensor], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counts = torch.tensor([len(p) for p in parts])
     starts = torch.cumsum(counts, 0) - counts
     flat = torch.cat(parts) if sum(len(p) for p in parts) else torch.zeros(1, dtype=torch.long)
     return flat.to(device), starts.to(device), counts.to(device)
 
 
-def site_sampler(cases: list[Case], hu_window: tuple[float, float], binary: bool, cfg: SamplerConfig,
-                 device: torch.device | str, seed: int, organs: int = len(ORGANS)) -> PatchSampler:
+def site_sampler(
+    cases: list[Case],
+    hu_window: tuple[float, float],
+    binary: bool,
+    cfg: SamplerConfig,
+    device: torch.device | str,
+    seed: int,
+    organs: int = len(ORGANS),
+) -> PatchSampler:
     """A site's sampler over its cases, seen through `hu_window`. A binary model learns "its"
     organ against the rest; a multi-class model the ORGAN_ID classes of the first `organs`
     organs (the oracle's labels hold all four, also with fewer sites)."""
     images = [window(c.hu.clone(), hu_window) for c in cases]
-    labels = [(c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
-              for c in cases]
+    labels = [
+        (c.label > 0).to(torch.uint8) if binary else torch.where(c.label <= organs, c.label, 0)
+        for c in cases
+    ]
     return PatchSampler(images, labels, cfg, device=sampler_device(device), seed=seed)
 
 

@@ -39,11 +39,13 @@ class Mode:
     """One training setup of the paper's figure 2."""
 
     figure: str  # its panel in the paper's figure 2
-    binary: bool  # one binary model per site (its organ against the rest), else one (1 + K)-class model
+    # one binary model per site (its organ against the rest), else one (1 + K)-class model
+    binary: bool
     shares: str  # what is averaged each round: "none", "rep" (the representation block) or "all"
     pooled: bool  # one model trained on the pooled data of every site (no federation)
     # how its output is scored, the first for its tables: "heads" (each binary head alone on its
-    # organ), "merged" (the heads merged into one label map), "classes" (the argmax of 1 + K classes)
+    # organ), "merged" (the heads merged into one label map), "classes" (the argmax of 1 + K
+    # classes)
     scorings: tuple[str, ...]
 
 
@@ -102,8 +104,13 @@ class MetaModel(nn.Module):
     model runs whole.
     """
 
-    def __init__(self, cfg: UNetConfig, site_states: Mapping[str, State], windows: Mapping[str, tuple],
-                 shared_rep: bool):
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        site_states: Mapping[str, State],
+        windows: Mapping[str, tuple],
+        shared_rep: bool,
+    ):
         super().__init__()
         self.organs = list(site_states)
         self.windows = {o: tuple(windows[o]) for o in self.organs}
@@ -118,7 +125,9 @@ class MetaModel(nn.Module):
             for rep in reps[1:]:
                 for k, v in rep.items():
                     if not torch.equal(v, reps[0][k]):
-                        raise ValueError(f"sites disagree on shared key {k}; not a SegViz meta-model")
+                        raise ValueError(
+                            f"sites disagree on shared key {k}; not a SegViz meta-model"
+                        )
 
     def forward(self, hu: torch.Tensor) -> torch.Tensor:
         """(B, K, ...) foreground probability of each organ from its own head."""
@@ -172,8 +181,13 @@ def site_model(cfg: UNetConfig, mode: str, site: str, state: State, window_hu: t
     return MultiClassModel(cfg, state, window_hu)
 
 
-def trained_model(cfg: UNetConfig, mode: str, states: Mapping[str, State], windows: Mapping[str, tuple],
-                  shared_rep: bool) -> nn.Module:
+def trained_model(
+    cfg: UNetConfig,
+    mode: str,
+    states: Mapping[str, State],
+    windows: Mapping[str, tuple],
+    shared_rep: bool,
+) -> nn.Module:
     """The model a run tests, HU in: binary sites' models merged into the meta-model (each head
     through its own site's window, as it trained), else the one multi-class model."""
     if MODES[mode].binary:

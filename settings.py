@@ -35,7 +35,12 @@ def setting(default: Any, help: str, *, choices: Sequence | None = None, flag: s
             metavar: str | tuple[str, ...] | None = None) -> Any:
     """A Config field with what its flag says about it (`flag`: the flag's name where it is not
     the field's, e.g. --seeds for `seed`)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "metavar": metavar}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "flag": flag,
+        "metavar": metavar,
+    }
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=default, metadata=meta)
@@ -49,10 +54,16 @@ class Config:
     # the setup
     nodes: int = setting(4, "number of sites: 1 liver, 2 + spleen, 3 + pancreas, 4 + kidneys",
                          choices=(1, 2, 3, 4))
-    mode: str = setting("segviz", "training setup (the paper's figure 2; segviz.MODES)", choices=MODES)
+    mode: str = setting(
+        "segviz", "training setup (the paper's figure 2; segviz.MODES)", choices=MODES
+    )
     fedbn: bool = setting(False, "segviz only: keep normalisation layers local too (FedBN)")
-    preset: str = setting("phantom", "phantom: a small model for a CPU; paper: the original's model "
-                                     "and recipe (docs/paper-preset.md)", choices=("phantom", "paper"))
+    preset: str = setting(
+        "phantom",
+        "phantom: a small model for a CPU; paper: the original's model "
+        "and recipe (docs/paper-preset.md)",
+        choices=("phantom", "paper"),
+    )
     seed: int = setting(0, "seeds of data, weights and sampling: one run each, in OUT/seed-S when "
                            "there are several, then the mean ± std across them", flag="--seeds",
                         metavar="S")
@@ -84,8 +95,11 @@ class Config:
     share_buffers: bool = setting(True, "average normalisation statistics too (--no-share-buffers: "
                                         "parameters only, as the original)")
     # validation, model selection and head fine-tuning
-    val_every: int = setting(0, "every N rounds (and after the last) score each site's model on its "
-                                "own validation cases (0: never)")
+    val_every: int = setting(
+        0,
+        "every N rounds (and after the last) score each site's model on its "
+        "own validation cases (0: never)",
+    )
     keep: str = setting("last", "the model of the last round, or of the round of the best mean "
                                 "validation Dice (needs --val-every)", choices=("last", "best"))
     finetune_epochs: int = setting(0, "after federation, epochs of head-only training per site "
@@ -109,14 +123,17 @@ class Config:
                                           "(Task03_Liver, Task09_Spleen, Task07_Pancreas, kits19 "
                                           "or Task040_KiTS, BTCV); without it the phantom is used",
                                     metavar="DIR")
-    data: dict[str, str] = setting({}, "a dataset that is not under --data-root, one flag per "
-                                       f"dataset; SITE is one of {', '.join((*ORGANS, 'test'))}",
-                                   metavar="SITE=PATH")
+    # setting() makes a dict's default with a factory: each Config gets a dict of its own
+    data: dict[str, str] = setting(  # noqa: RUF009
+        {}, "a dataset that is not under --data-root, one flag per dataset; SITE is liver, spleen, "
+            "pancreas, kidneys or test", metavar="SITE=PATH")
     val_split: str = setting("auto", "real data: 'original' holds out the last N cases per site as "
                                      "the original code; a fraction F holds out F of them, seeded; "
                                      "auto: when the run validates, the original's split on the "
                                      "original archive, else 0.2; when it does not, none")
-    max_cases: int | None = setting(None, "use at most this many cases per site and for the test set")
+    max_cases: int | None = setting(
+        None, "use at most this many cases per site and for the test set"
+    )
 
 
 # A preset is a set of overrides of Config's defaults (which are the phantom preset's), and of
@@ -124,11 +141,27 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "phantom": {},
     # the original's recipe, item by item (docs/paper-preset.md)
-    "paper": {"channels": (16, 32, 64, 128, 256), "norm": "batch", "patch": (128, 128, 32),
-              "patches_per_volume": 4, "p_affine": 1.0, "p_intensity": 1.0, "rounds": 50,
-              "local_steps": 0, "local_epochs": 10, "lr": 1e-4, "loss": "dice",
-              "spacing": (1.5, 1.5, 2.0), "share_buffers": False, "val_every": 1, "keep": "best",
-              "finetune_epochs": 150, "roi": (160, 160, 160), "blend": "constant", "largest": False},
+    "paper": {
+        "channels": (16, 32, 64, 128, 256),
+        "norm": "batch",
+        "patch": (128, 128, 32),
+        "patches_per_volume": 4,
+        "p_affine": 1.0,
+        "p_intensity": 1.0,
+        "rounds": 50,
+        "local_steps": 0,
+        "local_epochs": 10,
+        "lr": 1e-4,
+        "loss": "dice",
+        "spacing": (1.5, 1.5, 2.0),
+        "share_buffers": False,
+        "val_every": 1,
+        "keep": "best",
+        "finetune_epochs": 150,
+        "roi": (160, 160, 160),
+        "blend": "constant",
+        "largest": False,
+    },
 }
 REAL_DATA: dict[str, dict[str, Any]] = {
     # few cases a site: more rounds, more context around small organs, every patch augmented, no
@@ -160,7 +193,8 @@ def resolve(given: dict[str, Any]) -> Config:
     if cfg.roi is None:
         cfg = replace(cfg, roi=cfg.patch)
     if cfg.val_split == "auto" and not validates(cfg):
-        cfg = replace(cfg, val_split="0")  # cases held out that nothing reads would be lost to training
+        # cases held out that nothing reads would be lost to training
+        cfg = replace(cfg, val_split="0")
     return cfg
 
 
@@ -180,24 +214,46 @@ def problems(cfg: Config) -> list[str]:
     levels = len(cfg.channels)
     divisor = 2 ** (levels - 1)
     checks = [
-        (cfg.rounds < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and cfg.local_epochs < 1),
-         "--rounds and --local-steps (or --local-epochs) must be at least 1"),
+        (
+            cfg.rounds < 1
+            or cfg.local_steps < 0
+            or (cfg.local_steps == 0 and cfg.local_epochs < 1),
+            "--rounds and --local-steps (or --local-epochs) must be at least 1",
+        ),
         (not (math.isfinite(cfg.lr) and cfg.lr > 0), "--lr must be a positive number"),
         (cfg.finetune_epochs < 0, "--finetune-epochs must be >= 0"),
         (cfg.max_cases is not None and cfg.max_cases < 1, "--max-cases must be at least 1"),
         (cfg.fedbn and cfg.mode != "segviz", "--fedbn applies to --mode segviz only"),
-        (levels < 2 or min(cfg.channels) < 1, "--channels: at least two levels, each at least 1 wide"),
-        (any(s % divisor for s in cfg.patch),
-         f"--channels: {levels} levels need patch sides divisible by {divisor}; the patch is "
-         f"{tuple(cfg.patch)}"),
-        (not 1 <= cfg.task_stages < levels, f"--task-stages must be in 1..{levels - 1} for {levels} levels"),
-        (not all(math.isfinite(v) and v > 0 for v in cfg.spacing), "--spacing must be positive numbers"),
+        (
+            levels < 2 or min(cfg.channels) < 1,
+            "--channels: at least two levels, each at least 1 wide",
+        ),
+        (
+            any(s % divisor for s in cfg.patch),
+            f"--channels: {levels} levels need patch sides divisible by {divisor}; the patch is "
+            f"{tuple(cfg.patch)}",
+        ),
+        (
+            not 1 <= cfg.task_stages < levels,
+            f"--task-stages must be in 1..{levels - 1} for {levels} levels",
+        ),
+        (
+            not all(math.isfinite(v) and v > 0 for v in cfg.spacing),
+            "--spacing must be positive numbers",
+        ),
         (min(cfg.patch) < 1 or min(cfg.roi or cfg.patch) < 1, "--patch and --roi must be positive"),
-        (cfg.volumes_per_batch < 1 or cfg.patches_per_volume < 1,
-         "--volumes-per-batch and --patches-per-volume must be at least 1"),
-        (not (0 <= cfg.p_affine <= 1 and 0 <= cfg.p_intensity <= 1),
-         "--p-affine and --p-intensity must be in [0, 1]"),
-        (not valid_split(cfg.val_split), f"--val-split {cfg.val_split}: auto, original or a fraction in [0, 1)"),
+        (
+            cfg.volumes_per_batch < 1 or cfg.patches_per_volume < 1,
+            "--volumes-per-batch and --patches-per-volume must be at least 1",
+        ),
+        (
+            not (0 <= cfg.p_affine <= 1 and 0 <= cfg.p_intensity <= 1),
+            "--p-affine and --p-intensity must be in [0, 1]",
+        ),
+        (
+            not valid_split(cfg.val_split),
+            f"--val-split {cfg.val_split}: auto, original or a fraction in [0, 1)",
+        ),
         (cfg.val_every < 0, "--val-every must be >= 0"),
         (cfg.keep == "best" and not cfg.val_every, "--keep best needs --val-every N"),
         (not 0 <= cfg.overlap < 1, "--overlap must be in [0, 1)"),
@@ -249,14 +305,18 @@ def defaults_text(f: dataclasses.Field) -> str:
             return "on" if v else "off"
         return "none" if v is None or v == {} or v == "" else str(v)
 
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    # type: ignore[misc]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     parts = [f"default {shown(default)}"]
     for preset, overrides in PRESETS.items():
         if f.name in overrides:
             parts.append(f"{preset} preset {shown(overrides[f.name])}")
     for preset, overrides in REAL_DATA.items():
         if f.name in overrides:
-            parts.append(f"on real data {shown(overrides[f.name])}" + (f" ({preset} preset)" if preset != "phantom" else ""))
+            parts.append(
+                f"on real data {shown(overrides[f.name])}"
+                + (f" ({preset} preset)" if preset != "phantom" else "")
+            )
     return "; ".join(parts)
 
 
@@ -284,7 +344,9 @@ def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
 
 
 def site_path(text: str) -> tuple[str, str]:
@@ -292,7 +354,9 @@ def site_path(text: str) -> tuple[str, str]:
     roles = (*ORGANS, "test")
     site, sep, path = text.partition("=")
     if not sep or site not in roles or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=PATH with SITE one of {', '.join(roles)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SITE=PATH with SITE one of {', '.join(roles)}"
+        )
     return site, path
 
 
@@ -351,11 +415,18 @@ def resumed_config(state_config: dict[str, Any], out: str, a: argparse.Namespace
     given = given_of(a)
     extra = sorted(flag_of(f) for f in fields(Config) if f.name in given and not allowed(f.name))
     if extra:
-        p.error(f"--resume {out} continues the run with its own settings; {', '.join(extra)} cannot be given")
+        p.error(
+            f"--resume {out} continues the run with its own settings; {', '.join(extra)} "
+            "cannot be given"
+        )
     check_writable(out, "--resume")
-    cfg = from_saved(state_config, out=out, device=str(resolve_device(given.get("device", "auto"), p)))
+    cfg = from_saved(
+        state_config, out=out, device=str(resolve_device(given.get("device", "auto"), p))
+    )
     if "rounds" in given:
         if given["rounds"] < cfg.rounds:
-            p.error(f"--resume {out}: --rounds {given['rounds']} is fewer than the run's {cfg.rounds}")
+            p.error(
+                f"--resume {out}: --rounds {given['rounds']} is fewer than the run's {cfg.rounds}"
+            )
         cfg = replace(cfg, rounds=given["rounds"])
     return cfg

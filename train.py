@@ -37,7 +37,15 @@ from tqdm import tqdm
 import fl
 import segviz
 from cases import load_federation, load_validation
-from checkpoint import MODEL_FILE, STATE_FILE, STATE_FORMAT, model_checkpoint, model_of, read_state, write
+from checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    STATE_FORMAT,
+    model_checkpoint,
+    model_of,
+    read_state,
+    write,
+)
 from common import fail, write_json_atomic
 from data import NODE_SITES, ORGAN_ID, DataError, site_windows
 from eval import evaluate
@@ -100,13 +108,15 @@ class Extensions:
     """What a variant changes in a run (experiments/variants.py); train.py passes the defaults."""
 
     stem: str = ""  # the run's name in place of the mode, e.g. "oracle" or "fedavg-marginal"
-    settings: dict = field(default_factory=dict)  # saved with the run; experiments rebuilds from them
+    # saved with the run; experiments rebuilds from them
+    settings: dict = field(default_factory=dict)
     loss: LossFor | None = None  # default: LOSSES[cfg.loss]
     full_labels: bool = False  # every organ labelled at every site (phantom only: the oracle)
     combine: fl.Combine = fl.mean
     weighted: bool = False  # weight the average by each site's number of cases
     present: Callable[[list[fl.Client]], list[fl.Client]] | None = None  # who takes part in a round
-    generators: dict[str, torch.Generator] = field(default_factory=dict)  # their random state, saved
+    # their random state, saved
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,15 +146,19 @@ class Run:
     local_steps: dict[str, int]  # optimiser steps per round of each client
     ext: Extensions
     log: list[str] = field(default_factory=list)  # absences and refused updates, one line each
-    norms: list[dict[str, float]] = field(default_factory=list)  # per round: each client's update norm
+    # per round: each client's update norm
+    norms: list[dict[str, float]] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)  # {"round": r, site: validation Dice}
-    best: dict | None = None  # keep="best": {"round", "score", "states"} of the best validation so far
+    # keep="best": {"round", "score", "states"} of the best validation so far
+    best: dict | None = None
     earlier_seconds: float = 0.0  # training time of the processes before a resume
     starts: int = 1
     started: float = field(default_factory=time.time)
 
 
-def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[str] | None = None) -> Run:
+def build_run(
+    cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[str] | None = None
+) -> Run:
     """The federation at round 0: samplers, one live model, clients as plain data.
 
     `only`: samplers and clients for these sites alone (a Flower node holds one site's data, the
@@ -161,7 +175,7 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
     local = sites if only is None else tuple(only)
     samplers = {s: site_sampler(train_cases[s], windows[s], mode.binary, sampler_cfg, cfg.device,
                                 seed_for(cfg.seed, s), len(organs)) for s in local}
-    # channels-last: the layout Tensor Cores want (on a CPU the top unit is channels-last either way)
+    # channels-last: the layout Tensor Cores want (on a CPU the top unit is channels-last anyway)
     model = UNet3D(unet_cfg).to(cfg.device, memory_format=torch.channels_last_3d)
     # foreach: the per-tensor loop's arithmetic (bitwise, on a CPU) in a third less time
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
@@ -178,9 +192,18 @@ def build_run(cfg: Config, train_cases: dict, ext: Extensions, only: Sequence[st
         local_steps = {"pooled": sum(steps_per_round(cfg, len(train_cases[s])) for s in sites)}
         keys = []
     else:
-        clients = [fl.new_client(s, model, optimizer, on_device(samplers[s].sample, cfg.device),
-                                 loss_for(cfg, [s], lambda: 0), weight=len(train_cases[s]), store=store)
-                   for s in local]
+        clients = [
+            fl.new_client(
+                s,
+                model,
+                optimizer,
+                on_device(samplers[s].sample, cfg.device),
+                loss_for(cfg, [s], lambda: 0),
+                weight=len(train_cases[s]),
+                store=store,
+            )
+            for s in local
+        ]
         local_steps = {s: steps_per_round(cfg, len(train_cases[s])) for s in local}
         keys = exchanged_keys(model, cfg)
     return Run(cfg, sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys,
@@ -194,7 +217,9 @@ def exchanged_keys(model: torch.nn.Module, cfg: Config) -> list[str]:
     return segviz.shared_keys(model.state_dict(), cfg.mode, cfg.fedbn, parameters)
 
 
-def on_device(next_batch: Callable[[], fl.Batch], device: torch.device | str) -> Callable[[], fl.Batch]:
+def on_device(
+    next_batch: Callable[[], fl.Batch], device: torch.device | str
+) -> Callable[[], fl.Batch]:
     """The sampler's batches on the training device, in the model's memory layout."""
     def batch() -> fl.Batch:
         x, y = next_batch()
@@ -246,17 +271,35 @@ def rounds_loop(run: Run, val_cases: dict, start: int) -> None:
     """The federated rounds: local training, the shared keys combined, validation, state saved."""
     cfg = run.cfg
     steps = sum(run.local_steps.values())
-    print(f"{run_name(cfg, run.ext.stem)} seed {cfg.seed}: {len(run.sites)} site(s) {', '.join(run.sites)} | "
-          f"{cfg.rounds} rounds x {'/'.join(map(str, run.local_steps.values()))} local steps | batch "
-          f"{cfg.volumes_per_batch * cfg.patches_per_volume} x {cfg.patch} | {exchange_summary(run)} | "
-          f"device {cfg.device}")
-    bar = tqdm(total=cfg.rounds * steps, initial=start * steps, desc="train", unit="step", disable=None,
-               dynamic_ncols=True)
+    print(
+        f"{run_name(cfg, run.ext.stem)} seed {cfg.seed}: {len(run.sites)} site(s) "
+        f"{', '.join(run.sites)} | {cfg.rounds} rounds x "
+        f"{'/'.join(map(str, run.local_steps.values()))} local steps | "
+        f"batch {cfg.volumes_per_batch * cfg.patches_per_volume} x {cfg.patch} | "
+        f"{exchange_summary(run)} | device {cfg.device}"
+    )
+    bar = tqdm(
+        total=cfg.rounds * steps,
+        initial=start * steps,
+        desc="train",
+        unit="step",
+        disable=None,
+        dynamic_ncols=True,
+    )
     saved_at, save_seconds = time.monotonic(), 0.0
     for r in range(start, cfg.rounds):
         present = run.ext.present(run.clients) if run.ext.present else run.clients
-        report = fl.federated_round(run.model, run.optimizer, run.clients, run.local_steps, run.keys,
-                                    run.ext.combine, run.ext.weighted, bar.update, present)
+        report = fl.federated_round(
+            run.model,
+            run.optimizer,
+            run.clients,
+            run.local_steps,
+            run.keys,
+            run.ext.combine,
+            run.ext.weighted,
+            bar.update,
+            present,
+        )
         bar.update(sum(run.local_steps[name] for name in report.absent))
         losses = "  ".join(f"{k} {v:.3f}" for k, v in report.losses.items())
         line = f"round {r + 1:>3}/{cfg.rounds}  loss {losses}"
@@ -284,10 +327,13 @@ def exchange_summary(run: Run) -> str:
     """What leaves each site per round, measured on the tensors that are sent."""
     state = run.clients[0].model_state
     sent = sum(state[k].numel() * state[k].element_size() for k in run.keys)
-    return f"{len(run.keys)}/{len(state)} keys shared | {sent / 1e6:.2f} MB up and down per site per round"
+    return (f"{len(run.keys)}/{len(state)} keys shared | "
+            f"{sent / 1e6:.2f} MB up and down per site per round")
 
 
-def validate(run: Run, val_cases: dict[str, list], sites: Sequence[str] | None = None) -> dict[str, float]:
+def validate(
+    run: Run, val_cases: dict[str, list], sites: Sequence[str] | None = None
+) -> dict[str, float]:
     """Mean Dice of each site's organ on that site's validation cases, by the model the site
     holds now (its own binary model, or the one multi-class model), through the site's window."""
     cfg, mode = run.cfg, MODES[run.cfg.mode]
@@ -325,7 +371,8 @@ def finetune_heads(run: Run, val_cases: dict[str, list], epochs: int) -> None:
     for name, p in run.model.named_parameters():
         p.requires_grad_(name.startswith(segviz.TASK_PREFIX))
     for client in tqdm(run.clients, desc="fine-tune heads", disable=None):
-        def score(site: str = client.name) -> float:  # without validation cases the last epoch is kept
+        # without validation cases the last epoch is kept
+        def score(site: str = client.name) -> float:
             return validate(run, val_cases, [site]).get(site, -1.0)
 
         shared = {k: client.model_state[k] for k in run.keys}
@@ -384,7 +431,10 @@ def restore_state(run: Run, path: str) -> int:
     torch.set_rng_state(blob["generators"]["torch"])
     if run.pooled is not None:
         run.pooled.position[0] = blob["pooled_position"]
-    run.log, run.norms, run.validation, run.best = blob["log"], blob["norms"], blob["validation"], blob["best"]
+    run.log = blob["log"]
+    run.norms = blob["norms"]
+    run.validation = blob["validation"]
+    run.best = blob["best"]
     run.earlier_seconds, run.starts = float(blob["train_seconds"]), int(blob["starts"]) + 1
     print(f"resuming {path} after round {blob['round']}/{run.cfg.rounds}")
     return int(blob["round"])
@@ -418,29 +468,53 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
     per_case = evaluate(model_of(ckpt), test_cases, run.organs, scorings, cfg) if cfg.test else {}
     scored = scored_metrics(per_case, scorings[0])
     t_end = time.time()
-    train_seconds = run.earlier_seconds + t_trained - t_data  # a resumed run counts its earlier processes
+    train_seconds = run.earlier_seconds + t_trained - t_data  # with the processes before a resume
     seconds = t_end - t_start + run.earlier_seconds
-    metrics = {"name": name, "mode": cfg.mode, "nodes": cfg.nodes, "seed": cfg.seed, "organs": run.organs,
-               **scored, "seconds": round(seconds, 1), "data_seconds": round(t_data - t_start, 1),
-               "train_seconds": round(train_seconds, 1), "starts": run.starts, "config": ckpt["config"],
-               "local_steps": run.local_steps, "extensions": run.ext.settings, "source": data_info,
-               "device": str(cfg.device), "losses": {c.name: c.history for c in run.clients},
-               "events": run.log, "update_norms": run.norms, "validation": run.validation}
+    metrics = {
+        "name": name,
+        "mode": cfg.mode,
+        "nodes": cfg.nodes,
+        "seed": cfg.seed,
+        "organs": run.organs,
+        **scored,
+        "seconds": round(seconds, 1),
+        "data_seconds": round(t_data - t_start, 1),
+        "train_seconds": round(train_seconds, 1),
+        "starts": run.starts,
+        "config": ckpt["config"],
+        "local_steps": run.local_steps,
+        "extensions": run.ext.settings,
+        "source": data_info,
+        "device": str(cfg.device),
+        "losses": {c.name: c.history for c in run.clients},
+        "events": run.log,
+        "update_norms": run.norms,
+        "validation": run.validation,
+    }
     write(ckpt, os.path.join(cfg.out, MODEL_FILE))
     write_json_atomic(os.path.join(cfg.out, "metrics.json"), metrics)
     print()
     if by := scored["by_scoring"]:
-        print(format_metric_tables({f"{name} ({k})" if len(by) > 1 else name: v for k, v in by.items()},
-                                   run.organs))
+        print(
+            format_metric_tables(
+                {f"{name} ({k})" if len(by) > 1 else name: v for k, v in by.items()}, run.organs
+            )
+        )
     if run.validation:
         print("validation Dice (own site's cases, last check): " + "  ".join(
             f"{k} {v:.3f}" for k, v in run.validation[-1].items() if k != "round"))
     if run.log:
-        print(f"{len(run.log)} event(s): " + "; ".join(run.log[-5:]) + (" ..." if len(run.log) > 5 else ""))
+        print(
+            f"{len(run.log)} event(s): "
+            + "; ".join(run.log[-5:])
+            + (" ..." if len(run.log) > 5 else "")
+        )
     resumed = f", over {run.starts} starts" if run.starts > 1 else ""
-    print(f"\n{name} seed {cfg.seed}: {seconds:.0f} s in all ({t_data - t_start:.0f} s data, {train_seconds:.0f} s "
-          f"training{resumed}, {t_end - t_trained:.0f} s test) on {cfg.device}; "
-          f"checkpoint {os.path.join(cfg.out, MODEL_FILE)}")
+    print(
+        f"\n{name} seed {cfg.seed}: {seconds:.0f} s in all ({t_data - t_start:.0f} s data, "
+        f"{train_seconds:.0f} s training{resumed}, {t_end - t_trained:.0f} s test) on "
+        f"{cfg.device}; checkpoint {os.path.join(cfg.out, MODEL_FILE)}"
+    )
     return metrics
 
 
@@ -449,8 +523,13 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
 # ---------------------------------------------------------------------------------------
 
 
-def train_seeds(cfg: Config, seeds: Sequence[int], resume: bool = False,
-                ext_for: Callable[[Config], Extensions] | None = None, command: str = "python train.py") -> int:
+def train_seeds(
+    cfg: Config,
+    seeds: Sequence[int],
+    resume: bool = False,
+    ext_for: Callable[[Config], Extensions] | None = None,
+    command: str = "python train.py",
+) -> int:
     """Train each seed (in OUT/seed-S when there are several), then the mean ± std across them.
     `ext_for(cfg)`: a variant's extensions for a seed's config; `command`: the script that
     resumes a run (named when Ctrl-C stops it). Returns the exit status."""
@@ -471,28 +550,42 @@ def train_seeds(cfg: Config, seeds: Sequence[int], resume: bool = False,
     if len(results) > 1 and cfg.test:
         first = next(iter(results.values()))
         rows = {f"seed {seed}": m["dice"] for seed, m in results.items()}
-        rows[f"mean of {len(results)} seeds"] = {o: across_seeds(list(rows.values()), o) for o in first["organs"]}
-        print(f"\n{first['name']}, {len(results)} seeds (within a seed: mean ± std over test cases; last row: "
-              f"mean ± std over seeds of each seed's mean)")
+        rows[f"mean of {len(results)} seeds"] = {
+            o: across_seeds(list(rows.values()), o) for o in first["organs"]
+        }
+        print(
+            f"\n{first['name']}, {len(results)} seeds (within a seed: mean ± std over test cases; "
+            "last row: mean ± std over seeds of each seed's mean)"
+        )
         print(format_table(rows, first["organs"]))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     add_arguments(p)
-    p.add_argument("--resume", metavar="OUT",
-                   help="continue the run whose state OUT/state.pt holds, with its own settings (--device and a "
-                        "larger --rounds may be given)")
+    p.add_argument(
+        "--resume",
+        metavar="OUT",
+        help="continue the run whose state OUT/state.pt holds, with its own settings (--device "
+        "and a larger --rounds may be given)",
+    )
     a = p.parse_args(argv)
     if a.resume:
         state = read_state(os.path.join(a.resume, STATE_FILE))
         if state["extensions"]:
-            fail(f"--resume {a.resume}: the run was made by python -m experiments train; resume it with "
-                 f"python -m experiments train --resume {a.resume}")
-        cfg = resumed_config(state["config"], a.resume, a, p, lambda name: name in ("device", "rounds"))
+            fail(
+                f"--resume {a.resume}: the run was made by python -m experiments train; resume "
+                f"it with python -m experiments train --resume {a.resume}"
+            )
+        cfg = resumed_config(
+            state["config"], a.resume, a, p, lambda name: name in ("device", "rounds")
+        )
         return train_seeds(cfg, [cfg.seed], resume=True)
     return train_seeds(config_from_args(a, p), seeds_of(a))
 

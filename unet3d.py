@@ -34,7 +34,8 @@ from torch import nn
 class UNetConfig:
     in_channels: int = 1
     classes: int = 2  # output channels: 2 for a binary site head, 1 + K for a K-organ model
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # one width per level, the last is the bottom
+    # one width per level, the last is the bottom
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     strides: tuple[int, ...] | None = None  # one per level but the bottom; None: all 2
     res_units: int = 2  # convolutions per down (and bottom) residual unit
     norm: str = "batch"  # "batch" (as the original) or "instance" (affine)
@@ -49,7 +50,9 @@ class UNetConfig:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "strides", tuple(self.strides))
         if len(self.strides) != levels - 1:
-            raise ValueError(f"{levels} channel levels need {levels - 1} strides, got {len(self.strides)}")
+            raise ValueError(
+                f"{levels} channel levels need {levels - 1} strides, got {len(self.strides)}"
+            )
         if not 1 <= self.task_stages <= levels - 1:
             raise ValueError(f"task_stages must be in 1..{levels - 1} for {levels} levels")
         if self.res_units < 1:
@@ -82,7 +85,15 @@ def conv_unit(cin: int, cout: int, stride: int, norm: str, transposed: bool = Fa
 class ResidualUnit(nn.Module):
     """`subunits` conv units, the first of which may stride, plus a projected shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int, subunits: int, norm: str, last_conv_only: bool = False):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        subunits: int,
+        norm: str,
+        last_conv_only: bool = False,
+    ):
         super().__init__()
         self.units = nn.Sequential(*(
             conv_unit(cin if i == 0 else cout, cout, stride if i == 0 else 1, norm,
@@ -126,7 +137,8 @@ class UNet3D(nn.Module):
         super().__init__()
         cfg = cfg or UNetConfig()
         self.cfg = cfg
-        ch, st, top = cfg.channels, cfg.strides, len(cfg.channels) - 2  # `top`: the deepest strided level
+        # `top`: the deepest strided level
+        ch, st, top = cfg.channels, cfg.strides, len(cfg.channels) - 2
 
         def up_layer(level: int) -> UpLayer:
             # level `top` meets the bottom unit's output; the others meet the level below's up layer
@@ -136,8 +148,11 @@ class UNet3D(nn.Module):
 
         self.rep = nn.Module()
         self.rep.down = nn.ModuleList(
-            ResidualUnit(cfg.in_channels if i == 0 else ch[i - 1], ch[i], st[i], cfg.res_units, cfg.norm)
-            for i in range(top + 1))
+            ResidualUnit(
+                cfg.in_channels if i == 0 else ch[i - 1], ch[i], st[i], cfg.res_units, cfg.norm
+            )
+            for i in range(top + 1)
+        )
         self.rep.bottom = ResidualUnit(ch[top], ch[top + 1], 1, cfg.res_units, cfg.norm)
         # up layers are listed deepest first, the order they run in
         self.rep.up = nn.ModuleList(up_layer(i) for i in reversed(range(cfg.task_stages, top + 1)))

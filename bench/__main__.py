@@ -36,29 +36,52 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # _clients and _child: the fresh processes that measure a peak of their own
-    sub = p.add_subparsers(dest="what", required=True, metavar="{preprocess,exchange,clients,speed}")
-    q = sub.add_parser("preprocess", help="real-data preprocessing: time per volume, cache size, peak memory")
-    q.add_argument("--ct", default=REAL_CT, help="a CT (NIfTI) to time (default: the real CT in ../shared)")
-    q.add_argument("--shape", type=int, nargs=3, default=(512, 512, 600), help="size of the synthetic CT")
-    q.add_argument("--repeats", type=int, default=3, help="timed repeats of the real CT (median reported)")
+    sub = p.add_subparsers(
+        dest="what", required=True, metavar="{preprocess,exchange,clients,speed}"
+    )
+    q = sub.add_parser(
+        "preprocess", help="real-data preprocessing: time per volume, cache size, peak memory"
+    )
+    q.add_argument(
+        "--ct", default=REAL_CT, help="a CT (NIfTI) to time (default: the real CT in ../shared)"
+    )
+    q.add_argument(
+        "--shape", type=int, nargs=3, default=(512, 512, 600), help="size of the synthetic CT"
+    )
+    q.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats of the real CT (median reported)"
+    )
     q.add_argument("--threads", type=int, default=2, help="torch threads")
-    q.add_argument("--out", default=BENCH_JSON, help="where to write the results (default bench/bench.json)")
-    e = sub.add_parser("exchange", help="keys and bytes that leave each site per round, per mode and preset")
+    q.add_argument(
+        "--out", default=BENCH_JSON, help="where to write the results (default bench/bench.json)"
+    )
+    e = sub.add_parser(
+        "exchange", help="keys and bytes that leave each site per round, per mode and preset"
+    )
     e.add_argument("--out", default=BENCH_JSON)
     m = sub.add_parser("clients", help="peak memory of N simulated clients (phantom preset, CPU)")
     m.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
     m.add_argument("--rounds", type=int, default=2)
     m.add_argument("--local-steps", type=int, default=2)
     m.add_argument("--out", default=BENCH_JSON)
-    sp = sub.add_parser("speed", help="sampler, Dice, sliding window, training step and FL round against MONAI")
+    sp = sub.add_parser(
+        "speed", help="sampler, Dice, sliding window, training step and FL round against MONAI"
+    )
     sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     sp.add_argument("--quick", action="store_true", help="small sizes (CI)")
-    sp.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    sp.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per measurement (median reported)"
+    )
     sp.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     sp.add_argument("--out", default=BENCH_JSON)
-    sp.add_argument("--only", nargs="+", choices=SPEED_PARTS, metavar="PART",
-                    help=f"measure only these ({', '.join(SPEED_PARTS)}); the others keep their earlier "
-                         "entry in --out")
+    sp.add_argument(
+        "--only",
+        nargs="+",
+        choices=SPEED_PARTS,
+        metavar="PART",
+        help=f"measure only these ({', '.join(SPEED_PARTS)}); the others keep their earlier "
+        "entry in --out",
+    )
     k = sub.add_parser("_clients")
     k.add_argument("n", type=int)
     k.add_argument("rounds", type=int)

@@ -33,7 +33,9 @@ def child(*args: str) -> dict:
     line of output, as JSON."""
     path = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
-    r = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, check=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -80,7 +82,10 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
     from realdata.preprocess import load_source
 
     torch.set_num_threads(args.threads)
-    out = {"machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}", "threads": args.threads}
+    out = {
+        "machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}",
+        "threads": args.threads,
+    }
     labels = os.path.join(os.path.dirname(args.ct), "labels_totalsegmentator.nii.gz")
     pair = Pair("ct", args.ct, labels if os.path.isfile(labels) else None)
     source = Source("test", "folders", os.path.dirname(args.ct), [pair], None)
@@ -95,10 +100,15 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
             load_source(source, REAL_SPACING, cache)
             warm.append(time.time() - t)
             size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
-    out["real_ct"] = {"file": os.path.abspath(args.ct), "shape": list(shape),
-                      "working_shape": list(case.hu.shape), "spacing_mm": list(REAL_SPACING),
-                      "seconds_first_load": float(np.median(cold)), "seconds_cached_load": float(np.median(warm)),
-                      "cache_bytes": size}
+    out["real_ct"] = {
+        "file": os.path.abspath(args.ct),
+        "shape": list(shape),
+        "working_shape": list(case.hu.shape),
+        "spacing_mm": list(REAL_SPACING),
+        "seconds_first_load": float(np.median(cold)),
+        "seconds_cached_load": float(np.median(warm)),
+        "cache_bytes": size,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
         synthetic_ct(tmp, tuple(args.shape))
@@ -106,22 +116,32 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
         peak = child("_child", os.path.join(tmp, "image.nii.gz"), os.path.join(tmp, "label.nii.gz"),
                      os.path.join(tmp, "cache"))
     n = int(np.prod(args.shape))
-    out["large_ct"] = {"shape": list(args.shape), "voxels": n, "int16_bytes": 2 * n,
-                       "seconds_to_synthesise": round(written, 1), "seconds": round(peak["seconds"], 1),
-                       "peak_rss_bytes": peak["peak_rss_bytes"]}
+    out["large_ct"] = {
+        "shape": list(args.shape),
+        "voxels": n,
+        "int16_bytes": 2 * n,
+        "seconds_to_synthesise": round(written, 1),
+        "seconds": round(peak["seconds"], 1),
+        "peak_rss_bytes": peak["peak_rss_bytes"],
+    }
     return out
 
 
 def report(r: dict) -> str:
     ct, big = r["real_ct"], r["large_ct"]
-    return "\n".join([
-        f"machine: {r['machine']}, {r['threads']} torch thread(s)",
-        f"real CT {'x'.join(map(str, ct['shape']))} -> {'x'.join(map(str, ct['working_shape']))} at "
-        f"{ct['spacing_mm']} mm: {ct['seconds_first_load']:.2f} s first load (read, preprocess, cache), "
-        f"{ct['seconds_cached_load']:.3f} s from the cache, {ct['cache_bytes'] / 1e6:.2f} MB in the cache",
-        f"synthetic CT {'x'.join(map(str, big['shape']))} ({big['int16_bytes'] / 1e6:.0f} MB as int16): "
-        f"{big['seconds']:.1f} s, peak resident memory {big['peak_rss_bytes'] / 1e9:.2f} GB",
-    ])
+    return "\n".join(
+        [
+            f"machine: {r['machine']}, {r['threads']} torch thread(s)",
+            f"real CT {'x'.join(map(str, ct['shape']))} -> "
+            f"{'x'.join(map(str, ct['working_shape']))} at {ct['spacing_mm']} mm: "
+            f"{ct['seconds_first_load']:.2f} s first load (read, preprocess, cache), "
+            f"{ct['seconds_cached_load']:.3f} s from the cache, "
+            f"{ct['cache_bytes'] / 1e6:.2f} MB in the cache",
+            f"synthetic CT {'x'.join(map(str, big['shape']))} ({big['int16_bytes'] / 1e6:.0f} MB "
+            f"as int16): {big['seconds']:.1f} s, peak resident memory "
+            f"{big['peak_rss_bytes'] / 1e9:.2f} GB",
+        ]
+    )
 
 
 def bench_exchange(args: argparse.Namespace) -> dict:
@@ -137,18 +157,30 @@ def bench_exchange(args: argparse.Namespace) -> dict:
     for preset_name in PRESETS:
         preset = resolve({"preset": preset_name})
         rows = {}
-        for mode, fedbn in (("single", False), ("central", False), ("fedavg", False), ("segviz", False),
-                            ("segviz", True)):
+        for mode, fedbn in (
+            ("single", False),
+            ("central", False),
+            ("fedavg", False),
+            ("segviz", False),
+            ("segviz", True),
+        ):
             classes = 2 if MODES[mode].binary else 5
             net = UNet3D(UNetConfig(classes=classes, channels=preset.channels, norm=preset.norm))
             state = net.state_dict()
             keys = exchanged_keys(net, replace(preset, mode=mode, fedbn=fedbn))
             sent = sum(state[k].numel() * state[k].element_size() for k in keys)
             rows[mode + ("+fedbn" if fedbn else "")] = {
-                "keys_sent": len(keys), "keys_total": len(state), "bytes_up_per_site": sent,
-                "bytes_down_per_site": sent, "model_bytes": sum(v.numel() * v.element_size() for v in state.values()),
-                "note": "the images and labels themselves (pooled training)" if mode == "central"
-                else "nothing" if mode == "single" else ""}
+                "keys_sent": len(keys),
+                "keys_total": len(state),
+                "bytes_up_per_site": sent,
+                "bytes_down_per_site": sent,
+                "model_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+                "note": "the images and labels themselves (pooled training)"
+                if mode == "central"
+                else "nothing"
+                if mode == "single"
+                else "",
+            }
         out[preset_name] = rows
     return out
 
@@ -174,20 +206,37 @@ def clients_child(n: int, rounds: int, steps: int) -> None:
     cfg = SamplerConfig(patch=preset.patch, volumes_per_batch=preset.volumes_per_batch,
                         patches_per_volume=preset.patches_per_volume)
     # the data stay fixed (one sampler per site, shared by that site's clients): only clients grow
-    samplers = {s: site_sampler(cases[s], WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)}
-    model = UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm)).to(memory_format=torch.channels_last_3d)
+    samplers = {
+        s: site_sampler(cases[s], WINDOWS[s], True, cfg, "cpu", i) for i, s in enumerate(sites)
+    }
+    model = UNet3D(UNetConfig(channels=preset.channels, norm=preset.norm)).to(
+        memory_format=torch.channels_last_3d
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    clients = [fl.new_client(f"c{i}", model, optimizer, on_device(samplers[sites[i % 4]].sample, "cpu"),
-                             dice_ce_loss) for i in range(n)]
+    clients = [
+        fl.new_client(
+            f"c{i}", model, optimizer, on_device(samplers[sites[i % 4]].sample, "cpu"), dice_ce_loss
+        )
+        for i in range(n)
+    ]
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     t = time.time()
     for _ in range(rounds):
         fl.federated_round(model, optimizer, clients, steps, keys)
     seconds = time.time() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"clients": n, "peak_rss_bytes": peak, "rss_before_clients": before,
-                      "state_bytes_per_client": fl.state_bytes(model), "seconds_per_round": seconds / rounds}))
+    print(
+        json.dumps(
+            {
+                "clients": n,
+                "peak_rss_bytes": peak,
+                "rss_before_clients": before,
+                "state_bytes_per_client": fl.state_bytes(model),
+                "seconds_per_round": seconds / rounds,
+            }
+        )
+    )
 
 
 def bench_clients(args: argparse.Namespace) -> dict:
@@ -196,22 +245,32 @@ def bench_clients(args: argparse.Namespace) -> dict:
 
 
 def exchange_table(r: dict) -> str:
-    lines = ["| preset | mode | keys sent | MB up per site per round | MB down | what else leaves |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | mode | keys sent | MB up per site per round | MB down | what else leaves |",
+        "|---|---|---|---|---|---|",
+    ]
     for preset, rows in r.items():
         for mode, x in rows.items():
-            lines.append(f"| {preset} | {mode} | {x['keys_sent']}/{x['keys_total']} | "
-                         f"{x['bytes_up_per_site'] / 1e6:.3f} | {x['bytes_down_per_site'] / 1e6:.3f} | "
-                         f"{x['note'] or '-'} |")
+            lines.append(
+                f"| {preset} | {mode} | {x['keys_sent']}/{x['keys_total']} | "
+                f"{x['bytes_up_per_site'] / 1e6:.3f} | {x['bytes_down_per_site'] / 1e6:.3f} | "
+                f"{x['note'] or '-'} |"
+            )
     return "\n".join(lines)
 
 
 def clients_table(r: dict) -> str:
     first = r["rows"][0]["clients"]
-    lines = [f"| clients | peak RSS (MB) | growth over {first} clients (MB) | one client's state (MB) | s per round |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| clients | peak RSS (MB) | growth over {first} clients (MB) | one client's state (MB) "
+        "| s per round |",
+        "|---|---|---|---|---|",
+    ]
     base = r["rows"][0]["peak_rss_bytes"]
     for x in r["rows"]:
-        lines.append(f"| {x['clients']} | {x['peak_rss_bytes'] / 1e6:.0f} | {(x['peak_rss_bytes'] - base) / 1e6:.0f} | "
-                     f"{x['state_bytes_per_client'] / 1e6:.2f} | {x['seconds_per_round']:.2f} |")
+        lines.append(
+            f"| {x['clients']} | {x['peak_rss_bytes'] / 1e6:.0f} | "
+            f"{(x['peak_rss_bytes'] - base) / 1e6:.0f} | "
+            f"{x['state_bytes_per_client'] / 1e6:.2f} | {x['seconds_per_round']:.2f} |"
+        )
     return "\n".join(lines)

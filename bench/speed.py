@@ -25,7 +25,10 @@ _T = TypeVar("_T")
 
 TARGETS = {"sampling": 10.0, "dice": 5.0, "sliding_window": 1.0, "train_step": 1.0, "surface": 1.0}
 SIZES = {  # full sizes, and --quick ones for CI
-    "sampling": {"paper": ((256, 256, 128), (128, 128, 32), 4), "phantom": ((110, 86, 86), (64, 64, 32), 2)},
+    "sampling": {
+        "paper": ((256, 256, 128), (128, 128, 32), 4),
+        "phantom": ((110, 86, 86), (64, 64, 32), 2),
+    },
     "dice": {"full": ((256, 256, 128), 8), "quick": ((96, 96, 64), 4)},
     "sliding_window": {"full": (256, 256, 160), "quick": (160, 160, 64)},
 }
@@ -47,7 +50,9 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def paired_median_seconds(fns: dict, repeats: int, device: torch.device | str, warmup: int = 1) -> dict[str, float]:
+def paired_median_seconds(
+    fns: dict, repeats: int, device: torch.device | str, warmup: int = 1
+) -> dict[str, float]:
     """Median wall time of each fn, timed in alternating order so that a change in the machine's
     load during the measurement falls on both sides alike."""
     import statistics
@@ -66,7 +71,9 @@ def paired_median_seconds(fns: dict, repeats: int, device: torch.device | str, w
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device | str, warmup: int = 1) -> float:
+def median_seconds(
+    fn: Callable[[], object], repeats: int, device: torch.device | str, warmup: int = 1
+) -> float:
     """Median wall time of fn() after warm-up calls (synchronised on a GPU)."""
     import statistics
 
@@ -106,8 +113,13 @@ def speed_sampling(args: argparse.Namespace, monai: ModuleType | None) -> dict:
         if args.quick and preset == "paper":
             vol_shape, patch = (128, 128, 64), (64, 64, 32)
         img, lab = synthetic_volume(vol_shape, args.device)
-        sampler = PatchSampler([img], [lab], SamplerConfig(patch=patch, volumes_per_batch=1, patches_per_volume=n),
-                               device=args.device, seed=0)
+        sampler = PatchSampler(
+            [img],
+            [lab],
+            SamplerConfig(patch=patch, volumes_per_batch=1, patches_per_volume=n),
+            device=args.device,
+            seed=0,
+        )
         ours = median_seconds(sampler.sample, args.repeats * 5, args.device, warmup=2)
         row = {"volume": list(vol_shape), "patch": list(patch), "patches_per_call": n,
                "ours_patches_per_s": n / ours}
@@ -116,7 +128,9 @@ def speed_sampling(args: argparse.Namespace, monai: ModuleType | None) -> dict:
             item = {"image": img[None].clone(), "label": lab[None].clone()}
             set_determinism = monai.utils.set_determinism
             set_determinism(seed=0)
-            t = median_seconds(lambda chain=chain, item=item: chain(dict(item)), args.repeats, args.device)
+            t = median_seconds(
+                lambda chain=chain, item=item: chain(dict(item)), args.repeats, args.device
+            )
             row["monai_patches_per_s"] = n / t
             row["ratio"] = t / ours
             set_determinism(seed=None)
@@ -131,14 +145,30 @@ def _monai_train_chain(monai: ModuleType, patch: tuple[int, int, int], n: int) -
 
     from monai import transforms as T
 
-    return T.Compose([
-        T.RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch, pos=1, neg=1,
-                                 num_samples=n, image_key="image", image_threshold=0),
-        T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        T.RandAffined(keys=["image", "label"], mode=("bilinear", "nearest"), prob=0.5, spatial_size=patch,
-                      rotate_range=(0, 0, math.pi / 15), scale_range=(0.1, 0.1, 0.1)),
-    ])
+    return T.Compose(
+        [
+            T.RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=patch,
+                pos=1,
+                neg=1,
+                num_samples=n,
+                image_key="image",
+                image_threshold=0,
+            ),
+            T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            T.RandAffined(
+                keys=["image", "label"],
+                mode=("bilinear", "nearest"),
+                prob=0.5,
+                spatial_size=patch,
+                rotate_range=(0, 0, math.pi / 15),
+                scale_range=(0.1, 0.1, 0.1),
+            ),
+        ]
+    )
 
 
 def speed_dice(args: argparse.Namespace, monai: ModuleType | None) -> dict:
@@ -152,7 +182,8 @@ def speed_dice(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     truths, preds = [], []
     for i in range(cases):
         img, lab = synthetic_volume(shape, "cpu", seed=i)
-        truth = (lab.long() + 2 * (img > 0.6).long()).clamp(max=4)  # 5 classes, some overlap-free organs
+        # 5 classes, some overlap-free organs
+        truth = (lab.long() + 2 * (img > 0.6).long()).clamp(max=4)
         noise = torch.randint(0, 5, shape, generator=g)
         flip = torch.rand(shape, generator=g) < 0.05
         truths.append(truth.to(args.device))
@@ -194,7 +225,11 @@ def speed_sliding_window(args: argparse.Namespace, monai: ModuleType | None) -> 
 
     preset = resolve({"preset": "phantom"})
     torch.manual_seed(0)
-    net = UNet3D(UNetConfig(classes=5, channels=preset.channels, norm=preset.norm)).to(args.device).eval()
+    net = (
+        UNet3D(UNetConfig(classes=5, channels=preset.channels, norm=preset.norm))
+        .to(args.device)
+        .eval()
+    )
     shape = SIZES["sliding_window"]["quick" if args.quick else "full"]
     vol = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(args.device)
     roi, overlap, batch = preset.patch, 0.25, 4
@@ -202,8 +237,11 @@ def speed_sliding_window(args: argparse.Namespace, monai: ModuleType | None) -> 
     outputs = {}
 
     with torch.no_grad():
-        fns = {"ours": lambda: outputs.__setitem__("ours", ev.sliding_window(net, vol, roi, overlap, "gaussian",
-                                                                            batch=batch))}
+        fns = {
+            "ours": lambda: outputs.__setitem__(
+                "ours", ev.sliding_window(net, vol, roi, overlap, "gaussian", batch=batch)
+            )
+        }
         if monai is not None:
             from monai.inferers import sliding_window_inference
 
@@ -214,8 +252,13 @@ def speed_sliding_window(args: argparse.Namespace, monai: ModuleType | None) -> 
         seconds = paired_median_seconds(fns, max(1, args.repeats // 2), args.device, warmup=0)
         row["ours_seconds"] = seconds["ours"]
         if monai is not None:
-            row.update(monai_seconds=seconds["monai"], ratio=seconds["monai"] / seconds["ours"],
-                       max_abs_difference=float((outputs["ours"] - torch.as_tensor(outputs["monai"])).abs().max()))
+            row.update(
+                monai_seconds=seconds["monai"],
+                ratio=seconds["monai"] / seconds["ours"],
+                max_abs_difference=float(
+                    (outputs["ours"] - torch.as_tensor(outputs["monai"])).abs().max()
+                ),
+            )
     return row
 
 
@@ -230,7 +273,8 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
     preset = resolve({"preset": "phantom" if args.quick else "paper"})
     batch = preset.volumes_per_batch * preset.patches_per_volume
     if args.device == "cpu" and not args.quick:
-        batch = 2  # a CPU step of 8 patches of 128 x 128 x 32 takes minutes; the ratio is what matters
+        # a CPU step of 8 patches of 128 x 128 x 32 takes minutes; the ratio is what matters
+        batch = 2
     x = torch.rand((batch, 1, *preset.patch), device=args.device)
     y = (x[:, 0] > 0.5).long()
 
@@ -242,13 +286,27 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
 
             # the same network: MONAI's residual UNet with the preset's norm (affine, as ours)
             norm = "batch" if preset.norm == "batch" else ("instance", {"affine": True})
-            yield "monai", UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=preset.channels,
-                                strides=(2,) * (len(preset.channels) - 1), num_res_units=2, norm=norm)
+            yield (
+                "monai",
+                UNet(
+                    spatial_dims=3,
+                    in_channels=1,
+                    out_channels=2,
+                    channels=preset.channels,
+                    strides=(2,) * (len(preset.channels) - 1),
+                    num_res_units=2,
+                    norm=norm,
+                ),
+            )
 
     variants = [("fp32", False, False)]
     if torch.device(args.device).type == "cuda":
         variants += [("bf16", True, False), ("bf16+channels_last", True, True)]
-    row = {"preset": "phantom" if args.quick else "paper", "batch": batch, "patch": list(preset.patch)}
+    row = {
+        "preset": "phantom" if args.quick else "paper",
+        "batch": batch,
+        "patch": list(preset.patch),
+    }
     models = dict(nets())
     for name, net in models.items():
         row[f"{name}_parameters"] = sum(p.numel() for p in net.to(args.device).parameters())
@@ -259,9 +317,15 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
             xx = x.to(memory_format=torch.channels_last_3d) if cl else x
             opt = torch.optim.Adam(m.parameters(), lr=1e-4)
 
-            def step(m: torch.nn.Module = m, xx: torch.Tensor = xx, opt: torch.optim.Optimizer = opt,
-                     bf16: bool = bf16) -> None:
-                with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
+            def step(
+                m: torch.nn.Module = m,
+                xx: torch.Tensor = xx,
+                opt: torch.optim.Optimizer = opt,
+                bf16: bool = bf16,
+            ) -> None:
+                with torch.autocast(
+                    torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16
+                ):
                     loss = dice_ce_loss(m(xx).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -271,7 +335,8 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
         seconds = paired_median_seconds(steps, args.repeats, args.device)
         for name, t in seconds.items():
             row[f"{name}_{label}_voxels_per_s"] = x.numel() / t
-            if torch.device(args.device).type == "cuda":  # each network's own peak: one more step alone
+            # each network's own peak: one more step alone
+            if torch.device(args.device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 steps[name]()
                 row[f"{name}_{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -286,8 +351,8 @@ def speed_fl_round(args: argparse.Namespace) -> dict:
 
     import fl
     import segviz
-    from settings import resolve
     from sampler import PatchSampler, SamplerConfig
+    from settings import resolve
     from train import dice_ce_loss
     from unet3d import UNet3D, UNetConfig
 
@@ -305,8 +370,9 @@ def speed_fl_round(args: argparse.Namespace) -> dict:
     keys = segviz.shared_keys(clients[0].model_state, "segviz")
     spent = {"aggregate": 0.0}
 
-    def timed_average(states: Sequence[State], reference: State, weights: Sequence[float] | None = None
-                      ) -> tuple[State, Notes]:
+    def timed_average(
+        states: Sequence[State], reference: State, weights: Sequence[float] | None = None
+    ) -> tuple[State, Notes]:
         _sync(args.device)
         t = time.perf_counter()
         out = fl.mean(states, reference, weights)
@@ -324,10 +390,18 @@ def speed_fl_round(args: argparse.Namespace) -> dict:
         fl.federated_round(model, optimizer, clients, steps, keys, timed_average)
     _sync(args.device)
     total = (time.perf_counter() - t) / rounds
-    sent = sum(clients[0].model_state[k].numel() * clients[0].model_state[k].element_size() for k in keys)
-    return {"clients": 4, "local_steps": steps, "seconds_per_round": total,
-            "aggregate_seconds": spent["aggregate"] / rounds, "aggregate_share": spent["aggregate"] / rounds / total,
-            "bytes_up_per_round": 4 * sent, "bytes_down_per_round": 4 * sent}
+    sent = sum(
+        clients[0].model_state[k].numel() * clients[0].model_state[k].element_size() for k in keys
+    )
+    return {
+        "clients": 4,
+        "local_steps": steps,
+        "seconds_per_round": total,
+        "aggregate_seconds": spent["aggregate"] / rounds,
+        "aggregate_share": spent["aggregate"] / rounds / total,
+        "bytes_up_per_round": 4 * sent,
+        "bytes_down_per_round": 4 * sent,
+    }
 
 
 def speed_surface(args: argparse.Namespace, monai: ModuleType | None) -> dict:
@@ -338,9 +412,13 @@ def speed_surface(args: argparse.Namespace, monai: ModuleType | None) -> dict:
     import metrics
 
     shape, spacing = ((96, 96, 48) if args.quick else (160, 160, 80)), (0.8, 0.8, 3.0)
-    x, y, z = (torch.linspace(-1, 1, n).view([-1 if i == a else 1 for i in range(3)]) for a, n in enumerate(shape))
+    x, y, z = (
+        torch.linspace(-1, 1, n).view([-1 if i == a else 1 for i in range(3)])
+        for a, n in enumerate(shape)
+    )
     truth = (x / 0.6) ** 2 + (y / 0.45) ** 2 + (z / 0.7) ** 2 < 1
-    pred = ((x - 0.04) / 0.6) ** 2 + (y / 0.47) ** 2 + ((z + 0.05) / 0.7) ** 2 < 1  # ~3 voxels off, a little wider
+    # ~3 voxels off, a little wider
+    pred = ((x - 0.04) / 0.6) ** 2 + (y / 0.47) ** 2 + ((z + 0.05) / 0.7) ** 2 < 1
 
     def ours() -> tuple[float, float]:
         d = metrics.surface_distances(pred, truth, spacing)
@@ -353,8 +431,12 @@ def speed_surface(args: argparse.Namespace, monai: ModuleType | None) -> dict:
         p, t = pred[None, None].float(), truth[None, None].float()
 
         def theirs() -> tuple[float, float]:
-            hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
-            return hd.item(), compute_surface_dice(p, t, [2.0], include_background=True, spacing=spacing).item()
+            hd = compute_hausdorff_distance(
+                p, t, include_background=True, percentile=95, spacing=spacing
+            )
+            return hd.item(), compute_surface_dice(
+                p, t, [2.0], include_background=True, spacing=spacing
+            ).item()
 
         fns["monai"] = theirs
     seconds = paired_median_seconds(fns, args.repeats, "cpu")
@@ -375,14 +457,24 @@ def bench_speed(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     monai = _monai()
     if monai is None:
-        print("MONAI is not installed (pip install -r requirements-dev.txt): measuring this project alone",
-              file=sys.stderr)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU(s)"
+        print(
+            "MONAI is not installed (pip install -r requirements-dev.txt): measuring this project "
+            "alone",
+            file=sys.stderr,
+        )
+    device_name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU(s)"
+    )
     out = {"device": args.device, "machine": f"{device_name}, torch {torch.__version__}",
            "monai": getattr(monai, "__version__", None), "quick": args.quick, "targets": TARGETS}
-    parts = [("sampling", speed_sampling), ("dice", speed_dice), ("sliding_window", speed_sliding_window),
-             ("train_step", speed_train_step), ("fl_round", lambda a, _: speed_fl_round(a)),
-             ("surface", speed_surface)]
+    parts = [
+        ("sampling", speed_sampling),
+        ("dice", speed_dice),
+        ("sliding_window", speed_sliding_window),
+        ("train_step", speed_train_step),
+        ("fl_round", lambda a, _: speed_fl_round(a)),
+        ("surface", speed_surface),
+    ]
     for name, fn in tqdm_list([(n, f) for n, f in parts if not args.only or n in args.only]):
         out[name] = {**fn(args, monai), "machine": out["machine"], "monai": out["monai"]}
     return out
@@ -392,8 +484,13 @@ def with_sampling_share(r: dict) -> dict:
     """On a GPU, the sampler's share of a paper-preset training step (the issue's < 5%)."""
     r = {k: v for k, v in r.items() if k != "sampling_share_of_paper_step"}
     if r.get("device") == "cuda" and "paper" in r.get("sampling", {}) and "train_step" in r:
-        step_s = r["train_step"]["batch"] * 128 * 128 * 32 / r["train_step"]["unet3d_fp32_voxels_per_s"]
-        sample_s = r["sampling"]["paper"]["patches_per_call"] / r["sampling"]["paper"]["ours_patches_per_s"]
+        step_s = (
+            r["train_step"]["batch"] * 128 * 128 * 32 / r["train_step"]["unet3d_fp32_voxels_per_s"]
+        )
+        sample_s = (
+            r["sampling"]["paper"]["patches_per_call"]
+            / r["sampling"]["paper"]["ours_patches_per_s"]
+        )
         r["sampling_share_of_paper_step"] = sample_s / (sample_s + step_s)
     return r
 
@@ -408,7 +505,8 @@ def speed_table(r: dict) -> str:
     def ratio(x: dict, target: float) -> str:
         if "ratio" not in x:
             return "- | -"
-        return f"{x['ratio']:.2f}x | {'met' if x['ratio'] >= target else 'NOT met'} (target {target:g}x)"
+        met = "met" if x["ratio"] >= target else "NOT met"
+        return f"{x['ratio']:.2f}x | {met} (target {target:g}x)"
 
     lines = [f"{r['machine']}, device {r['device']}, MONAI {r['monai'] or 'not installed'}"
              f"{' (quick sizes)' if r['quick'] else ''}", "",
@@ -416,37 +514,56 @@ def speed_table(r: dict) -> str:
     for preset, x in r.get("sampling", {}).items():
         if not isinstance(x, dict):  # the part's machine and MONAI version
             continue
-        lines.append(f"| sampling, {preset} ({x['patches_per_call']} x {x['patch']} from {x['volume']}) | "
-                     f"{x['ours_patches_per_s']:.1f} patches/s | {x.get('monai_patches_per_s', 0):.1f} patches/s | "
-                     f"{ratio(x, TARGETS['sampling'])} |")
+        lines.append(
+            f"| sampling, {preset} ({x['patches_per_call']} x {x['patch']} from {x['volume']}) | "
+            f"{x['ours_patches_per_s']:.1f} patches/s | {x.get('monai_patches_per_s', 0):.1f} "
+            f"patches/s | {ratio(x, TARGETS['sampling'])} |"
+        )
     if "dice" in r:
         x = r["dice"]
-        lines.append(f"| Dice, {x['cases']} cases of {x['shape']}, {x['classes']} organs | "
-                     f"{x['ours_cases_per_s']:.2f} cases/s | {x.get('monai_cases_per_s', 0):.2f} cases/s | "
-                     f"{ratio(x, TARGETS['dice'])} |")
+        lines.append(
+            f"| Dice, {x['cases']} cases of {x['shape']}, {x['classes']} organs | "
+            f"{x['ours_cases_per_s']:.2f} cases/s | {x.get('monai_cases_per_s', 0):.2f} cases/s | "
+            f"{ratio(x, TARGETS['dice'])} |"
+        )
     if "sliding_window" in r:
         x = r["sliding_window"]
-        lines.append(f"| sliding window, {x['volume']}, roi {x['roi']} | {x['ours_seconds']:.1f} s | "
-                     f"{x.get('monai_seconds', 0):.1f} s | {ratio(x, TARGETS['sliding_window'])} |")
+        lines.append(
+            f"| sliding window, {x['volume']}, roi {x['roi']} | {x['ours_seconds']:.1f} s | "
+            f"{x.get('monai_seconds', 0):.1f} s | {ratio(x, TARGETS['sliding_window'])} |"
+        )
     if "train_step" in r:
         x = r["train_step"]
-        lines.append(f"| training step, {x['preset']} preset, batch {x['batch']} x {x['patch']} | "
-                     f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s ({x['unet3d_parameters'] / 1e6:.2f} M "
-                     f"params) | {x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
-                     f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | {ratio(x, TARGETS['train_step'])} |")
+        lines.append(
+            f"| training step, {x['preset']} preset, batch {x['batch']} x {x['patch']} | "
+            f"{x['unet3d_fp32_voxels_per_s'] / 1e6:.2f} Mvox/s "
+            f"({x['unet3d_parameters'] / 1e6:.2f} M "
+            f"params) | {x.get('monai_fp32_voxels_per_s', 0) / 1e6:.2f} Mvox/s "
+            f"({x.get('monai_parameters', 0) / 1e6:.2f} M params) | "
+            f"{ratio(x, TARGETS['train_step'])} |"
+        )
     if "surface" in r:
         x = r["surface"]
-        lines.append(f"| HD95 + surface Dice, one organ of {x['shape']} at {x['spacing']} mm | "
-                     f"{x['ours_s_per_case'] * 1e3:.0f} ms | {x.get('monai_s_per_case', 0) * 1e3:.0f} ms | "
-                     f"{ratio(x, TARGETS['surface'])} |")
+        lines.append(
+            f"| HD95 + surface Dice, one organ of {x['shape']} at {x['spacing']} mm | "
+            f"{x['ours_s_per_case'] * 1e3:.0f} ms | {x.get('monai_s_per_case', 0) * 1e3:.0f} ms | "
+            f"{ratio(x, TARGETS['surface'])} |"
+        )
     if "fl_round" in r:
         f = r["fl_round"]
-        lines += ["", f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} s, "
-                  f"aggregation {f['aggregate_seconds'] * 1e3:.1f} ms ({100 * f['aggregate_share']:.2f}%), "
-                  f"{f['bytes_up_per_round'] / 1e6:.2f} MB up and {f['bytes_down_per_round'] / 1e6:.2f} MB down"]
+        lines += [
+            "",
+            f"FL round (4 clients, {f['local_steps']} local steps): {f['seconds_per_round']:.2f} "
+            f"s, aggregation {f['aggregate_seconds'] * 1e3:.1f} ms "
+            f"({100 * f['aggregate_share']:.2f}%), {f['bytes_up_per_round'] / 1e6:.2f} MB up and "
+            f"{f['bytes_down_per_round'] / 1e6:.2f} MB down",
+        ]
     for name in ("dice", "sliding_window", "surface"):
         if "max_abs_difference" in r.get(name, {}):
-            lines.append(f"{name}: largest difference from MONAI's output {r[name]['max_abs_difference']:.2e}")
+            lines.append(
+                f"{name}: largest difference from MONAI's output "
+                f"{r[name]['max_abs_difference']:.2e}"
+            )
     if "sampling_share_of_paper_step" in r:
         share = r["sampling_share_of_paper_step"]
         lines.append(f"sampling's share of a paper-preset training step: {100 * share:.1f}%")

@@ -29,7 +29,10 @@ def read_runs(folder: str) -> dict[str, list[dict]]:
     for d in sorted(os.listdir(folder)):
         paths.append(os.path.join(folder, d, "metrics.json"))
         if os.path.isdir(os.path.join(folder, d)):
-            paths += [os.path.join(folder, d, e, "metrics.json") for e in sorted(os.listdir(os.path.join(folder, d)))]
+            paths += [
+                os.path.join(folder, d, e, "metrics.json")
+                for e in sorted(os.listdir(os.path.join(folder, d)))
+            ]
     for path in paths:
         if not os.path.isfile(path):
             continue
@@ -80,9 +83,16 @@ def compare_runs(folder: str) -> str:
     Dice (each setup against SegViz with the same number of nodes: Wilcoxon over matched (seed,
     test case) pairs), then of HD95 and NSD. results.json: {row: {organ: Dice entry, with its
     "hd95" and "nsd" entries inside}}."""
-    runs = {name: scored for name, ms in read_runs(folder).items() if (scored := [m for m in ms if m.get("dice")])}
+    runs = {
+        name: scored
+        for name, ms in read_runs(folder).items()
+        if (scored := [m for m in ms if m.get("dice")])
+    }
     if not runs:
-        fail(f"{folder}: no run with test scores (train.py's, or eval.py's in a --no-test run's eval/ folder)")
+        fail(
+            f"{folder}: no run with test scores (train.py's, or eval.py's in a --no-test run's "
+            "eval/ folder)"
+        )
     rows = scored_rows(runs)
     nodes_of = {row: runs[row.split(" ")[0]][0]["nodes"] for row in rows}
     result, lines = {}, []
@@ -108,26 +118,35 @@ def compare_runs(folder: str) -> str:
                         continue
                     mark = ""
                     if metric == "dice":
-                        mark = compare_to_segviz(entry, per_row[row], ref, organ, row == f"segviz-{nodes}")
+                        mark = compare_to_segviz(
+                            entry, per_row[row], ref, organ, row == f"segviz-{nodes}"
+                        )
                         result[row][organ] = entry
                     elif organ in result[row]:
                         result[row][organ][metric] = entry
-                    cells.append(format_cell(entry, METRIC_DIGITS[metric]) + (f" {mark}" if mark else ""))
+                    cells.append(
+                        format_cell(entry, METRIC_DIGITS[metric]) + (f" {mark}" if mark else "")
+                    )
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines.append("Cells: mean ± std over seeds of each seed's mean over the test cases. Marks: each row "
-                 "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test of Dice over "
-                 "matched (seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant). HD95 has no "
-                 "value where the prediction or the truth is empty (MONAI's rule): its means are over the "
-                 "other cases, and \"(n nan)\" counts the (seed, case) pairs without one.")
+    lines.append(
+        "Cells: mean ± std over seeds of each seed's mean over the test cases. Marks: each row "
+        "against SegViz (merged) with the same nodes, two-sided Wilcoxon signed-rank test of Dice "
+        "over matched (seed, test case) pairs (** p < 0.01, * p < 0.05, ns not significant). HD95 "
+        "has no value where the prediction or the truth is empty (MONAI's rule): its means are "
+        'over the other cases, and "(n nan)" counts the (seed, case) pairs without one.'
+    )
     text = "\n".join(lines)
     write_text_atomic(os.path.join(folder, "results.md"), text + "\n")
     write_json_atomic(os.path.join(folder, "results.json"), result)
     return text
 
 
-def compare_to_segviz(entry: dict, mine: list[dict], ref: list[dict] | None, organ: str, is_ref: bool) -> str:
-    """The Wilcoxon mark of a row's Dice against SegViz's (p stored in `entry`); "" if not compared."""
+def compare_to_segviz(
+    entry: dict, mine: list[dict], ref: list[dict] | None, organ: str, is_ref: bool
+) -> str:
+    """The Wilcoxon mark of a row's Dice against SegViz's (p stored in `entry`); "" if not compared.
+    """
     if ref is None or is_ref or len(ref) != len(mine):
         return ""
     theirs = across_seeds([seed["dice"] for seed in ref], organ)

@@ -42,16 +42,25 @@ def box_plot(runs: dict[str, list[dict]], path: str) -> None:
     plt = _pyplot()
     organs = [o for o in ORGAN_ID if any(o in ms[0]["dice"] for ms in runs.values())]
     node_counts = sorted({ms[0]["nodes"] for ms in runs.values()})
-    fig, axes = plt.subplots(len(node_counts), len(organs), figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(node_counts),
+        len(organs),
+        figsize=(3.2 * len(organs), 4.2 * len(node_counts)),
+        squeeze=False,
+    )
     for row, nodes in zip(axes, node_counts):
         for ax, organ in zip(row, organs):
-            names = [n for n, ms in runs.items() if ms[0]["nodes"] == nodes and organ in ms[0]["dice"]]
+            names = [
+                n for n, ms in runs.items() if ms[0]["nodes"] == nodes and organ in ms[0]["dice"]
+            ]
             if not names:  # e.g. kidneys with two nodes: no site labelled them
                 ax.set_axis_off()
                 continue
             # every (seed, test case) Dice of a setup in one box
-            ax.boxplot([[v for m in runs[n] for v in m["dice"][organ]["cases"]] for n in names], showmeans=True)
+            ax.boxplot(
+                [[v for m in runs[n] for v in m["dice"][organ]["cases"]] for n in names],
+                showmeans=True,
+            )
             ax.set_xticks(range(1, len(names) + 1), names, rotation=70, fontsize=7)
             ax.set_title(f"{organ}, {nodes} node(s)" if len(node_counts) > 1 else organ)
             ax.set_ylim(-0.02, 1.02)
@@ -62,11 +71,17 @@ def box_plot(runs: dict[str, list[dict]], path: str) -> None:
     plt.close(fig)
 
 
-OVERLAY_COLOURS = {"liver": (0.85, 0.35, 0.2), "spleen": (0.2, 0.5, 0.9), "pancreas": (0.95, 0.8, 0.2),
-                   "kidneys": (0.3, 0.8, 0.4)}
+OVERLAY_COLOURS = {
+    "liver": (0.85, 0.35, 0.2),
+    "spleen": (0.2, 0.5, 0.9),
+    "pancreas": (0.95, 0.8, 0.2),
+    "kidneys": (0.3, 0.8, 0.4),
+}
 
 
-def overlays(folder: str, runs: dict[str, list[dict]], out_dir: str, device: torch.device | str = "cpu") -> list[str]:
+def overlays(
+    folder: str, runs: dict[str, list[dict]], out_dir: str, device: torch.device | str = "cpu"
+) -> list[str]:
     """One axial and one coronal slice per test case (through the organs' centre, in radiological
     convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
     from its checkpoint."""
@@ -74,13 +89,16 @@ def overlays(folder: str, runs: dict[str, list[dict]], out_dir: str, device: tor
     test = None
     predictions = {}
     for name in runs:
-        ckpt = read_checkpoint(os.path.join(runs[name][0]["dir"], MODEL_FILE))  # the first seed's model
+        # the first seed's model
+        ckpt = read_checkpoint(os.path.join(runs[name][0]["dir"], MODEL_FILE))
         cfg = config_of(ckpt, device=str(device))
         test = test or load_test_set(cfg)
         model = model_of(ckpt).to(device).eval()
         scoring = MODES[ckpt["mode"]].scorings[0]
-        predictions[name] = [label_map(segment(model, c, ckpt["organs"], (scoring,), cfg)[scoring]).cpu()
-                             for c in test]
+        predictions[name] = [
+            label_map(segment(model, c, ckpt["organs"], (scoring,), cfg)[scoring]).cpu()
+            for c in test
+        ]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, case in enumerate(test):
@@ -113,18 +131,36 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
     sx, sy, sz = case.spacing
     fig, axes = plt.subplots(2, len(panels), figsize=(2.2 * len(panels), 4.6), squeeze=False)
     for j, (title, lab) in enumerate(panels):
-        views = ((case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx), (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx))
+        views = (
+            (case.hu[:, :, fg[2]], lab[:, :, fg[2]], sy / sx),
+            (case.hu[:, fg[1], :], lab[:, fg[1], :], sz / sx),
+        )
         for row, (img, seg, aspect) in enumerate(views):
             ax = axes[row][j]
-            ax.imshow(window(radiological(img), (-175.0, 250.0)).numpy(), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+            ax.imshow(
+                window(radiological(img), (-175.0, 250.0)).numpy(),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                aspect=aspect,
+            )
             shown = radiological(seg).numpy()
             rgba = np.zeros((*shown.shape, 4))
             for organ, colour in OVERLAY_COLOURS.items():
                 rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
             ax.imshow(rgba, aspect=aspect)
             for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
-                ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="yellow",
-                        fontsize=7, fontweight="bold")
+                ax.text(
+                    x,
+                    0.5,
+                    letter,
+                    transform=ax.transAxes,
+                    ha=align,
+                    va="center",
+                    color="yellow",
+                    fontsize=7,
+                    fontweight="bold",
+                )
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=7)
@@ -171,4 +207,5 @@ def figures(folder: str, device: torch.device) -> str:
     shown = {n: ms for n, ms in runs.items() if ms[0]["nodes"] == most}
     written = overlays(folder, shown, fig_dir, device)
     curves = validation_curves(runs, fig_dir)
-    return f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), {len(curves)} validation curve(s)"
+    return (f"figures: {fig_dir}/dice_boxplot.png, {len(written)} overlay(s), "
+            f"{len(curves)} validation curve(s)")

@@ -29,7 +29,9 @@ def median(states: Sequence[State], weights: Sequence[float] | None = None) -> S
     return _order_statistic(states, lambda s, n: (s[(n - 1) // 2] + s[n // 2]) / 2)
 
 
-def trimmed_mean(states: Sequence[State], weights: Sequence[float] | None = None, trim: float = 0.2) -> State:
+def trimmed_mean(
+    states: Sequence[State], weights: Sequence[float] | None = None, trim: float = 0.2
+) -> State:
     """Coordinate-wise mean after dropping the `trim` share of highest and lowest values
     (at least one each side from three clients on); ignores weights."""
     def middle(s: torch.Tensor, n: int) -> torch.Tensor:
@@ -38,7 +40,9 @@ def trimmed_mean(states: Sequence[State], weights: Sequence[float] | None = None
     return _order_statistic(states, middle)
 
 
-def _order_statistic(states: Sequence[State], pick: Callable[[torch.Tensor, int], torch.Tensor]) -> State:
+def _order_statistic(
+    states: Sequence[State], pick: Callable[[torch.Tensor, int], torch.Tensor]
+) -> State:
     if not states:
         raise ValueError("nothing to aggregate")
     out = {}
@@ -97,7 +101,9 @@ def screen(states: Sequence[State], norms: Sequence[float], guard: Guard) -> dic
     """Index -> reason for every update the guard refuses (norms: each update's L2 norm)."""
     refused = {}
     for i, s in enumerate(states):
-        bad = next((k for k, v in s.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        bad = next(
+            (k for k, v in s.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+        )
         if bad is not None:
             refused[i] = f"NaN or inf in {bad}"
     norms = {i: n for i, n in enumerate(norms) if i not in refused}
@@ -108,7 +114,9 @@ def screen(states: Sequence[State], norms: Sequence[float], guard: Guard) -> dic
         elif guard.factor is not None and len(norms) > 1:
             others = statistics.median(v for j, v in norms.items() if j != i)
             if n > guard.factor * others:
-                refused[i] = f"update norm {n:.3g} > {guard.factor:g} x median of the others ({others:.3g})"
+                refused[i] = (
+                    f"update norm {n:.3g} > {guard.factor:g} x median of the others ({others:.3g})"
+                )
     return refused
 
 
@@ -148,10 +156,17 @@ def combine_updates(sent: Sequence[State], reference: State, aggregate: Aggregat
     return merged, norms, refused
 
 
-def combiner(aggregate: Aggregate = average, guard: Guard | None = None, privacy: Privacy | None = None) -> Combine:
+def combiner(
+    aggregate: Aggregate = average, guard: Guard | None = None, privacy: Privacy | None = None
+) -> Combine:
     """A combining function for `fl.federated_round`: screen, clip, aggregate, add noise."""
-    def combine(sent: Sequence[State], reference: State, weights: Sequence[float] | None = None) -> tuple[State, Notes]:
-        merged, norms, refused = combine_updates(sent, reference, aggregate, weights, guard, privacy)
+
+    def combine(
+        sent: Sequence[State], reference: State, weights: Sequence[float] | None = None
+    ) -> tuple[State, Notes]:
+        merged, norms, refused = combine_updates(
+            sent, reference, aggregate, weights, guard, privacy
+        )
         return merged, {"norms": norms, "refused": refused}
 
     return combine

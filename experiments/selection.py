@@ -62,7 +62,10 @@ def validation_cases(ckpt: dict, cfg: Config, n: int | None = None) -> dict[str,
     if n and real:
         fail("eval-options: --cases: real data's validation cases are its held-out split")
     if real and not any(held_out.values()):
-        fail("eval-options: this run held out no validation cases; train with --val-every or --val-split F")
+        fail(
+            "eval-options: this run held out no validation cases; train with --val-every or "
+            "--val-split F"
+        )
     try:
         cases = load_validation(cfg, n)
     except DataError as e:
@@ -89,7 +92,9 @@ def options_dice(model: torch.nn.Module, cases: Sequence, site: str, mode: str, 
             scores = predict_scores(model, case, replace(cfg, blend=blend))
             for largest in (c for b, c in OPTIONS if b == blend):
                 masks = masks_of(scores, [site], scoring, largest)
-                dice[(blend, largest)] += case_scores(masks, case.label, [site], scoring, case.spacing, False)["dice"]
+                dice[(blend, largest)] += case_scores(
+                    masks, case.label, [site], scoring, case.spacing, False
+                )["dice"]
     return {o: float(np.mean(v)) for o, v in dice.items()}
 
 
@@ -100,17 +105,23 @@ def eval_options_table(folders: list[str], n: int | None = None) -> str:
              "|---|---|---|" + "---|" * (len(ORGANS) + 1)]
     for folder in folders:
         for name, seeds in read_runs(folder).items():
-            dice: dict[tuple, dict[str, list[float]]] = {o: {} for o in OPTIONS}  # option -> site -> per seed
+            # option -> site -> per seed
+            dice: dict[tuple, dict[str, list[float]]] = {o: {} for o in OPTIONS}
             for m in seeds:
                 ckpt = read_checkpoint(f"{m['dir']}/model.pt")
                 cfg = config_of(ckpt)
                 cases = validation_cases(ckpt, cfg, n)
                 for site, model in site_models(ckpt).items():
-                    for option, value in options_dice(model, cases[site], site, ckpt["mode"], cfg).items():
+                    for option, value in options_dice(
+                        model, cases[site], site, ckpt["mode"], cfg
+                    ).items():
                         dice[option].setdefault(site, []).append(value)
             for (blend, largest), per_site in dice.items():
                 cells = [mean_std(per_site[o]) if o in per_site else "–" for o in ORGANS]
                 site_means = np.mean([per_site[s] for s in per_site], axis=0)
-                lines.append(f"| {folder} ({name}) | {blend} | {'largest' if largest else 'none'} | "
-                             + " | ".join(cells) + f" | {mean_std(list(site_means))} |")
+                lines.append(
+                    f"| {folder} ({name}) | {blend} | {'largest' if largest else 'none'} | "
+                    + " | ".join(cells)
+                    + f" | {mean_std(list(site_means))} |"
+                )
     return "\n".join(lines)

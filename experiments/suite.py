@@ -17,10 +17,16 @@ from experiments.compare import compare_runs
 
 # the paper's figure 2, SegViz with FedBN, the stronger baselines and the upper bound: (name stem,
 # the flags of its run); the last three are variants that `experiments.py train` runs
-SETUPS = (("single", ["--mode", "single"]), ("central", ["--mode", "central"]),
-          ("central-marginal", ["--mode", "central", "--marginal"]), ("fedavg", ["--mode", "fedavg"]),
-          ("fedavg-marginal", ["--mode", "fedavg", "--marginal"]), ("segviz", ["--mode", "segviz"]),
-          ("segviz-fedbn", ["--mode", "segviz", "--fedbn"]), ("oracle", ["--mode", "central", "--oracle"]))
+SETUPS = (
+    ("single", ["--mode", "single"]),
+    ("central", ["--mode", "central"]),
+    ("central-marginal", ["--mode", "central", "--marginal"]),
+    ("fedavg", ["--mode", "fedavg"]),
+    ("fedavg-marginal", ["--mode", "fedavg", "--marginal"]),
+    ("segviz", ["--mode", "segviz"]),
+    ("segviz-fedbn", ["--mode", "segviz", "--fedbn"]),
+    ("oracle", ["--mode", "central", "--oracle"]),
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 VARIANT_FLAGS = ("--marginal", "--oracle")
 
@@ -50,8 +56,13 @@ def suite_plan(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: lis
             for seed in seeds:
                 folder = os.path.join(out, f"{stem}-{n}", f"seed-{seed}") if len(seeds) > 1 else \
                     os.path.join(out, f"{stem}-{n}")
-                plan.append((f"{stem}-{n}", folder, [*passed, "--nodes", str(n), *flags, "--seeds", str(seed),
-                                                     "--out", folder]))
+                plan.append(
+                    (
+                        f"{stem}-{n}",
+                        folder,
+                        [*passed, "--nodes", str(n), *flags, "--seeds", str(seed), "--out", folder],
+                    )
+                )
     return plan
 
 
@@ -59,7 +70,11 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
     """Every run of the suite that has not finished, then the comparison."""
     real = any(a == "--data-root" or a.startswith(("--data-root=", "--data")) for a in passed)
     plan = suite_plan(out, nodes, seeds, passed, real)
-    device = [a for i, a in enumerate(passed) if a.startswith("--device") or (i and passed[i - 1] == "--device")]
+    device = [
+        a
+        for i, a in enumerate(passed)
+        if a.startswith("--device") or (i and passed[i - 1] == "--device")
+    ]
     print(f"suite: {len(plan)} runs under {out}")
     for i, (name, folder, argv) in enumerate(plan, 1):
         seed = argv[argv.index("--seeds") + 1]
@@ -74,6 +89,9 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
             print(f"[{i}/{len(plan)}] {name} seed {seed}")
         result = subprocess.run([*command, *argv], check=False, env=checkout_env())
         if result.returncode != 0:
-            fail(f"suite: {name} seed {seed} stopped (exit {result.returncode}); issue the command again to go on")
+            fail(
+                f"suite: {name} seed {seed} stopped (exit {result.returncode}); issue the command "
+                "again to go on"
+            )
     print(compare_runs(out))
     return 0

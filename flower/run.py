@@ -28,7 +28,9 @@ def flwr() -> str:
 
 
 def flwr_json(args: list[str], env: dict) -> dict:
-    out = subprocess.run([flwr(), *args, "--format", "json"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [flwr(), *args, "--format", "json"], capture_output=True, text=True, env=env
+    )
     try:
         return json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> int:
         return 1
     run_id, link = str(started["run-id"]), connection_of(args)
     print(f"run {run_id}", flush=True)
-    subprocess.run([flwr(), "log", run_id, *link, "--stream"], env=env)  # returns when the run's log ends
+    # returns when the run's log ends
+    subprocess.run([flwr(), "log", run_id, *link, "--stream"], env=env)
     status = ""
     for _ in range(600):  # the final status can lag the log's last line
         runs = flwr_json(["ls", *link, "--run-id", run_id], env).get("runs", [])

@@ -1,20 +1,26 @@
 """python -m realdata COMMAND: inspect a download, write a synthetic federation, segment scans.
 
-    python -m realdata inspect --data-root DIR            # check the folders before a long run
-    python -m realdata synth OUT                          # a synthetic federation in the official layouts
-    python -m realdata predict -i SCANS -o LABELS --checkpoint OUT/model.pt
+    python -m realdata inspect --data-root DIR # check the folders before a long run python -m
+    realdata synth OUT # a synthetic federation in the official layouts python -m realdata predict
+    -i SCANS -o LABELS --checkpoint OUT/model.pt
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"inspect": "realdata.inspection", "synth": "realdata.synth", "predict": "realdata.predict"}
+COMMANDS = {
+    "inspect": "realdata.inspection",
+    "synth": "realdata.synth",
+    "predict": "realdata.predict",
+}
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout)
+        print(
+            __doc__.strip(), file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout
+        )
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     import importlib
 

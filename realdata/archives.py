@@ -38,15 +38,25 @@ BTCV_IDS = {"liver": (6,), "spleen": (1,), "pancreas": (11,), "kidneys": (2, 3)}
 BTCV_RIGHT_KIDNEY, BTCV_LEFT_KIDNEY = 2, 3
 
 # The folder names each dataset is looked for under --data-root.
-ROOT_NAMES = {"liver": ("Task03_Liver",), "spleen": ("Task09_Spleen",), "pancreas": ("Task07_Pancreas",),
-              "kidneys": ("kits19", "Task040_KiTS"), "test": ("BTCV", "btcv", "Abdomen")}
-LOOKED_FOR = {"liver": "Task03_Liver/", "spleen": "Task09_Spleen/", "pancreas": "Task07_Pancreas/",
-              "kidneys": "kits19/ or Task040_KiTS/",
-              "test": "BTCV (img/ + label/ as distributed, or imagesTr/ + labelsTr/ with dataset_0.json)"}
+ROOT_NAMES = {
+    "liver": ("Task03_Liver",),
+    "spleen": ("Task09_Spleen",),
+    "pancreas": ("Task07_Pancreas",),
+    "kidneys": ("kits19", "Task040_KiTS"),
+    "test": ("BTCV", "btcv", "Abdomen"),
+}
+LOOKED_FOR = {
+    "liver": "Task03_Liver/",
+    "spleen": "Task09_Spleen/",
+    "pancreas": "Task07_Pancreas/",
+    "kidneys": "kits19/ or Task040_KiTS/",
+    "test": "BTCV (img/ + label/ as distributed, or imagesTr/ + labelsTr/ with dataset_0.json)",
+}
 
 # The original's validation split: the last N cases of each site (sorted by name).
 ORIGINAL_VAL = {"liver": 25, "spleen": 9, "pancreas": 56, "kidneys": 42}
-ORIGINAL_CASES = {"liver": 131, "spleen": 41, "pancreas": 281, "kidneys": 210}  # labelled cases per archive
+# labelled cases per archive
+ORIGINAL_CASES = {"liver": 131, "spleen": 41, "pancreas": 281, "kidneys": 210}
 REAL_SPACING = (1.5, 1.5, 2.0)  # the original's working spacing in mm
 MAX_SEARCH_DEPTH = 4
 
@@ -118,17 +128,23 @@ def find_dataset(path: str, role: str) -> Source:
     if os.path.isfile(os.path.join(path, "dataset_0.json")):
         return _from_monai_json(path, role)
     kits = os.path.join(path, "data") if os.path.isdir(os.path.join(path, "data")) else path
-    if any(n.startswith("case_") and os.path.isdir(os.path.join(kits, n)) for n in os.listdir(kits)):
+    if any(
+        n.startswith("case_") and os.path.isdir(os.path.join(kits, n)) for n in os.listdir(kits)
+    ):
         return _from_kits19(kits, role)
-    if os.path.isdir(os.path.join(path, "imagesTr")) and os.path.isdir(os.path.join(path, "labelsTr")):
+    if os.path.isdir(os.path.join(path, "imagesTr")) and os.path.isdir(
+        os.path.join(path, "labelsTr")
+    ):
         return _from_folders(path, role, "folders", None)
     btcv = _btcv_folders(path)
     if btcv:
         return _from_btcv(path, btcv, role)
     if not os.listdir(path):
         raise DataError(f"{path}: the folder is empty")
-    raise DataError(f"{path}: no dataset found (looked for dataset.json, dataset_0.json, case_*/ folders, "
-                    f"imagesTr/ + labelsTr/, img/ + label/)")
+    raise DataError(
+        f"{path}: no dataset found (looked for dataset.json, dataset_0.json, case_*/ folders, "
+        f"imagesTr/ + labelsTr/, img/ + label/)"
+    )
 
 
 def _read_json(path: str) -> dict:
@@ -154,7 +170,9 @@ def _declared(labels: object, path: str) -> tuple[int, ...] | None:
             return tuple(sorted(int(k) for k in labels))
     except ValueError:
         pass
-    raise DataError(f"{path}: 'labels' is neither {{\"0\": \"background\", ...}} nor {{\"background\": 0, ...}}")
+    raise DataError(
+        f'{path}: \'labels\' is neither {{"0": "background", ...}} nor {{"background": 0, ...}}'
+    )
 
 
 def _resolve(root: str, rel: str, nnunet_channel: bool = False) -> str:
@@ -167,7 +185,9 @@ def _resolve(root: str, rel: str, nnunet_channel: bool = False) -> str:
     return _nifti_file(stem) or (nnunet_channel and _nifti_file(stem + "_0000")) or path
 
 
-def _pairs_from_list(root: str, entries: object, meta_path: str, key: str) -> tuple[list[Pair], list[str]]:
+def _pairs_from_list(
+    root: str, entries: object, meta_path: str, key: str
+) -> tuple[list[Pair], list[str]]:
     pairs, problems = [], []
     if not isinstance(entries, list):
         raise DataError(f"{meta_path}: '{key}' is not a list")
@@ -189,7 +209,11 @@ def _from_dataset_json(path: str, role: str) -> Source:
     if not meta.get("training"):  # nnU-Net v2 (or an empty list): no file list, the folders speak
         return _from_folders(path, role, "nnunet", declared)
     pairs, problems = _pairs_from_list(path, meta["training"], meta_path, "training")
-    layout = "nnunet" if any(_stem(os.path.basename(p.image)).endswith("_0000") for p in pairs) else "msd"
+    layout = (
+        "nnunet"
+        if any(_stem(os.path.basename(p.image)).endswith("_0000") for p in pairs)
+        else "msd"
+    )
     return Source(role, layout, path, sorted(pairs, key=lambda p: p.name), declared, problems)
 
 
@@ -242,7 +266,11 @@ def _btcv_folders(path: str) -> list[tuple[str, str]]:
     """(img/, label/) folder pairs anywhere below `path` (BTCV: RawData/Training/{img,label})."""
     found = []
     for folder, dirs, _ in _walk(path):
-        if "img" in dirs and "label" in dirs and any(n.startswith("img") for n in _niftis(os.path.join(folder, "img"))):
+        if (
+            "img" in dirs
+            and "label" in dirs
+            and any(n.startswith("img") for n in _niftis(os.path.join(folder, "img")))
+        ):
             found.append((os.path.join(folder, "img"), os.path.join(folder, "label")))
     return found
 
@@ -258,7 +286,9 @@ def _from_btcv(path: str, folders: list[tuple[str, str]], role: str) -> Source:
             if not os.path.isfile(label):
                 problems.append(f"{os.path.join(img_dir, name)}: no label {label}")
             pairs.append(Pair(_stem(name), os.path.join(img_dir, name), label))
-    return Source(role, "btcv", path, sorted(pairs, key=lambda p: p.name), tuple(range(14)), problems)
+    return Source(
+        role, "btcv", path, sorted(pairs, key=lambda p: p.name), tuple(range(14)), problems
+    )
 
 
 def _walk(root: str, depth: int = MAX_SEARCH_DEPTH) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -315,6 +345,11 @@ def find_sources(roles: Sequence[str], data_root: str | None = None,
                         + "; ".join(f"{r}: {LOOKED_FOR[r]}" for r in roles) + ")")
     if missing:
         where = f"under --data-root {data_root}" if data_root else "(no --data-root)"
-        raise DataError("no dataset for " + ", ".join(f"{r} (looked for {LOOKED_FOR[r]}; or pass --data {r}=PATH)"
-                                                       for r in missing) + f" {where}")
+        raise DataError(
+            "no dataset for "
+            + ", ".join(
+                f"{r} (looked for {LOOKED_FOR[r]}; or pass --data {r}=PATH)" for r in missing
+            )
+            + f" {where}"
+        )
     return {role: find_dataset(paths[role], role) for role in roles}

@@ -40,21 +40,31 @@ def split_validation(pairs: list[Pair], site: str, val: str = "auto", seed: int 
     if val == "original":
         n_val = ORIGINAL_VAL[site]
         if n_val >= n:
-            raise DataError(f"{site}: {n} case(s), but the original split holds out the last {n_val} for "
-                            f"validation; pass --val-split FRACTION (e.g. 0.2, or 0 for none)")
-        return pairs[: n - n_val], pairs[n - n_val:], f"the original's split (the last {n_val} of {n})"
+            raise DataError(
+                f"{site}: {n} case(s), but the original split holds out the last {n_val} for "
+                f"validation; pass --val-split FRACTION (e.g. 0.2, or 0 for none)"
+            )
+        return (
+            pairs[: n - n_val],
+            pairs[n - n_val :],
+            f"the original's split (the last {n_val} of {n})",
+        )
     n_val = round(float(val) * n)
     if n_val == 0:
         return pairs, [], "every case trains, none held out"
     if n_val >= n:
-        raise DataError(f"{site}: --val-split {val} would leave none of its {n} case(s) for training")
+        raise DataError(
+            f"{site}: --val-split {val} would leave none of its {n} case(s) for training"
+        )
     train, held = _seeded_split(pairs, n_val, seed)
     return train, held, f"--val-split {val}: {n_val} of {n} held out (seeded)"
 
 
 def _seeded_split(pairs: list[Pair], n_val: int, seed: int) -> tuple[list[Pair], list[Pair]]:
     held = set(np.random.default_rng(seed).permutation(len(pairs))[:n_val].tolist())
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+    return [p for i, p in enumerate(pairs) if i not in held], [
+        p for i, p in enumerate(pairs) if i in held
+    ]
 
 
 def site_split(source: Source, cfg: Config) -> tuple[Source, Source, str]:
@@ -68,7 +78,9 @@ def real_validation(sites: Sequence[str], cfg: Config, workers: int = 1) -> dict
     out = {}
     for role, source in find_sources(sites, cfg.data_root, cfg.data).items():
         _, held, _ = site_split(source, cfg)
-        out[role] = load_source(held, cfg.spacing, cfg.cache, workers, cfg.max_cases) if held.pairs else []
+        out[role] = (
+            load_source(held, cfg.spacing, cfg.cache, workers, cfg.max_cases) if held.pairs else []
+        )
     return out
 
 

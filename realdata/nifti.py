@@ -36,7 +36,9 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise DataError(f"{path}: a {data.ndim}-D volume of shape {tuple(data.shape)}; a 3-D CT is expected")
+        raise DataError(
+            f"{path}: a {data.ndim}-D volume of shape {tuple(data.shape)}; a 3-D CT is expected"
+        )
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         raise DataError(f"{path}: voxels of type {data.dtype}; integers or floats are expected")
     if 0 in data.shape:
@@ -45,7 +47,9 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     axes = affine[:3, :3]
     sizes = np.linalg.norm(axes, axis=0)
     # singular or non-finite: no orientation to bring the volume to RAS nor to write labels back
-    if not (np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3):
+    if not (
+        np.isfinite(affine).all() and (sizes > 0).all() and abs(np.linalg.det(axes / sizes)) > 1e-3
+    ):
         raise DataError(f"{path}: no usable affine (voxel axes {np.round(axes, 3).tolist()})")
     return data, affine
 
@@ -92,7 +96,9 @@ def label_counts(label: np.ndarray, slab: int = 32) -> dict[int, int]:
     at one slab of int64."""
     counts: dict[int, int] = {}
     for z in range(0, label.shape[2], slab):
-        values, n = np.unique(np.asarray(label[:, :, z:z + slab]).astype(np.int64), return_counts=True)
+        values, n = np.unique(
+            np.asarray(label[:, :, z : z + slab]).astype(np.int64), return_counts=True
+        )
         for v, c in zip(values.tolist(), n.tolist()):
             counts[v] = counts.get(v, 0) + c
     return counts
@@ -123,8 +129,10 @@ def read_pair(pair: Pair, declared: tuple[int, ...] | None
     if declared is not None:
         undeclared = sorted(set(counts) - set(declared))
         if undeclared:
-            raise DataError(f"{pair.label}: label value(s) {undeclared} not declared by the dataset "
-                            f"(declared: {list(declared)})")
+            raise DataError(
+                f"{pair.label}: label value(s) {undeclared} not declared by the dataset "
+                f"(declared: {list(declared)})"
+            )
     return image, label, affine, counts
 
 
@@ -157,4 +165,6 @@ def save_label_nifti(label: np.ndarray, geometry: dict, path: str) -> None:
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.endswith(".gz") else ".nii")
+    write_atomic(
+        path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.endswith(".gz") else ".nii"
+    )

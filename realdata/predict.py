@@ -55,7 +55,10 @@ def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
             lo, hi = sorted((a, b), key=lambda i: centres[i])
             if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
                 midline = (spans[lo][0].stop + spans[hi][0].start - 1) / 2
-        side = np.array([0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres], np.uint8)
+        side = np.array(
+            [0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres],
+            np.uint8,
+        )
         out[kidney] = side[parts[kidney]]
     return out
 
@@ -84,11 +87,16 @@ def scan_name(filename: str) -> str | None:
     if filename.startswith(".") or not filename.endswith((".nii.gz", ".nii")):
         return None
     stem = filename[: -len(".nii.gz")] if filename.endswith(".nii.gz") else filename[: -len(".nii")]
-    return stem[: -len(NNUNET_CHANNEL)] if stem.endswith(NNUNET_CHANNEL) and stem != NNUNET_CHANNEL else stem
+    return (
+        stem[: -len(NNUNET_CHANNEL)]
+        if stem.endswith(NNUNET_CHANNEL) and stem != NNUNET_CHANNEL
+        else stem
+    )
 
 
 def list_scans(path: str) -> list[tuple[str, str]]:
-    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted."""
+    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted.
+    """
     if os.path.isfile(path):
         name = scan_name(os.path.basename(path))
         if name is None:
@@ -120,7 +128,9 @@ def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
-def organ_probabilities(scores: torch.Tensor, organs: Sequence[str], scoring: str) -> dict[str, torch.Tensor]:
+def organ_probabilities(
+    scores: torch.Tensor, organs: Sequence[str], scoring: str
+) -> dict[str, torch.Tensor]:
     """Each organ's probability from a model's blended output: a binary head's own, or the
     multi-class softmax's channel of the organ (channel 0 is background)."""
     first = 1 if scoring == "classes" else 0
@@ -146,18 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     """python -m realdata predict -i IN -o OUT --checkpoint MODEL: every scan in IN segmented."""
     p = argparse.ArgumentParser(
         prog="python -m realdata predict",
-        description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by train.py: "
-                    "OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right kidney, 3 left kidney, "
-                    "6 liver, 11 pancreas; the checkpoint's organs only) on the scan's own grid and affine. "
-                    "nnU-Net's _0000 suffix is dropped from the case name. A scan that cannot be read is "
-                    "named and skipped; the command then exits 1.")
-    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of .nii/.nii.gz scans (or one scan)")
+        description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by "
+                    "train.py: OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right "
+                    "kidney, 3 left kidney, 6 liver, 11 pancreas; the checkpoint's organs only) "
+                    "on the scan's own grid and affine. nnU-Net's _0000 suffix is dropped from "
+                    "the case name. A scan that cannot be read is named and skipped; the command "
+                    "then exits 1.",
+    )
+    p.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        metavar="IN",
+        help="folder of .nii/.nii.gz scans (or one scan)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
     p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
-    p.add_argument("--overwrite", action="store_true", help="predict again the scans OUT already holds")
-    p.add_argument("--save-prob", action="store_true",
-                   help="also write OUT/<case>_<organ>.nii.gz, each organ's probability on the same grid "
-                        "(int16 scaled to [0, 1]: NIfTI has no float16)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="predict again the scans OUT already holds"
+    )
+    p.add_argument(
+        "--save-prob",
+        action="store_true",
+        help="also write OUT/<case>_<organ>.nii.gz, each organ's probability on the same grid "
+        "(int16 scaled to [0, 1]: NIfTI has no float16)",
+    )
     add_arguments(p, only=("device", "overlap", "largest"))
     args = p.parse_args(argv)
     given = given_of(args)
@@ -173,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     return predict_scans(ckpt, cfg, scans, args)
 
 
-def predict_scans(ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: argparse.Namespace) -> int:
+def predict_scans(
+    ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: argparse.Namespace
+) -> int:
     """Segment each (case, file) into args.output; exit status 1 if some scan could not be read."""
     organs = ckpt["organs"]
     model = model_of(ckpt).to(cfg.device).eval()
@@ -182,7 +207,11 @@ def predict_scans(ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: a
     bar = tqdm(scans, desc="predict", unit="scan", disable=None, dynamic_ncols=True)
     for name, path in bar:
         out = os.path.join(args.output, f"{name}.nii.gz")
-        probs = {o: os.path.join(args.output, f"{name}_{o}.nii.gz") for o in organs} if args.save_prob else {}
+        probs = (
+            {o: os.path.join(args.output, f"{name}_{o}.nii.gz") for o in organs}
+            if args.save_prob
+            else {}
+        )
         if not args.overwrite and all(os.path.exists(f) for f in (out, *probs.values())):
             skipped += 1
             bar.write(f"{out}: already written, skipped (--overwrite predicts it again)")
@@ -193,7 +222,9 @@ def predict_scans(ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: a
             failed.append(path)
             bar.write(f"error: {e}; skipped", file=sys.stderr)
             continue
-        case = preprocess_arrays(image, affine, None, None, 0, cfg.spacing, name, os.path.abspath(path))
+        case = preprocess_arrays(
+            image, affine, None, None, 0, cfg.spacing, name, os.path.abspath(path)
+        )
         del image
         scores = predict_scores(model, case, cfg)
         masks = masks_of(scores, organs, scoring, cfg.largest)
@@ -202,11 +233,19 @@ def predict_scans(ckpt: dict, cfg: Config, scans: list[tuple[str, str]], args: a
                 save_probability(prob, case, probs[organ])
         save_prediction(masks, case, out)  # last: its presence means the case is done
         voxel_ml = float(np.prod(case.spacing)) / 1000
-        bar.write(f"{out}: " + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items()))
+        bar.write(
+            f"{out}: "
+            + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items())
+        )
     bar.close()
-    print(f"{len(scans) - skipped - len(failed)} scan(s) segmented into {args.output}, {skipped} already there, "
-          f"{len(failed)} failed")
+    print(
+        f"{len(scans) - skipped - len(failed)} scan(s) segmented into {args.output}, {skipped} "
+        f"already there, {len(failed)} failed"
+    )
     if failed:
-        print(f"error: {len(failed)} scan(s) could not be segmented: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} scan(s) could not be segmented: {', '.join(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -60,9 +60,16 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 
-def preprocess_arrays(image: np.ndarray, affine: np.ndarray, raw_label: np.ndarray | None,
-                      label_map: dict[int, int] | None, organ_id: int, spacing: tuple[float, float, float],
-                      name: str = "", source_file: str = "") -> Case:
+def preprocess_arrays(
+    image: np.ndarray,
+    affine: np.ndarray,
+    raw_label: np.ndarray | None,
+    label_map: dict[int, int] | None,
+    organ_id: int,
+    spacing: tuple[float, float, float],
+    name: str = "",
+    source_file: str = "",
+) -> Case:
     """One volume as stored -> a Case on the working grid, with the geometry to undo it."""
     import nibabel as nib
 
@@ -83,8 +90,14 @@ def preprocess_arrays(image: np.ndarray, affine: np.ndarray, raw_label: np.ndarr
         lab = lab[np.ix_(*[nearest_index(n, m) for n, m in zip(ras_shape, size)])]
         label = torch.from_numpy(organ_labels(lab, label_map, organ_id))
     box = body_box(hu)
-    geometry = {"affine": affine.tolist(), "shape": list(shape), "ras_shape": list(ras_shape),
-                "resampled": list(size), "box": [[s.start, s.stop] for s in box], "source": source_file}
+    geometry = {
+        "affine": affine.tolist(),
+        "shape": list(shape),
+        "ras_shape": list(ras_shape),
+        "resampled": list(size),
+        "box": [[s.start, s.stop] for s in box],
+        "source": source_file,
+    }
     actual = tuple(float(n * s / m) for n, s, m in zip(ras_shape, voxel, size))
     return Case(name, hu[box].contiguous(), label[box].contiguous(), actual, geometry)
 
@@ -97,7 +110,9 @@ def to_original_grid(label: torch.Tensor | np.ndarray, geometry: dict) -> np.nda
     full = np.zeros(geometry["resampled"], dtype=label.dtype)
     box = tuple(slice(lo, hi) for lo, hi in geometry["box"])
     full[box] = label
-    ras = full[np.ix_(*[nearest_index(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])])]
+    ras = full[
+        np.ix_(*[nearest_index(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])])
+    ]
     affine = np.asarray(geometry["affine"])
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                            nib.orientations.io_orientation(affine))
@@ -116,20 +131,34 @@ def _stat(path: str | None) -> list:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def case_cache_path(pair: Pair, source: Source, spacing: tuple[float, float, float], cache_dir: str) -> str:
+def case_cache_path(
+    pair: Pair, source: Source, spacing: tuple[float, float, float], cache_dir: str
+) -> str:
     """Cache file of one case: keyed by the source files (path, size, mtime) and every
     preprocessing parameter, so a changed file or parameter is never served stale."""
     label_map = source.label_map
-    key = json.dumps([REAL_CACHE_VERSION, _stat(pair.image), _stat(pair.label), [float(s) for s in spacing],
-                      sorted(label_map.items()) if label_map is not None else None,
-                      ORGAN_ID.get(SITE_ORGAN.get(source.role, ""), 0), source.declared])
-    return os.path.join(cache_dir, f"{REAL_CACHE_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt")
+    key = json.dumps(
+        [
+            REAL_CACHE_VERSION,
+            _stat(pair.image),
+            _stat(pair.label),
+            [float(s) for s in spacing],
+            sorted(label_map.items()) if label_map is not None else None,
+            ORGAN_ID.get(SITE_ORGAN.get(source.role, ""), 0),
+            source.declared,
+        ]
+    )
+    return os.path.join(
+        cache_dir, f"{REAL_CACHE_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    )
 
 
 def preprocess_pair(pair: Pair, source: Source, spacing: tuple[float, float, float]) -> Case:
     image, raw, affine, _ = read_pair(pair, source.declared)
     organ_id = ORGAN_ID[SITE_ORGAN[source.role]] if source.role != "test" else 0
-    return preprocess_arrays(image, affine, raw, source.label_map, organ_id, spacing, pair.name, pair.image)
+    return preprocess_arrays(
+        image, affine, raw, source.label_map, organ_id, spacing, pair.name, pair.image
+    )
 
 
 def _save_case(case: Case, path: str) -> None:
@@ -141,17 +170,26 @@ def _save_case(case: Case, path: str) -> None:
 
 def _load_case(path: str) -> Case:
     blob = torch.load(path, weights_only=True)
-    return Case(blob["name"], blob["hu"].float(), blob["label"], tuple(blob["spacing"]), blob["geometry"])
+    return Case(
+        blob["name"], blob["hu"].float(), blob["label"], tuple(blob["spacing"]), blob["geometry"]
+    )
 
 
-def _preprocess_to_cache(pair: Pair, source: Source, spacing: tuple[float, float, float], path: str) -> str:
+def _preprocess_to_cache(
+    pair: Pair, source: Source, spacing: tuple[float, float, float], path: str
+) -> str:
     torch.set_num_threads(1)
     _save_case(preprocess_pair(pair, source, spacing), path)
     return path
 
 
-def load_source(source: Source, spacing: tuple[float, float, float], cache_dir: str | None, workers: int = 1,
-                max_cases: int | None = None) -> list[Case]:
+def load_source(
+    source: Source,
+    spacing: tuple[float, float, float],
+    cache_dir: str | None,
+    workers: int = 1,
+    max_cases: int | None = None,
+) -> list[Case]:
     """Every case of a dataset, preprocessed (cached under `cache_dir` when given)."""
     if source.problems:
         raise DataError(source.problems[0])
@@ -160,7 +198,10 @@ def load_source(source: Source, spacing: tuple[float, float, float], cache_dir: 
         raise DataError(f"{source.root}: no labelled case found ({source.layout} layout)")
     desc = f"preprocess {source.role}"
     if cache_dir is None:
-        return [preprocess_pair(p, source, spacing) for p in tqdm(pairs, desc=desc, disable=None, leave=False)]
+        return [
+            preprocess_pair(p, source, spacing)
+            for p in tqdm(pairs, desc=desc, disable=None, leave=False)
+        ]
     os.makedirs(cache_dir, exist_ok=True)
     paths = [case_cache_path(p, source, spacing, cache_dir) for p in pairs]
     todo = [(p, path) for p, path in zip(pairs, paths) if not os.path.exists(path)]
@@ -171,9 +212,13 @@ def load_source(source: Source, spacing: tuple[float, float, float], cache_dir: 
         # spawn, not fork: forking a process that already ran torch's thread pools can hang
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = [pool.submit(_preprocess_to_cache, p, source, spacing, path) for p, path in todo]
+            futures = [
+                pool.submit(_preprocess_to_cache, p, source, spacing, path) for p, path in todo
+            ]
             try:
-                for f in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=None, leave=False):
+                for f in tqdm(
+                    as_completed(futures), total=len(futures), desc=desc, disable=None, leave=False
+                ):
                     f.result()
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -188,4 +233,6 @@ def check_labelled(cases: list[Case], source: Source) -> None:
     """A site must label its organ somewhere, and the test set some organ."""
     if not any(bool((c.label > 0).any()) for c in cases):
         what = "any organ" if source.role == "test" else f"the {SITE_ORGAN[source.role]}"
-        raise DataError(f"{source.root}: no voxel of {what} is labelled in any of its {len(cases)} case(s)")
+        raise DataError(
+            f"{source.root}: no voxel of {what} is labelled in any of its {len(cases)} case(s)"
+        )

@@ -13,7 +13,9 @@ VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
 
 def run(*args: str, cwd: str = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python ARGS` in the checkout (`-m experiments ...` for a wing), its output captured."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tiny(mode: str, out, cache, *extra: str) -> subprocess.CompletedProcess:

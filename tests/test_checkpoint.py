@@ -4,7 +4,15 @@ a checkpoint rebuilds the config and the model it was tested with."""
 import pytest
 import torch
 
-from checkpoint import MODEL_FORMAT, STATE_FORMAT, config_of, model_checkpoint, model_of, read_checkpoint, read_state
+from checkpoint import (
+    MODEL_FORMAT,
+    STATE_FORMAT,
+    config_of,
+    model_checkpoint,
+    model_of,
+    read_checkpoint,
+    read_state,
+)
 from segviz import MetaModel, MultiClassModel
 from settings import resolve
 from unet3d import UNet3D, UNetConfig
@@ -19,7 +27,8 @@ def test_read_checkpoint_reads_a_valid_checkpoint(tmp_path):
 
 
 def assert_exit_2(path, capsys):
-    """Loading `path` exits with status 2 after one line on stderr naming the file; returns that line."""
+    """Loading `path` exits with status 2 after one line on stderr naming the file; returns that
+    line."""
     with pytest.raises(SystemExit) as exc:
         read_checkpoint(str(path))
     assert exc.value.code == 2
@@ -64,17 +73,32 @@ def test_a_state_file_is_not_a_checkpoint_and_the_reverse(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["segviz", "fedavg"])
 def test_a_checkpoint_gives_back_the_config_and_the_model_it_was_tested_with(mode, tmp_path):
-    cfg = resolve({"mode": mode, "nodes": 2, "preset": "paper", "overlap": 0.5, "channels": (4, 8, 16, 32, 64)})
+    cfg = resolve(
+        {
+            "mode": mode,
+            "nodes": 2,
+            "preset": "paper",
+            "overlap": 0.5,
+            "channels": (4, 8, 16, 32, 64),
+        }
+    )
     binary = mode == "segviz"
     unet = UNetConfig(classes=2 if binary else 3, channels=cfg.channels, norm=cfg.norm)
     state = UNet3D(unet).state_dict()
     states = {"liver": state, "spleen": state} if binary else {"global": state}
     windows = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0)}
-    ckpt = model_checkpoint(cfg, "run", ["liver", "spleen"], unet, states, binary, windows, {}, {}, {})
+    ckpt = model_checkpoint(
+        cfg, "run", ["liver", "spleen"], unet, states, binary, windows, {}, {}, {}
+    )
     torch.save(ckpt, tmp_path / "model.pt")
     back = read_checkpoint(str(tmp_path / "model.pt"))
     again = config_of(back, device="cpu")
-    assert (again.roi, again.overlap, again.blend, again.largest) == ((160, 160, 160), 0.5, "constant", False)
+    assert (again.roi, again.overlap, again.blend, again.largest) == (
+        (160, 160, 160),
+        0.5,
+        "constant",
+        False,
+    )
     model = model_of(back)
     assert isinstance(model, MetaModel if binary else MultiClassModel)
     if binary:

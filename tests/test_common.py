@@ -77,26 +77,44 @@ def test_a_writable_folder_passes_and_the_disk_is_left_as_it_was(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_exit_2(result, flag, path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{flag} {path}" in lines[0] and "not writable" in lines[0], result.stderr
+    assert len(lines) == 1 and f"{flag} {path}" in lines[0] and "not writable" in lines[0], (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "experiments suite", "realdata predict", "eval.py --out", "bench"])
+@pytest.mark.parametrize(
+    "script", ["train.py", "experiments suite", "realdata predict", "eval.py --out", "bench"]
+)
 def test_every_script_that_writes_refuses_before_any_work(script, tmp_path):
     # /proc/nope where there is /proc (the case os.access gets wrong for root), else under a file
     path = unwritable_paths(tmp_path)[1 if os.path.isdir("/proc/self") else 0]
     missing = str(tmp_path / "absent.pt")  # checked after the output: the output is refused first
-    argv = {"train.py": ["train.py", "--out", path],
-            "experiments suite": ["-m", "experiments", "suite", "--out", path],
-            "realdata predict": ["-m", "realdata", "predict", "-i", str(tmp_path), "-o", path, "--checkpoint", missing],
-            "eval.py --out": ["eval.py", "--checkpoint", missing, "--out", path],
-            "bench": ["-m", "bench", "exchange", "--out", os.path.join(path, "bench.json")]}[script]
+    argv = {
+        "train.py": ["train.py", "--out", path],
+        "experiments suite": ["-m", "experiments", "suite", "--out", path],
+        "realdata predict": [
+            "-m",
+            "realdata",
+            "predict",
+            "-i",
+            str(tmp_path),
+            "-o",
+            path,
+            "--checkpoint",
+            missing,
+        ],
+        "eval.py --out": ["eval.py", "--checkpoint", missing, "--out", path],
+        "bench": ["-m", "bench", "exchange", "--out", os.path.join(path, "bench.json")],
+    }[script]
     flag = {"realdata predict": "-o"}.get(script, "--out")
     shown = argv[argv.index(flag) + 1]
     assert_one_line_exit_2(run(*argv), flag, shown)
@@ -156,7 +174,9 @@ def test_a_device_that_exists_is_taken_as_named(name, monkeypatch):
     ("cuda:x", True, True, "must be auto, cpu, cuda, cuda:N or mps"),
     ("tpu", True, True, "must be auto, cpu, cuda, cuda:N or mps"),
 ])
-def test_a_missing_or_unknown_device_is_one_line_and_exit_2(name, cuda, mps, message, monkeypatch, capsys):
+def test_a_missing_or_unknown_device_is_one_line_and_exit_2(
+    name, cuda, mps, message, monkeypatch, capsys
+):
     pretend(monkeypatch, cuda, mps, gpus=2)
     with pytest.raises(SystemExit) as e:
         resolve_device(name, argparse.ArgumentParser(prog="train.py"))

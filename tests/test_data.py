@@ -5,7 +5,6 @@ import torch
 import data
 
 
-
 def test_window_maps_lo_to_0_hi_to_1_and_clips():
     lo, hi = data.WINDOWS["liver"]
     hu = torch.tensor([lo - 500, lo, (lo + hi) / 2, hi, hi + 500])
@@ -24,5 +23,8 @@ def test_sites_join_in_the_papers_order_and_each_labelled_its_own_organ():
         ("liver",), ("liver", "spleen"), ("liver", "spleen", "pancreas"), data.ORGANS]
     assert all(data.SITE_ORGAN[s] == s for s in data.ORGANS)
     # a binary site model sees its own site's window, a multi-class model the pooled one everywhere
-    assert data.site_windows(("liver", "kidneys"), True) == {"liver": (-200.0, 200.0), "kidneys": (-79.0, 304.0)}
+    assert data.site_windows(("liver", "kidneys"), True) == {
+        "liver": (-200.0, 200.0),
+        "kidneys": (-79.0, 304.0),
+    }
     assert set(data.site_windows(("liver", "kidneys"), False).values()) == {(-200.0, 304.0)}

@@ -10,7 +10,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", *sorted(f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))]
+DOCS = [
+    "README.md",
+    *sorted(f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")),
+]
 SCRIPTS = ("train.py", "eval.py")  # python SCRIPT ...
 WINGS = ("realdata", "experiments", "bench")  # python -m WING COMMAND ...
 
@@ -57,15 +60,25 @@ def test_every_command_uses_flags_its_script_has(doc):
     for script, args in commands(doc):
         top = help_text(script, None)
         # a subcommand is a wing's first word, or one the top-level help lists in {a,b,c} choices
-        sub = args[0] if args and not args[0].startswith("-") and (script.startswith("-m") or re.search(
-            r"\{[^}]*\b" + re.escape(args[0]) + r"\b[^}]*\}", top)) else None
+        sub = (
+            args[0]
+            if args
+            and not args[0].startswith("-")
+            and (
+                script.startswith("-m")
+                or re.search(r"\{[^}]*\b" + re.escape(args[0]) + r"\b[^}]*\}", top)
+            )
+            else None
+        )
         if sub and script.startswith("-m"):
             assert sub in top, f"{doc}: `python {script} {sub}` is not a command of {script}"
         text = help_text(script, sub) if sub else top
         for flag in (a.split("=")[0] for a in args if a.startswith("--")):
             if flag.startswith("--no-") and ("--" + flag[5:]) in text:
                 continue  # --no-X of a BooleanOptionalAction
-            assert re.search(re.escape(flag) + r"\b", text), f"{doc}: `python {script} {' '.join(args)}`: {flag}"
+            assert re.search(re.escape(flag) + r"\b", text), (
+                f"{doc}: `python {script} {' '.join(args)}`: {flag}"
+            )
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -75,7 +88,9 @@ def test_every_linked_file_exists(doc):
     for target in re.findall(r"\]\(([^)#\s]+)\)", text):
         if "://" in target:
             continue
-        assert os.path.exists(os.path.join(base, target)), f"{doc} links to {target}, which is not there"
+        assert os.path.exists(os.path.join(base, target)), (
+            f"{doc} links to {target}, which is not there"
+        )
 
 
 def test_the_readme_is_a_short_users_document():

@@ -30,7 +30,9 @@ class FixedScores(torch.nn.Module):
 
     def __init__(self, labels: torch.Tensor, classes: int):
         super().__init__()
-        self.scores = torch.nn.functional.one_hot(labels.long(), classes).movedim(-1, 0)[None].float()
+        self.scores = (
+            torch.nn.functional.one_hot(labels.long(), classes).movedim(-1, 0)[None].float()
+        )
 
     def forward(self, x):  # windows of the whole volume: the volume is the ROI here
         return self.scores.expand(x.shape[0], -1, -1, -1, -1)
@@ -47,7 +49,9 @@ def test_evaluate_scores_each_organ_against_its_own_truth():
     case = Case("c", torch.zeros(16, 16, 16), truth, (1.0, 1.0, 1.0))
     organs = ["liver", "spleen", "pancreas", "kidneys"]
     # model channels: background, then the organs in `organs` order (= ORGAN_ID here)
-    got = evaluate(FixedScores(pred, 5), [case], organs, ("classes",), cfg_for((16, 16, 16)))["classes"]["dice"]
+    got = evaluate(FixedScores(pred, 5), [case], organs, ("classes",), cfg_for((16, 16, 16)))[
+        "classes"
+    ]["dice"]
     for organ in organs:
         expected = dice(pred == ORGAN_ID[organ], truth == ORGAN_ID[organ])
         assert got[organ] == [pytest.approx(expected, abs=1e-12)], organ
@@ -134,11 +138,15 @@ def test_windows_that_disagree_are_blended_by_their_weights():
     roi = (8, 4, 4)
     for blend in ("gaussian", "constant"):
         calls.clear()
-        out = sliding_window(which_window, torch.zeros(1, 1, 12, 4, 4), roi, overlap=0.5, blend=blend, batch=1)
+        out = sliding_window(
+            which_window, torch.zeros(1, 1, 12, 4, 4), roi, overlap=0.5, blend=blend, batch=1
+        )
         assert len(calls) == 2
         w = importance_map(roi, blend, "cpu")[:, 0, 0]
         share = w[:4] / (w[4:] + w[:4])  # at x = 4..7: second window's voxels 0..3, first's 4..7
-        torch.testing.assert_close(out[0, 0, :, 0, 0], torch.cat([torch.zeros(4), share, torch.ones(4)]))
+        torch.testing.assert_close(
+            out[0, 0, :, 0, 0], torch.cat([torch.zeros(4), share, torch.ones(4)])
+        )
 
 
 def test_sliding_window_output_channels_follow_the_model():
@@ -149,7 +157,9 @@ def test_sliding_window_output_channels_follow_the_model():
     volume = torch.randn(1, 1, 19, 10, 9, generator=torch.Generator().manual_seed(2))
     out = sliding_window(three_classes, volume, (8, 8, 8), overlap=0.25)
     assert out.shape == (1, 3, 19, 10, 9)
-    torch.testing.assert_close(out, torch.cat([volume, 2 * volume, -volume], dim=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out, torch.cat([volume, 2 * volume, -volume], dim=1), rtol=0, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,14 +215,18 @@ def test_windows_that_disagree_are_blended_before_background_is_derived():
 
     hu = torch.zeros(3, 1, 1)
     hu[2:] = 1.0
-    truth = torch.tensor([ORGAN_ID["liver"], 0, ORGAN_ID["spleen"]], dtype=torch.uint8).view(3, 1, 1)
+    truth = torch.tensor([ORGAN_ID["liver"], 0, ORGAN_ID["spleen"]], dtype=torch.uint8).view(
+        3, 1, 1
+    )
     case = Case("c", hu, truth, (1.0, 1.0, 1.0))
     cfg = cfg_for((2, 1, 1), overlap=0.5, blend="constant")
     got = evaluate(Disagreeing(), [case], ("liver", "spleen"), ("merged",), cfg)
     assert got["merged"]["dice"] == {"liver": [1.0], "spleen": [1.0]}
     # the rule per window, then blended, gives the disputed voxel to an organ
     old_background = torch.tensor([0.2, 0.2, 0.2])  # 1 - max per window, the same in both
-    old = torch.stack([old_background, torch.tensor([0.8, 0.4, 0.0]), torch.tensor([0.0, 0.4, 0.8])])
+    old = torch.stack(
+        [old_background, torch.tensor([0.8, 0.4, 0.0]), torch.tensor([0.0, 0.4, 0.8])]
+    )
     assert old.argmax(0).tolist()[1] != 0
 
 
@@ -248,13 +262,18 @@ def test_evaluate_scores_binary_heads_both_merged_and_alone():
     # head has a false positive; merged, spleen wins the voxel and liver is perfect
     probs = torch.tensor([[0.9, 0.7, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1]]).view(1, 2, 4, 1, 1)
     case = Case("c", torch.zeros(4, 1, 1), truth, (1.0, 1.0, 1.0))
-    got = evaluate(Fixed(probs), [case], ["liver", "spleen"], ("merged", "heads"), cfg_for((4, 1, 1)))
+    got = evaluate(
+        Fixed(probs), [case], ["liver", "spleen"], ("merged", "heads"), cfg_for((4, 1, 1))
+    )
     assert got["merged"]["dice"] == {"liver": [1.0], "spleen": [1.0]}
-    assert got["heads"]["dice"]["liver"] == [pytest.approx(2 / 3)] and got["heads"]["dice"]["spleen"] == [1.0]
+    assert got["heads"]["dice"]["liver"] == [pytest.approx(2 / 3)] and got["heads"]["dice"][
+        "spleen"
+    ] == [1.0]
     # the same scorings give the surface metrics: merged, perfect; the liver head alone reaches
     # the spleen's voxel, 1 mm beside its own
     assert got["merged"]["hd95"] == {"liver": [0.0], "spleen": [0.0]}
-    assert got["heads"]["hd95"]["liver"] == [pytest.approx(0.95)]  # 95th percentile of (0, 1) and (0)
+    # 95th percentile of (0, 1) and (0)
+    assert got["heads"]["hd95"]["liver"] == [pytest.approx(0.95)]
     assert got["heads"]["nsd"]["liver"] == [1.0]  # 1 mm is within the 2 mm tolerance
 
 
@@ -274,7 +293,9 @@ def test_evaluate_gives_hd95_and_nsd_in_the_cases_spacing_with_monais_empty_mask
     truth[0, 10, 10] = ORGAN_ID["pancreas"]  # missed entirely; kidneys absent from both
     case = Case("c", torch.zeros(12, 12, 12), truth, (2.0, 1.0, 1.0))
     calls = []
-    monkeypatch.setattr(ev, "surface_distances", lambda *a: calls.append(a) or surface_distances(*a))
+    monkeypatch.setattr(
+        ev, "surface_distances", lambda *a: calls.append(a) or surface_distances(*a)
+    )
     organs = ["liver", "spleen", "pancreas", "kidneys"]
     got = ev.evaluate(FixedScores(pred, 5), [case], organs, ("classes",), cfg_for((12, 12, 12)))
     hd, nsd = got["classes"]["hd95"], got["classes"]["nsd"]
@@ -283,11 +304,18 @@ def test_evaluate_gives_hd95_and_nsd_in_the_cases_spacing_with_monais_empty_mask
     assert hd["spleen"] == [0.0] and nsd["spleen"] == [pytest.approx(52 / 53)]
     assert math.isnan(hd["pancreas"][0]) and nsd["pancreas"] == [0.0]  # one mask empty
     assert math.isnan(hd["kidneys"][0]) and math.isnan(nsd["kidneys"][0])  # both empty
-    assert len(calls) == 4 and all(c[2] == (2.0, 1.0, 1.0) for c in calls)  # one per organ, the case's spacing
+    # one per organ, the case's spacing
+    assert len(calls) == 4 and all(c[2] == (2.0, 1.0, 1.0) for c in calls)
     # validation reads Dice alone and computes no distance
     calls.clear()
-    only = ev.evaluate(FixedScores(pred, 5), [case], ["liver", "spleen"], ("classes",), cfg_for((12, 12, 12)),
-                       surface=False)
+    only = ev.evaluate(
+        FixedScores(pred, 5),
+        [case],
+        ["liver", "spleen"],
+        ("classes",),
+        cfg_for((12, 12, 12)),
+        surface=False,
+    )
     assert set(only["classes"]) == {"dice"} and not calls
 
 

@@ -19,7 +19,12 @@ def make_clients(model, optimizer, n=3):
         def batch(g=gen, shift=float(i)):
             x = torch.randn(8, 3, generator=g) + shift
             return x, (x.sum(1) > shift * 3).long()
-        clients.append(fl.new_client(f"c{i}", model, optimizer, batch, nn.functional.cross_entropy, weight=i + 1))
+
+        clients.append(
+            fl.new_client(
+                f"c{i}", model, optimizer, batch, nn.functional.cross_entropy, weight=i + 1
+            )
+        )
     return clients
 
 
@@ -52,12 +57,20 @@ def test_a_client_trains_with_its_own_optimiser_state_only():
     _, b_alone = make_clients(model_alone, opt_alone, 2)
     fl.local_train(model_alone, opt_alone, b_alone, steps=3)
     assert all(torch.equal(b.model_state[k], b_alone.model_state[k]) for k in b.model_state)
-    moments = [(k, m) for k, st in b.optim_state["state"].items() for m in ("exp_avg", "exp_avg_sq")]
-    assert all(torch.equal(b.optim_state["state"][k][m], b_alone.optim_state["state"][k][m]) for k, m in moments)
+    moments = [
+        (k, m) for k, st in b.optim_state["state"].items() for m in ("exp_avg", "exp_avg_sq")
+    ]
+    assert all(
+        torch.equal(b.optim_state["state"][k][m], b_alone.optim_state["state"][k][m])
+        for k, m in moments
+    )
 
 
 def test_average_is_the_elementwise_mean_and_respects_weights():
-    s = [{"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(6)}]
+    s = [
+        {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(1)},
+        {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(6)},
+    ]
     out = fl.average(s)
     torch.testing.assert_close(out["w"], torch.tensor([1.0, 3.0]))
     assert out["n"].dtype == torch.int64 and int(out["n"]) == 4  # 3.5 is rounded, not truncated
@@ -79,7 +92,9 @@ def test_round_writes_the_average_back_into_every_client():
     fl.federated_round(model, opt, clients, 2, shared, recording_average)
     trained = seen[0]
     expected = fl.average(trained)
-    assert not torch.equal(trained[0]["0.weight"], trained[1]["0.weight"]), "clients must have diverged"
+    assert not torch.equal(trained[0]["0.weight"], trained[1]["0.weight"]), (
+        "clients must have diverged"
+    )
     for c in clients:
         for k in shared:
             assert torch.equal(c.model_state[k], expected[k])
@@ -150,10 +165,14 @@ def test_absent_clients_do_not_train_are_not_averaged_and_receive_the_result():
         seen.append(len(states))
         return fl.mean(states, reference, weights)
 
-    report = fl.federated_round(model, opt, clients, 2, ["0.weight"], record, present=[clients[0], clients[2]])
+    report = fl.federated_round(
+        model, opt, clients, 2, ["0.weight"], record, present=[clients[0], clients[2]]
+    )
     assert report.absent == ["c1"] and set(report.losses) == {"c0", "c2"}
     assert seen == [2]
-    assert torch.equal(absent.model_state["2.weight"], before["2.weight"]), "an absent client does not train"
+    assert torch.equal(absent.model_state["2.weight"], before["2.weight"]), (
+        "an absent client does not train"
+    )
     assert torch.equal(absent.model_state["0.weight"], clients[0].model_state["0.weight"])
     assert not torch.equal(absent.model_state["0.weight"], before["0.weight"])
 
@@ -187,5 +206,9 @@ def test_a_client_stored_elsewhere_trains_and_stays_there():
     client = fl.new_client("c", model, opt, client.next_batch, client.loss_fn, store="cpu")
     fl.local_train(model, opt, client, 2)
     assert all(v.device.type == "cpu" for v in client.model_state.values())
-    assert all(t.device.type == "cpu" for s in client.optim_state["state"].values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+    assert all(
+        t.device.type == "cpu"
+        for s in client.optim_state["state"].values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )

@@ -17,7 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
+pytest.importorskip(
+    "flwr", reason="Flower is not installed: pip install -r requirements-flower.txt"
+)
 
 from flwr.common.config import get_project_config
 
@@ -52,8 +54,12 @@ def test_state_dict_roundtrips_exactly_through_an_array_record():
     torch.manual_seed(0)
     model = UNet3D(UNetConfig(classes=2, channels=(4, 8), task_stages=1))
     model = model.to(memory_format=torch.channels_last_3d)  # the layout train.py trains in
-    state = {**model.state_dict(), "step": torch.tensor(3.0), "count": torch.tensor([7], dtype=torch.long),
-             "double": torch.randn(2, 3, dtype=torch.float64)}
+    state = {
+        **model.state_dict(),
+        "step": torch.tensor(3.0),
+        "count": torch.tensor([7], dtype=torch.long),
+        "double": torch.randn(2, 3, dtype=torch.float64),
+    }
     record = task.to_record(state)
     back = task.from_record(record)
     assert list(back) == list(state)
@@ -72,7 +78,13 @@ def test_state_dict_roundtrips_exactly_through_an_array_record():
 
 @pytest.mark.parametrize("mode, extra", [("segviz", []), ("segviz", ["fedbn"]), ("fedavg", [])])
 def test_keys_sent_each_round_and_once_at_the_end(mode, extra, tmp_path):
-    cfg = {**app_config(), "nodes": 2, "mode": mode, "out": str(tmp_path / "run"), **dict.fromkeys(extra, True)}
+    cfg = {
+        **app_config(),
+        "nodes": 2,
+        "mode": mode,
+        "out": str(tmp_path / "run"),
+        **dict.fromkeys(extra, True),
+    }
     co = server_side(cfg)
     state = co.run.clients[0].model_state
     every_round, at_the_end = co.run.keys, task.local_keys(state, co.run.keys)
@@ -92,18 +104,26 @@ def test_the_app_defaults_are_train_py_defaults(tmp_path):
     mine = server_app.server_config(cfg, server_app.options(cfg))
     p = argparse.ArgumentParser()
     add_arguments(p)
-    plain = config_from_args(p.parse_args(["--out", str(tmp_path / "run"), "--cache", mine.cache]), p)
+    plain = config_from_args(
+        p.parse_args(["--out", str(tmp_path / "run"), "--cache", mine.cache]), p
+    )
     assert saved(mine) == saved(plain)
 
 
 def test_unset_values_mean_the_presets():
     assert "--channels" not in task.train_argv({"channels": ""})
-    argv = task.train_argv({"channels": "8,16,32,64,128", "patch": "32 32 16", "data": "test=/a,liver=/b"})
+    argv = task.train_argv(
+        {"channels": "8,16,32,64,128", "patch": "32 32 16", "data": "test=/a,liver=/b"}
+    )
     assert argv[argv.index("--channels") + 1] == "8,16,32,64,128"
     assert argv[argv.index("--patch") + 1:argv.index("--patch") + 4] == ["32", "32", "16"]
     assert argv.count("--data") == 2 and "liver=/b" in argv
-    assert "--no-largest" in task.train_argv({"largest": False}) and "--largest" in task.train_argv({"largest": True})
-    assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(task.train_argv({"largest": "", "rounds": ""}))
+    assert "--no-largest" in task.train_argv({"largest": False}) and "--largest" in task.train_argv(
+        {"largest": True}
+    )
+    assert not {"--largest", "--no-largest", "--rounds", "--lr"} & set(
+        task.train_argv({"largest": "", "rounds": ""})
+    )
 
 
 def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path):
@@ -111,10 +131,25 @@ def test_the_fingerprint_ignores_paths_but_not_settings(tmp_path):
     v = task.variant_of(cfg)
     key = task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), v)
     assert task.settings_key(task.config_from(cfg, out="c", cache="d", device="cpu"), v) == key
-    assert task.settings_key(task.config_from({**cfg, "lr": 0.01}, out="a", cache="b", device="cpu"), v) != key
-    assert task.settings_key(task.config_from(cfg, out="a", cache="b", device="cpu"), {**v, "dropout": 0.5}) != key
+    assert (
+        task.settings_key(
+            task.config_from({**cfg, "lr": 0.01}, out="a", cache="b", device="cpu"), v
+        )
+        != key
+    )
+    assert (
+        task.settings_key(
+            task.config_from(cfg, out="a", cache="b", device="cpu"), {**v, "dropout": 0.5}
+        )
+        != key
+    )
     # a node of another version, whose preset has another patch, must not match either
-    assert task.settings_key(task.config_from({**cfg, "patch": "32 32 32"}, out="a", cache="b", device="cpu"), v) != key
+    assert (
+        task.settings_key(
+            task.config_from({**cfg, "patch": "32 32 32"}, out="a", cache="b", device="cpu"), v
+        )
+        != key
+    )
 
 
 def test_modes_that_pool_data_and_bad_variants_are_refused(tmp_path):
@@ -239,27 +274,57 @@ def log_tail(path, n: int = 3000) -> str:
 def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     t0 = time.time()
     deadline = t0 + GIVE_UP_S
-    cache, out, node_out, home = tmp_path / "cache", tmp_path / "flower", tmp_path / "nodes", tmp_path / "flwr-home"
+    cache, out, node_out, home = (
+        tmp_path / "cache",
+        tmp_path / "flower",
+        tmp_path / "nodes",
+        tmp_path / "flwr-home",
+    )
     link, liver_port, spleen_port = free_ports(3)
     home.mkdir()
     (home / "config.toml").write_text(  # a Flower Configuration of its own: ~/.flwr stays untouched
-        f'[superlink]\ndefault = "segviz-test"\n\n[superlink.segviz-test]\naddress = "127.0.0.1:{link}"\n'
-        "insecure = true\n")
+        f'[superlink]\ndefault = "segviz-test"\n\n[superlink.segviz-test]\naddress = '
+        f'"127.0.0.1:{link}"\n'
+        "insecure = true\n"
+    )
     # one torch thread per process (the in-process reference uses one too); no usage telemetry
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
-           "SEGVIZ_ROOT": ROOT}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "SEGVIZ_ROOT": ROOT,
+    }
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "liver", "spleen", "run")}
     procs: list[subprocess.Popen] = []
 
     def start(argv, log):
         with open(log, "w") as f:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            )
         return procs[-1]
 
     try:
-        start([executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-               "--disable-runtime-dependency-installation"], logs["superlink"])
+        start(
+            [
+                executable("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+                "--disable-runtime-dependency-installation",
+            ],
+            logs["superlink"],
+        )
         for site, port in (("liver", liver_port), ("spleen", spleen_port)):
             start([executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                    "--port", str(port), "--node-config",
@@ -267,17 +332,52 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         # the in-process loop (python train.py) while the SuperNodes connect; it also fills the
         # phantom cache that the nodes and the server read when the run starts. One torch thread,
         # as on the nodes (OMP_NUM_THREADS=1), so that the weights match bitwise
-        settings = ["--nodes", "2", "--mode", "segviz", "--rounds", "2", "--local-steps", "1", "--max-cases", "1",
-                    "--seeds", "3", "--out", str(tmp_path / "ref"), "--cache", str(cache), "--device", "cpu"]
-        ref = subprocess.run([sys.executable, "train.py", *settings], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=GIVE_UP_S)
+        settings = [
+            "--nodes",
+            "2",
+            "--mode",
+            "segviz",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "1",
+            "--max-cases",
+            "1",
+            "--seeds",
+            "3",
+            "--out",
+            str(tmp_path / "ref"),
+            "--cache",
+            str(cache),
+            "--device",
+            "cpu",
+        ]
+        ref = subprocess.run(
+            [sys.executable, "train.py", *settings],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GIVE_UP_S,
+        )
         assert ref.returncode == 0, ref.stderr[-3000:]
         reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
         wait_for_port(link, deadline)
-        run_config = (f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' "
-                      f"cache='{cache}' timeout=120 wait-for-nodes=60")
-        run = start([sys.executable, os.path.join(APP, "run.py"), APP, "segviz-test", "--run-config", run_config],
-                    logs["run"])
+        run_config = (
+            f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' "
+            f"cache='{cache}' timeout=120 wait-for-nodes=60"
+        )
+        run = start(
+            [
+                sys.executable,
+                os.path.join(APP, "run.py"),
+                APP,
+                "segviz-test",
+                "--run-config",
+                run_config,
+            ],
+            logs["run"],
+        )
         try:
             run.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -285,8 +385,9 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
                         + "\n".join(log_tail(p) for p in logs.values()))
         stream = log_tail(logs["run"], 100_000)
         # run.py exits 0 only when the run finished:completed (`flwr run` alone exits 0 even then)
-        assert run.returncode == 0 and "finished:completed" in stream and (out / "model.pt").exists(), (
-            "\n".join(log_tail(p) for p in logs.values()))
+        assert (
+            run.returncode == 0 and "finished:completed" in stream and (out / "model.pt").exists()
+        ), "\n".join(log_tail(p) for p in logs.values())
     finally:
         stopped = stop(procs)
     # (a) it ended cleanly and nothing it started is left running
@@ -303,12 +404,15 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
             torch.testing.assert_close(mine[site][k], v, rtol=1e-5, atol=1e-6, msg=f"{site} {k}")
     metrics = json.loads((out / "metrics.json").read_text())
     for organ in ("liver", "spleen"):
-        assert metrics["dice"][organ]["cases"] == pytest.approx(reference["dice"][organ]["cases"], abs=1e-6)
+        assert metrics["dice"][organ]["cases"] == pytest.approx(
+            reference["dice"][organ]["cases"], abs=1e-6
+        )
     assert metrics["losses"].keys() == reference["losses"].keys()
     for site, losses in reference["losses"].items():  # pytest.approx compares flat sequences only
         assert metrics["losses"][site] == pytest.approx(losses, rel=1e-5)
 
-    # (c) during the rounds the server received representation keys only; task blocks came once, at the end
+    # (c) during the rounds the server received representation keys only; task blocks came once, at
+    # the end
     exchange = json.loads((out / server_app.EXCHANGE_LOG).read_text())
     shared = sorted(exchange["shared_keys"])
     assert shared and all(k.startswith("rep.") for k in shared)
@@ -326,7 +430,9 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     # eval.py re-evaluates the Flower checkpoint from the checkpoint alone
     assert eval_main(["--checkpoint", str(out / "model.pt"), "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
-    assert again["dice"]["liver"]["cases"] == pytest.approx(metrics["dice"]["liver"]["cases"], abs=1e-6)
+    assert again["dice"]["liver"]["cases"] == pytest.approx(
+        metrics["dice"]["liver"]["cases"], abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,15 +460,40 @@ def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_n
     home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
     http, control = free_ports(2)
     # Flower's default local simulation, in a Flower home and on ports of this test's own
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    wrapper = [sys.executable, os.path.join(APP, "run.py"), "flower", "--federation-config", "num-supernodes=2"]
-    settings = f"nodes=2 rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' cache='{cache}' wait-for-nodes=60"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    wrapper = [
+        sys.executable,
+        os.path.join(APP, "run.py"),
+        "flower",
+        "--federation-config",
+        "num-supernodes=2",
+    ]
+    settings = (f"nodes=2 rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' cache='{cache}' "
+                "wait-for-nodes=60")
     try:
-        good = subprocess.run([*wrapper, "--run-config", settings], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=GIVE_UP_S)
-        bad = subprocess.run([*wrapper, "--run-config", f"{settings} mode='central'"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=GIVE_UP_S)
+        good = subprocess.run(
+            [*wrapper, "--run-config", settings],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GIVE_UP_S,
+        )
+        bad = subprocess.run(
+            [*wrapper, "--run-config", f"{settings} mode='central'"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GIVE_UP_S,
+        )
     finally:
         stop_pids(processes_mentioning(str(home)))
     log = good.stdout + good.stderr
@@ -370,7 +501,9 @@ def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_n
     assert "round   2/2" in log and "finished:completed" in log
     metrics = json.loads((out / "metrics.json").read_text())
     # partition-id 0 and 1 of the simulation are the liver and spleen sites
-    assert list(metrics["losses"]) == ["liver", "spleen"] and all(len(v) == 2 for v in metrics["losses"].values())
+    assert list(metrics["losses"]) == ["liver", "spleen"] and all(
+        len(v) == 2 for v in metrics["losses"].values()
+    )
     assert (out / "model.pt").exists()
     # a ServerApp that fails (here: a mode that pools data) makes the wrapper exit non-zero
     assert bad.returncode != 0, (bad.stdout + bad.stderr)[-3000:]

@@ -17,7 +17,8 @@ from helpers import ROOT, SMALL
 LAYERS = [
     ("common",),  # files written whole, one-line failures, devices
     ("data", "unet3d", "metrics"),  # the data vocabulary, the network, the metrics
-    ("fl", "phantom", "sampler", "report"),  # the round, the built-in federation, the sampler, tables
+    # the round, the built-in federation, the sampler, tables
+    ("fl", "phantom", "sampler", "report"),
     ("segviz",),  # the modes: what each shares, the meta-model and its merge
     ("settings",),  # a run's settings
     ("cases", "checkpoint"),  # where a run's cases come from; what it leaves behind
@@ -37,8 +38,14 @@ def python_files() -> list[str]:
     """Every module of the checkout, tests aside, as paths relative to the root."""
     found = []
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("tests", "runs", "data"))
-        found += [os.path.relpath(os.path.join(folder, f), ROOT) for f in sorted(files) if f.endswith(".py")]
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith((".", "__")) and d not in ("tests", "runs", "data")
+        )
+        found += [
+            os.path.relpath(os.path.join(folder, f), ROOT)
+            for f in sorted(files)
+            if f.endswith(".py")
+        ]
     return found
 
 
@@ -52,12 +59,18 @@ def imports(path: str) -> list[tuple[str, str]]:
     to the project's module names (relative imports included)."""
     with open(os.path.join(ROOT, path)) as f:
         tree = ast.parse(f.read(), path)
-    package = module_name(path) if path.endswith("__init__.py") else module_name(path).rpartition(".")[0]
+    package = (
+        module_name(path) if path.endswith("__init__.py") else module_name(path).rpartition(".")[0]
+    )
     found = []
 
     def visit(node: ast.AST, function: str) -> None:
         for child in ast.iter_child_nodes(node):
-            name = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            name = (
+                child.name
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+                else function
+            )
             if isinstance(child, ast.Import):
                 found.extend((function, a.name) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -97,7 +110,11 @@ def test_no_import_points_up_a_layer():
         me = module_name(path)
         for function, target in imports(path):
             top = target.split(".")[0]
-            if top in LAYER_OF and layer(target) > layer(me) and (me, function, target) not in ALLOWED_UPWARD:
+            if (
+                top in LAYER_OF
+                and layer(target) > layer(me)
+                and (me, function, target) not in ALLOWED_UPWARD
+            ):
                 upward.append(f"{path} ({function or 'module'}) imports {target}")
     assert upward == []
 
@@ -111,7 +128,7 @@ def test_no_import_circle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                circles.append(path[path.index(nxt):] + [nxt])
+                circles.append([*path[path.index(nxt):], nxt])
             elif nxt not in state:
                 walk(nxt, [*path, nxt])
         state[node] = 2
@@ -126,13 +143,19 @@ def test_the_core_never_imports_a_wing_but_through_the_one_function():
     wings = set(LAYER_OF) - CORE
     for path in python_files():
         if module_name(path).split(".")[0] in CORE:
-            reached = {(module_name(path), f, t) for f, t in imports(path) if t.split(".")[0] in wings}
+            reached = {
+                (module_name(path), f, t) for f, t in imports(path) if t.split(".")[0] in wings
+            }
             assert reached <= ALLOWED_UPWARD, path
 
 
 def test_no_line_is_longer_than_100_characters():
-    tests = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "tests"))
-             for f in fs if f.endswith(".py")]
+    tests = [
+        os.path.relpath(os.path.join(d, f), ROOT)
+        for d, _, fs in os.walk(os.path.join(ROOT, "tests"))
+        for f in fs
+        if f.endswith(".py")
+    ]
     long = []
     for path in python_files() + tests:
         with open(os.path.join(ROOT, path)) as f:
@@ -143,13 +166,15 @@ def test_no_line_is_longer_than_100_characters():
 def project_modules_after(code: str) -> list[str]:
     """The checkout's modules that `code`, run in a fresh interpreter from the root, leaves in
     sys.modules."""
-    probe = (f"import json, os, sys\n{code}\n"
-             "root = os.path.realpath(os.getcwd())\n"
-             "def mine(m):\n"
-             "    path = getattr(m, '__file__', None)\n"
-             "    return bool(path) and os.path.isfile(path) and os.path.realpath(path).startswith(root + os.sep)\n"
-             "print(json.dumps(sorted(n for n, m in list(sys.modules.items()) if n not in ('__main__', '__mp_main__') and mine(m))))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    probe = (
+        f"import json, os, sys\n{code}\nroot = os.path.realpath(os.getcwd())\ndef mine(m):\n    "
+        "path = getattr(m, '__file__', None)\n    return bool(path) and os.path.isfile(path) and "
+        "os.path.realpath(path).startswith(root + os.sep)\nprint(json.dumps(sorted(n for n, m in "
+        "list(sys.modules.items()) if n not in ('__main__', '__mp_main__') and mine(m))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -161,14 +186,25 @@ def test_the_main_command_imports_the_core_only():
 
 @pytest.mark.slow
 def test_a_run_of_the_main_command_imports_the_core_only(tmp_path, cache):
-    argv = ["train.py", "--nodes", "2", "--rounds", "1", "--local-steps", "1", "--max-cases", "1", *SMALL,
-            "--cache", str(cache), "--out", str(tmp_path / "run")]
+    argv = [
+        "train.py",
+        "--nodes",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--max-cases",
+        "1",
+        *SMALL,
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     code = ("import runpy\n"
-            f"sys.argv = {argv!r}\n"
-            "try:\n"
-            "    runpy.run_path('train.py', run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    assert not e.code, e.code\n")
+            f"sys.argv = {argv!r}\ntry:\n    runpy.run_path('train.py', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n")
     loaded = project_modules_after(code)
     assert set(loaded) <= CORE, sorted(set(loaded) - CORE)
     assert (tmp_path / "run" / "model.pt").exists()

@@ -96,7 +96,9 @@ def cube(shape: tuple[int, ...], corner: tuple[int, ...], side: int = 10) -> np.
     return mask
 
 
-def ball(shape: tuple[int, ...], centre_mm: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+def ball(
+    shape: tuple[int, ...], centre_mm: np.ndarray, radius_mm: float, spacing: tuple[float, ...]
+) -> np.ndarray:
     axes = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
     return sum((x - c) ** 2 for x, c in zip(axes, centre_mm)) <= radius_mm**2
 
@@ -135,7 +137,8 @@ def test_sphere_against_a_shifted_sphere_is_about_the_shift() -> None:
     centre = np.array([n * s / 2 for n, s in zip(shape, CT_SPACING)])
     truth = ball(shape, centre, 12.0, CT_SPACING)
     pred = ball(shape, centre + np.array([3.2, 0.0, 0.0]), 12.0, CT_SPACING)  # 4 voxels
-    # The farthest surface points are exactly the shift apart; the 95th percentile sits a little below it.
+    # The farthest surface points are exactly the shift apart; the 95th percentile sits a little
+    # below it.
     assert 2.8 < hd95(pred, truth, CT_SPACING) <= 3.2 + 1e-9
 
 
@@ -155,16 +158,18 @@ def test_surface_dice_is_one_within_the_tolerance_and_below_one_beyond_it() -> N
 
 
 def test_a_distance_equal_to_the_tolerance_counts_as_within_it() -> None:
-    # 3 x 0.8 mm comes out of the distance transform as 2.4000000000000004; MONAI compares in float32, where
-    # it equals 2.4, so every surface voxel is within a 2.4 mm tolerance (float64 would score 0.73).
+    # 3 x 0.8 mm comes out of the distance transform as 2.4000000000000004; MONAI compares in
+    # float32, where it equals 2.4, so every surface voxel is within a 2.4 mm tolerance (float64
+    # would score 0.73).
     truth = cube((20, 20, 20), (4, 4, 4))
     pred = cube((20, 20, 20), (7, 4, 4))
     assert surface_dice(pred, truth, CT_SPACING, tolerance_mm=2.4) == 1.0
 
 
 def test_nested_cubes_are_compared_by_their_surfaces_not_their_volumes() -> None:
-    # Every voxel of the inner cube lies inside the outer one, yet the two surfaces are >= 3 voxels apart:
-    # with volumes instead of surfaces half the distances would be 0 and the score well above 0.
+    # Every voxel of the inner cube lies inside the outer one, yet the two surfaces are >= 3 voxels
+    # apart: with volumes instead of surfaces half the distances would be 0 and the score well above
+    # 0.
     outer = cube((16, 16, 16), (2, 2, 2), side=10)
     inner = cube((16, 16, 16), (5, 5, 5), side=4)
     assert surface_dice(inner, outer, 1.0, tolerance_mm=2.0) == 0.0
@@ -175,9 +180,15 @@ def test_hd95_is_symmetric_and_takes_the_larger_direction() -> None:
     outer = cube((16, 16, 16), (2, 2, 2), side=10)
     inner = cube((16, 16, 16), (5, 5, 5), side=4)
     inner_to_outer, outer_to_inner = surface_distances(inner, outer, 1.0)
-    assert set(inner_to_outer) == {3.0}  # every inner face is 3 voxels from the outer face beside it
-    # The outer surface's edges and corners lie farther from the inner cube, so its direction sets HD95.
-    assert hd95(inner, outer, 1.0) == hd95(outer, inner, 1.0) == pytest.approx(np.percentile(outer_to_inner, 95))
+    # every inner face is 3 voxels from the outer face beside it
+    assert set(inner_to_outer) == {3.0}
+    # The outer surface's edges and corners lie farther from the inner cube, so its direction sets
+    # HD95.
+    assert (
+        hd95(inner, outer, 1.0)
+        == hd95(outer, inner, 1.0)
+        == pytest.approx(np.percentile(outer_to_inner, 95))
+    )
     assert hd95(inner, outer, 1.0) > 4.0
 
 
@@ -186,7 +197,8 @@ def test_agrees_with_brute_force_surface_distances() -> None:
     spacing = (1.1, 0.7, 2.5)
 
     def surface_points(mask: np.ndarray) -> np.ndarray:
-        # A foreground voxel is on the surface when one of its 6 neighbours is background or off the array.
+        # A foreground voxel is on the surface when one of its 6 neighbours is background or off the
+        # array.
         padded = np.pad(mask, 1)
         inner = np.ones_like(mask)
         for axis in range(3):
@@ -199,7 +211,9 @@ def test_agrees_with_brute_force_surface_distances() -> None:
     expected_hd95 = max(np.percentile(p_to_t, 95), np.percentile(t_to_p, 95))
     expected_nsd = (np.sum(p_to_t <= 2.0) + np.sum(t_to_p <= 2.0)) / (p_to_t.size + t_to_p.size)
     assert hd95(pred, truth, spacing) == pytest.approx(expected_hd95, abs=1e-9)
-    assert surface_dice(pred, truth, spacing, tolerance_mm=2.0) == pytest.approx(expected_nsd, abs=1e-12)
+    assert surface_dice(pred, truth, spacing, tolerance_mm=2.0) == pytest.approx(
+        expected_nsd, abs=1e-12
+    )
 
 
 def test_masks_touching_the_array_border_have_a_surface_there() -> None:
@@ -254,35 +268,50 @@ def test_one_empty_is_nan_hd95_and_zero_surface_dice(empty_side: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _monai(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], tolerances: list[float]):
+def _monai(
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], tolerances: list[float]
+):
     metrics = pytest.importorskip("monai.metrics")
     p, t = (torch.as_tensor(m, dtype=torch.float32)[None, None] for m in (pred, truth))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on empty masks
-        hd = metrics.compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
+        hd = metrics.compute_hausdorff_distance(
+            p, t, include_background=True, percentile=95, spacing=spacing
+        )
         nsd = [
-            metrics.compute_surface_dice(p, t, [tol], include_background=True, spacing=spacing).item()
+            metrics.compute_surface_dice(
+                p, t, [tol], include_background=True, spacing=spacing
+            ).item()
             for tol in tolerances
         ]
     return hd.item(), nsd
 
 
-# 2.4 mm is exactly 3 in-plane voxels at 0.8 mm: the float32 tie MONAI counts as within the tolerance.
+# 2.4 mm is exactly 3 in-plane voxels at 0.8 mm: the float32 tie MONAI counts as within the
+# tolerance.
 TOLERANCES = [1.0, 2.0, 2.4, 3.0]
 
 
-@pytest.mark.parametrize(("seed", "spacing"), [(3, CT_SPACING), (4, (1.2, 0.7, 2.5)), (5, CT_SPACING)])
+@pytest.mark.parametrize(
+    ("seed", "spacing"), [(3, CT_SPACING), (4, (1.2, 0.7, 2.5)), (5, CT_SPACING)]
+)
 def test_matches_monai_on_random_blobs(seed: int, spacing: tuple[float, ...]) -> None:
     pred, truth = blob_pair(seed)
     monai_hd, monai_nsd = _monai(pred, truth, spacing, TOLERANCES)
     assert hd95(pred, truth, spacing) == pytest.approx(monai_hd, abs=1e-3)
-    assert [surface_dice(pred, truth, spacing, tol) for tol in TOLERANCES] == pytest.approx(monai_nsd, abs=1e-4)
+    assert [surface_dice(pred, truth, spacing, tol) for tol in TOLERANCES] == pytest.approx(
+        monai_nsd, abs=1e-4
+    )
 
 
 @pytest.mark.parametrize("case", ["both empty", "pred empty", "truth empty"])
 def test_matches_monai_on_empty_masks(case: str) -> None:
     mask, empty = cube((10, 10, 6), (2, 2, 1), side=4), np.zeros((10, 10, 6), dtype=bool)
-    pred, truth = {"both empty": (empty, empty), "pred empty": (empty, mask), "truth empty": (mask, empty)}[case]
+    pred, truth = {
+        "both empty": (empty, empty),
+        "pred empty": (empty, mask),
+        "truth empty": (mask, empty),
+    }[case]
     monai_hd, (monai_nsd,) = _monai(pred, truth, CT_SPACING, [2.0])
     np.testing.assert_equal(hd95(pred, truth, CT_SPACING), monai_hd)  # nan == nan here
     np.testing.assert_equal(surface_dice(pred, truth, CT_SPACING), monai_nsd)

@@ -20,7 +20,8 @@ FG_BOX = (slice(10, 18), slice(12, 20), slice(8, 14))
 
 
 def coordinate_volume(shape, base=1.0):
-    """An image whose value is `base` + the voxel's flat index, so a patch reveals where it came from.
+    """An image whose value is `base` + the voxel's flat index, so a patch reveals where it came
+    from.
 
     Values start at 1 so that every voxel counts as body (> 0) for background candidates.
     """
@@ -35,7 +36,8 @@ def box_label(shape, boxes):
 
 
 def locate(patch, image, base):
-    """Start (x0, y0, z0) of the crop of `image` that `patch` would be, read from its first voxel."""
+    """Start (x0, y0, z0) of the crop of `image` that `patch` would be, read from its first voxel.
+    """
     _, sy, sz = image.shape
     flat = int(patch[0, 0, 0].item() - base)
     return flat // (sy * sz), (flat // sz) % sy, flat % sz
@@ -45,7 +47,9 @@ def assert_exact_crop(patch, image, base):
     x0, y0, z0 = locate(patch, image, base)
     px, py, pz = patch.shape
     sx, sy, sz = image.shape
-    assert 0 <= x0 <= sx - px and 0 <= y0 <= sy - py and 0 <= z0 <= sz - pz, "patch leaves the volume"
+    assert 0 <= x0 <= sx - px and 0 <= y0 <= sy - py and 0 <= z0 <= sz - pz, (
+        "patch leaves the volume"
+    )
     assert torch.equal(patch, image[x0:x0 + px, y0:y0 + py, z0:z0 + pz])
     return x0, y0, z0
 
@@ -72,7 +76,10 @@ def test_unaugmented_patches_are_exact_in_bounds_crops_of_their_own_volume():
             v = int(patch[0, 0, 0].item() >= 1 + math.prod(SHAPE))
             x0, y0, z0 = assert_exact_crop(patch, images[v], 1.0 + v * math.prod(SHAPE))
             # the label is cut from the same place as the image
-            assert torch.equal(patch_lab, labels[v][x0:x0 + PATCH[0], y0:y0 + PATCH[1], z0:z0 + PATCH[2]].long())
+            assert torch.equal(
+                patch_lab,
+                labels[v][x0 : x0 + PATCH[0], y0 : y0 + PATCH[1], z0 : z0 + PATCH[2]].long(),
+            )
             seen.add(v)
     assert seen == {0, 1}
 
@@ -96,7 +103,9 @@ def test_volume_smaller_than_patch_is_zero_padded():
 
 
 def centre_labels(pos, neg, seed=0):
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=50, patches_per_volume=40, pos=pos, neg=neg, augment=False)
+    cfg = SamplerConfig(
+        patch=PATCH, volumes_per_batch=50, patches_per_volume=40, pos=pos, neg=neg, augment=False
+    )
     label = box_label(SHAPE, [(FG_BOX, 1)])
     sampler = PatchSampler([coordinate_volume(SHAPE)], [label], cfg, seed=seed)
     _, centre, want_fg = sampler.centres()
@@ -117,7 +126,9 @@ def test_centre_label_agrees_with_want_fg():
 
 
 def test_volume_without_foreground_gives_background_centres():
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=10, patches_per_volume=10, pos=1.0, neg=0.0, augment=False)
+    cfg = SamplerConfig(
+        patch=PATCH, volumes_per_batch=10, patches_per_volume=10, pos=1.0, neg=0.0, augment=False
+    )
     label = torch.zeros(SHAPE, dtype=torch.uint8)
     _, centre, want_fg = PatchSampler([coordinate_volume(SHAPE)], [label], cfg).centres()
     assert not want_fg.any()
@@ -135,7 +146,9 @@ def test_patch_contains_its_centre_and_foreground_when_drawn_as_foreground():
     assert want_fg.any() and not want_fg.all()
     for patch, patch_lab, c, fg in zip(img[:, 0], lab, centre, want_fg):
         assert_exact_crop(patch, image, 1.0)
-        assert (patch == image[c[0], c[1], c[2]]).any(), "the centre voxel must lie inside its patch"
+        assert (patch == image[c[0], c[1], c[2]]).any(), (
+            "the centre voxel must lie inside its patch"
+        )
         if fg:
             assert (patch_lab > 0).any()
 
@@ -185,10 +198,13 @@ def test_augmented_labels_stay_aligned_with_image():
 
 
 def test_identity_augmentation_is_an_exact_crop():
-    # augment on but both augmentations switched off: the context box and grid_sample must reduce to a crop
+    # augment on but both augmentations switched off: the context box and grid_sample must reduce to
+    # a crop
     image = coordinate_volume(SHAPE)
     label = box_label(SHAPE, [(FG_BOX, 1)])
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=3, patches_per_volume=3, p_spatial=0.0, p_intensity=0.0)
+    cfg = SamplerConfig(
+        patch=PATCH, volumes_per_batch=3, patches_per_volume=3, p_spatial=0.0, p_intensity=0.0
+    )
     img, _ = PatchSampler([image], [label], cfg, seed=4).sample()
     for patch in img[:, 0]:
         x0, y0, z0 = locate(patch.round(), image, 1.0)
@@ -201,10 +217,18 @@ def test_rotation_and_scaling_stay_inside_the_context_box():
     # outside the context box (grid_sample's zero padding) shows as < 1
     image = torch.ones(SHAPE)
     label = box_label(SHAPE, [((slice(15, 25), slice(14, 22), slice(12, 18)), 1)])
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=4, patches_per_volume=4, pos=1.0, neg=0.0, p_spatial=1.0,
-                        p_intensity=0.0)
+    cfg = SamplerConfig(
+        patch=PATCH,
+        volumes_per_batch=4,
+        patches_per_volume=4,
+        pos=1.0,
+        neg=0.0,
+        p_spatial=1.0,
+        p_intensity=0.0,
+    )
     sampler = PatchSampler([image], [label], cfg, seed=6)
-    assert sampler.margin.tolist() == [3, 3, 1]  # the boxes above stay inside SHAPE with this margin
+    # the boxes above stay inside SHAPE with this margin
+    assert sampler.margin.tolist() == [3, 3, 1]
     img, _ = sampler.sample()
     torch.testing.assert_close(img, torch.ones_like(img), rtol=0, atol=1e-5)
 
@@ -215,7 +239,9 @@ def test_augmented_patches_keep_their_centre_at_the_border():
     # drawn on the organ must hold some of it, however close to the border the centre lies
     label = box_label(SHAPE, [((slice(0, 3), slice(0, 3), slice(0, 2)), 1)])
     image = coordinate_volume(SHAPE)
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=20, patches_per_volume=10, p_spatial=0.0, p_intensity=0.0)
+    cfg = SamplerConfig(
+        patch=PATCH, volumes_per_batch=20, patches_per_volume=10, p_spatial=0.0, p_intensity=0.0
+    )
     _, centre, want_fg = PatchSampler([image], [label], cfg, seed=11).centres()
     img, lab = PatchSampler([image], [label], cfg, seed=11).sample()
     assert want_fg.any() and not want_fg.all()
@@ -231,8 +257,16 @@ def test_rotated_patches_at_the_border_read_zero_outside_the_volume():
     # the rest is the image (bilinear blending only at the border itself)
     image = torch.ones(SHAPE)
     label = box_label(SHAPE, [((slice(0, 1), slice(0, SHAPE[1]), slice(0, SHAPE[2])), 1)])
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=8, patches_per_volume=2, pos=1.0, neg=0.0, p_spatial=1.0,
-                        p_intensity=0.0, max_rotation_deg=15.0)
+    cfg = SamplerConfig(
+        patch=PATCH,
+        volumes_per_batch=8,
+        patches_per_volume=2,
+        pos=1.0,
+        neg=0.0,
+        p_spatial=1.0,
+        p_intensity=0.0,
+        max_rotation_deg=15.0,
+    )
     img, lab = PatchSampler([image], [label], cfg, seed=3).sample()
     assert (img == 0).any() and (img > 1 - 1e-5).float().mean() > 0.5
     assert (lab[img[:, 0] == 0] == 0).all()
@@ -241,7 +275,9 @@ def test_rotated_patches_at_the_border_read_zero_outside_the_volume():
 def test_intensity_augmentation_scales_and_shifts_each_patch():
     image = torch.full(SHAPE, 0.5)
     label = box_label(SHAPE, [(FG_BOX, 1)])
-    cfg = SamplerConfig(patch=PATCH, volumes_per_batch=4, patches_per_volume=4, p_spatial=0.0, p_intensity=1.0)
+    cfg = SamplerConfig(
+        patch=PATCH, volumes_per_batch=4, patches_per_volume=4, p_spatial=0.0, p_intensity=1.0
+    )
     sampler = PatchSampler([image], [label], cfg, seed=9)
     first, _ = sampler.sample()
     second, _ = sampler.sample()
@@ -278,8 +314,9 @@ def test_binary_sampler_labels_and_multiclass_labels():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device, expected", [("mps", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"),
-                                              ("cpu", "cpu")])
+@pytest.mark.parametrize(
+    "device, expected", [("mps", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"), ("cpu", "cpu")]
+)
 def test_the_sampler_stays_on_the_cpu_for_mps_only(device, expected):
     assert sampler_device(torch.device(device)) == torch.device(expected)
     assert sampler_device(device) == torch.device(expected)

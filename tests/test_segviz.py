@@ -85,7 +85,9 @@ def test_task_blocks_stay_bitwise_the_clients_own():
     for c in clients:
         for k in task_keys:
             assert torch.equal(c.model_state[k], trained[c.name][k])
-    assert not torch.equal(clients[0].model_state[task_keys[0]], clients[1].model_state[task_keys[0]])
+    assert not torch.equal(
+        clients[0].model_state[task_keys[0]], clients[1].model_state[task_keys[0]]
+    )
 
 
 def test_fedavg_round_averages_every_key():
@@ -182,9 +184,13 @@ def test_segviz_sends_only_representation_weights(fedbn):
     record, state = exchanged("segviz", fedbn)
     assert len(record) == 2 * len(SITES)
     for sent in record:
-        assert sent and all(k.startswith("rep.") for k in sent), "no task-block key may leave a site"
+        assert sent and all(k.startswith("rep.") for k in sent), (
+            "no task-block key may leave a site"
+        )
         if fedbn:
-            assert not any(segviz.is_norm_key(k) for k in sent), "FedBN keeps norm weights and statistics home"
+            assert not any(segviz.is_norm_key(k) for k in sent), (
+                "FedBN keeps norm weights and statistics home"
+            )
         for k, v in sent.items():
             # weights only: the shape of that weight, never an image, label or patch
             assert v.shape == state[k].shape and v.dtype == state[k].dtype

@@ -47,8 +47,12 @@ def test_every_setting_has_one_flag_with_help_and_one_flower_key_and_nothing_els
 
     keys = set(flower_run_config())
     assert set(SETTING_KEYS.values()) == set(fields)
-    assert {settings.flag_of(f)[2:] for f in fields.values()} <= keys, "a Config field lacks a run-config key"
-    assert keys == set(SETTING_KEYS) | set(VARIANTS) | set(SERVER_KEYS), "a run-config key names no setting"
+    assert {settings.flag_of(f)[2:] for f in fields.values()} <= keys, (
+        "a Config field lacks a run-config key"
+    )
+    assert keys == set(SETTING_KEYS) | set(VARIANTS) | set(SERVER_KEYS), (
+        "a run-config key names no setting"
+    )
     # the presets override fields, nothing else
     for overrides in (*PRESETS.values(), *REAL_DATA.values()):
         assert set(overrides) <= set(fields)
@@ -56,9 +60,19 @@ def test_every_setting_has_one_flag_with_help_and_one_flower_key_and_nothing_els
 
 def test_defaults_come_from_the_preset_and_flags_override_them(tmp_path):
     cfg = parse(["--out", str(tmp_path / "a")])
-    assert cfg == dataclasses.replace(Config(), roi=Config().patch, val_split="0", device="cpu", out=str(tmp_path / "a"))
-    cfg = parse(["--preset", "paper", "--lr", "0.01", "--seeds", "3", "4", "--out", str(tmp_path / "b")])
-    assert (cfg.norm, cfg.loss, cfg.lr, cfg.seed, cfg.roi) == ("batch", "dice", 0.01, 3, (160, 160, 160))
+    assert cfg == dataclasses.replace(
+        Config(), roi=Config().patch, val_split="0", device="cpu", out=str(tmp_path / "a")
+    )
+    cfg = parse(
+        ["--preset", "paper", "--lr", "0.01", "--seeds", "3", "4", "--out", str(tmp_path / "b")]
+    )
+    assert (cfg.norm, cfg.loss, cfg.lr, cfg.seed, cfg.roi) == (
+        "batch",
+        "dice",
+        0.01,
+        3,
+        (160, 160, 160),
+    )
     assert all(getattr(cfg, k) == v for k, v in PRESETS["paper"].items() if k != "lr")
     # the sliding window follows the patch unless the preset or a flag sets it
     assert parse(["--patch", "32", "32", "16", "--out", str(tmp_path / "c")]).roi == (32, 32, 16)
@@ -71,14 +85,22 @@ def test_real_data_has_its_own_rounds_patch_augmentation_and_clean_up_unless_giv
     cfg = parse(["--data-root", str(tmp_path), "--out", str(tmp_path / "a")])
     assert all(getattr(cfg, k) == v for k, v in real.items())
     assert cfg.roi == real["patch"]
-    assert parse(["--data", f"liver={tmp_path}", "--out", str(tmp_path / "b")]).rounds == real["rounds"]
-    assert parse(["--data-root", str(tmp_path), "--rounds", "7", "--out", str(tmp_path / "c")]).rounds == 7
+    assert (
+        parse(["--data", f"liver={tmp_path}", "--out", str(tmp_path / "b")]).rounds
+        == real["rounds"]
+    )
+    assert (
+        parse(["--data-root", str(tmp_path), "--rounds", "7", "--out", str(tmp_path / "c")]).rounds
+        == 7
+    )
     assert parse(["--out", str(tmp_path / "d")]).rounds == Config().rounds
 
 
 def test_the_default_out_folder_is_named_after_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert parse(["--mode", "segviz", "--fedbn", "--nodes", "3"]).out == os.path.join("runs", "segviz-fedbn-3")
+    assert parse(["--mode", "segviz", "--fedbn", "--nodes", "3"]).out == os.path.join(
+        "runs", "segviz-fedbn-3"
+    )
 
 
 def test_the_help_gives_each_default_and_the_presets_overrides():
@@ -91,7 +113,8 @@ def test_the_help_gives_each_default_and_the_presets_overrides():
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "bogus"], "invalid choice"),
     (["--nodes", "5"], "invalid choice"),
-    (["--loss", "marginal"], "invalid choice"),  # a variant of python -m experiments train, not train.py
+    # a variant of python -m experiments train, not train.py
+    (["--loss", "marginal"], "invalid choice"),
     (["--device", "tpu"], "--device tpu"),
     (["--mode", "fedavg", "--fedbn"], "--fedbn"),
     (["--rounds", "0"], "--rounds"),
@@ -130,7 +153,9 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 
 def test_a_saved_config_reads_back_as_the_same_config(tmp_path):
-    cfg = parse(["--preset", "paper", "--data", f"liver={tmp_path}", "--out", str(tmp_path / "run")])
+    cfg = parse(
+        ["--preset", "paper", "--data", f"liver={tmp_path}", "--out", str(tmp_path / "run")]
+    )
     back = settings.from_saved(settings.saved(cfg), device=cfg.device, out=cfg.out)
     assert back == cfg
     assert "device" not in settings.saved(cfg) and "out" not in settings.saved(cfg)

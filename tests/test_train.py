@@ -85,21 +85,45 @@ def test_each_model_trains_through_the_originals_window(mode, monkeypatch, tmp_p
 
     real = train.site_sampler
     monkeypatch.setattr(train, "site_sampler", recording)
-    cases = {s: [Case(f"{s}-0", torch.zeros(48, 48, 32), torch.zeros(48, 48, 32, dtype=torch.uint8), (3.0,) * 3)]
-             for s in ORIGINAL_WINDOWS}
+    cases = {
+        s: [
+            Case(
+                f"{s}-0",
+                torch.zeros(48, 48, 32),
+                torch.zeros(48, 48, 32, dtype=torch.uint8),
+                (3.0,) * 3,
+            )
+        ]
+        for s in ORIGINAL_WINDOWS
+    }
     train.build_run(resolve({"mode": mode, "out": str(tmp_path)}), cases, train.Extensions())
-    expected = ORIGINAL_WINDOWS if mode in ("segviz", "single") else dict.fromkeys(ORIGINAL_WINDOWS, ORIGINAL_POOLED)
+    expected = (
+        ORIGINAL_WINDOWS
+        if mode in ("segviz", "single")
+        else dict.fromkeys(ORIGINAL_WINDOWS, ORIGINAL_POOLED)
+    )
     assert seen == expected
 
 
 def test_a_saved_state_restores_validation_the_best_model_and_the_pooled_position(tmp_path):
     # what only some runs use (validation curves, keep="best", the central model's round-robin)
     # must come back from state.pt too
-    cases = {s: [Case(f"{s}-{i}", torch.rand(48, 48, 32), (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)
-                 for i in range(2)] for s in ("liver", "spleen")}
+    cases = {
+        s: [
+            Case(
+                f"{s}-{i}",
+                torch.rand(48, 48, 32),
+                (torch.rand(48, 48, 32) > 0.9).to(torch.uint8),
+                (3.0,) * 3,
+            )
+            for i in range(2)
+        ]
+        for s in ("liver", "spleen")
+    }
     cfg = resolve({"nodes": 2, "mode": "central", "out": str(tmp_path)})
     run = train.build_run(cfg, cases, train.Extensions())
-    fl.local_train(run.model, run.optimizer, run.clients[0], 2)  # moves the weights and the pooled position
+    # moves the weights and the pooled position
+    fl.local_train(run.model, run.optimizer, run.clients[0], 2)
     run.validation = [{"round": 4, "liver": 0.5, "spleen": 0.25}]
     run.best = {"round": 4, "score": 0.375, "states": {"pooled": dict(run.clients[0].model_state)}}
     run.log, run.norms = ["round 3: absent: spleen"], [{"pooled": 1.5}]
@@ -113,31 +137,59 @@ def test_a_saved_state_restores_validation_the_best_model_and_the_pooled_positio
     assert fresh.pooled.position[0] == position
     assert (fresh.validation, fresh.log, fresh.norms) == (run.validation, run.log, run.norms)
     assert fresh.best["round"] == 4 and fresh.best["score"] == 0.375
-    assert all(torch.equal(fresh.best["states"]["pooled"][k], v) for k, v in run.best["states"]["pooled"].items())
-    assert all(torch.equal(fresh.clients[0].model_state[k], v) for k, v in run.clients[0].model_state.items())
-    assert torch.equal(fresh.samplers["liver"].gen.get_state(), run.samplers["liver"].gen.get_state())
+    assert all(
+        torch.equal(fresh.best["states"]["pooled"][k], v)
+        for k, v in run.best["states"]["pooled"].items()
+    )
+    assert all(
+        torch.equal(fresh.clients[0].model_state[k], v)
+        for k, v in run.clients[0].model_state.items()
+    )
+    assert torch.equal(
+        fresh.samplers["liver"].gen.get_state(), run.samplers["liver"].gen.get_state()
+    )
 
 
 def test_a_restored_state_restores_torchs_global_random_state(tmp_path):
     # the global RNG draws what no generator of its own does (a variant's, dropout in a layer):
     # a resumed run must draw what the uninterrupted run draws next
-    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32), (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
-             for s in ("liver", "spleen")}
+    cases = {
+        s: [
+            Case(
+                f"{s}-0",
+                torch.rand(48, 48, 32),
+                (torch.rand(48, 48, 32) > 0.9).to(torch.uint8),
+                (3.0,) * 3,
+            )
+        ]
+        for s in ("liver", "spleen")
+    }
     cfg = resolve({"nodes": 2, "out": str(tmp_path)})
     run = train.build_run(cfg, cases, train.Extensions())
     torch.manual_seed(7)
     train.save_state(run, 1)
     expected = torch.rand(5)
     torch.manual_seed(8)
-    train.restore_state(train.build_run(cfg, cases, train.Extensions()), str(tmp_path / train.STATE_FILE))
+    train.restore_state(
+        train.build_run(cfg, cases, train.Extensions()), str(tmp_path / train.STATE_FILE)
+    )
     assert torch.equal(torch.rand(5), expected)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, extra, name", [
-    ("segviz", [], "segviz-2"), ("single", [], "single-2"), ("central", [], "central-2"), ("fedavg", [], "fedavg-2"),
-    ("segviz", ["--fedbn"], "segviz-fedbn-2"), ("central", ["--marginal"], "central-marginal-2"),
-    ("fedavg", ["--marginal"], "fedavg-marginal-2"), ("central", ["--oracle"], "oracle-2")])
+@pytest.mark.parametrize(
+    "mode, extra, name",
+    [
+        ("segviz", [], "segviz-2"),
+        ("single", [], "single-2"),
+        ("central", [], "central-2"),
+        ("fedavg", [], "fedavg-2"),
+        ("segviz", ["--fedbn"], "segviz-fedbn-2"),
+        ("central", ["--marginal"], "central-marginal-2"),
+        ("fedavg", ["--marginal"], "fedavg-marginal-2"),
+        ("central", ["--oracle"], "oracle-2"),
+    ],
+)
 def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, cache):
     out = tmp_path / "run"
     result = tiny(mode, out, cache, *extra)
@@ -165,7 +217,9 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, ca
     assert (out / "metrics.json").read_bytes() == trained
     re_metrics = json.loads((out / "eval" / "metrics.json").read_text())
     for organ in metrics["organs"]:
-        assert re_metrics["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
+        assert re_metrics["dice"][organ]["cases"] == pytest.approx(
+            metrics["dice"][organ]["cases"], abs=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -175,8 +229,11 @@ def test_channels_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["unet"]["channels"] == ckpt["config"]["channels"] == [4, 8, 16, 32, 64]
-    widths = {v.shape[0] for k, v in ckpt["states"]["liver"].items() if k.startswith("rep.") and k.endswith(".weight")
-              and v.dim() == 5}
+    widths = {
+        v.shape[0]
+        for k, v in ckpt["states"]["liver"].items()
+        if k.startswith("rep.") and k.endswith(".weight") and v.dim() == 5
+    }
     assert {4, 8, 16, 32, 64} <= widths
     again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -189,7 +246,15 @@ def test_cuda_run_trains_evaluates_and_reloads_on_the_gpu(tmp_path, cache):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "cuda" in result.stdout and len(metrics["dice"]["liver"]["cases"]) == 2
-    again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--device", "cuda", "--out", str(tmp_path / "e"))
+    again = run(
+        "eval.py",
+        "--checkpoint",
+        str(out / "model.pt"),
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert again.returncode == 0, again.stderr[-2000:]
 
 
@@ -239,26 +304,63 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
 
     root = layouts.data_root(tmp_path / "data")
     out, cache, pred = tmp_path / "run", tmp_path / "cache", tmp_path / "pred"
-    result = run("train.py", "--nodes", "4", "--mode", "segviz", "--data-root", str(root), "--rounds", "1",
-                 "--local-steps", "1", "--val-split", "0", "--spacing", "6", "6", "6",
-                 "--cache", str(cache), "--out", str(out), "--device", "cpu")
+    result = run(
+        "train.py",
+        "--nodes",
+        "4",
+        "--mode",
+        "segviz",
+        "--data-root",
+        str(root),
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--val-split",
+        "0",
+        "--spacing",
+        "6",
+        "6",
+        "6",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["source"]["layouts"] == {"liver": "msd", "spleen": "msd", "pancreas": "msd",
                                                     "kidneys": "kits19", "test": "btcv"}
     assert len(metrics["dice"]["kidneys"]["cases"]) == 1
-    real_patch = list(REAL_DATA["phantom"]["patch"])  # real data trains and tests with its own patch
-    assert metrics["config"]["patch"] == metrics["config"]["roi"] == real_patch != list(Config().patch)
+    # real data trains and tests with its own patch
+    real_patch = list(REAL_DATA["phantom"]["patch"])
+    assert (
+        metrics["config"]["patch"] == metrics["config"]["roi"] == real_patch != list(Config().patch)
+    )
 
     again = run("eval.py", "--checkpoint", str(out / "model.pt"), "--data-root", str(root),
                 "--cache", str(cache), "--out", str(tmp_path))
     assert again.returncode == 0, again.stderr[-2000:]
     ev = json.loads((tmp_path / "metrics.json").read_text())
     for organ in metrics["organs"]:
-        assert ev["dice"][organ]["cases"] == pytest.approx(metrics["dice"][organ]["cases"], abs=1e-6)
+        assert ev["dice"][organ]["cases"] == pytest.approx(
+            metrics["dice"][organ]["cases"], abs=1e-6
+        )
     # the test set's scans segmented on their own grids, in BTCV's ids
     images = root / "Abdomen/RawData/Training/img"
-    seg = run("-m", "realdata", "predict", "-i", str(images), "-o", str(pred), "--checkpoint", str(out / "model.pt"))
+    seg = run(
+        "-m",
+        "realdata",
+        "predict",
+        "-i",
+        str(images),
+        "-o",
+        str(pred),
+        "--checkpoint",
+        str(out / "model.pt"),
+    )
     assert seg.returncode == 0, seg.stderr[-2000:]
     image = nib.load(root / "Abdomen/RawData/Training/img/img0001.nii.gz")
     saved = nib.load(pred / "img0001.nii.gz")
@@ -268,8 +370,17 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
 
     # one scan in, one label map out, on that scan's own grid (here the KiTS19 I,P,L copy)
     scan = root / "kits19/data/case_00000/imaging.nii.gz"
-    one = run("-m", "realdata", "predict", "-i", str(scan), "-o", str(tmp_path / "one"), "--checkpoint",
-              str(out / "model.pt"))
+    one = run(
+        "-m",
+        "realdata",
+        "predict",
+        "-i",
+        str(scan),
+        "-o",
+        str(tmp_path / "one"),
+        "--checkpoint",
+        str(out / "model.pt"),
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     seg = nib.load(tmp_path / "one" / "imaging.nii.gz")
     assert seg.shape == nib.load(scan).shape and (seg.affine == nib.load(scan).affine).all()
@@ -289,7 +400,9 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(scan) in lines[0] and "cannot be read as NIfTI" in lines[0]
     assert not out.exists()
-    assert not [f for f in os.listdir(cache) if not f.endswith(".pt")], "no temporary file left in the cache"
+    assert not [f for f in os.listdir(cache) if not f.endswith(".pt")], (
+        "no temporary file left in the cache"
+    )
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -303,8 +416,26 @@ def test_real_data_bad_input_exits_2_and_writes_nothing(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 # a variant with random state of its own (who is absent each round): python -m experiments train
-RESUMABLE = ("-m", "experiments", "train", "--nodes", "2", "--mode", "segviz", "--rounds", "12", "--local-steps", "1",
-             "--max-cases", "1", "--dropout", "0.5", "--device", "cpu", *SMALL)
+RESUMABLE = (
+    "-m",
+    "experiments",
+    "train",
+    "--nodes",
+    "2",
+    "--mode",
+    "segviz",
+    "--rounds",
+    "12",
+    "--local-steps",
+    "1",
+    "--max-cases",
+    "1",
+    "--dropout",
+    "0.5",
+    "--device",
+    "cpu",
+    *SMALL,
+)
 
 
 @pytest.fixture(scope="module")
@@ -334,11 +465,14 @@ def wait_for_round(state_path, proc, n, timeout=300):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
-def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(sig, uninterrupted, tmp_path, cache):
+def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(
+    sig, uninterrupted, tmp_path, cache
+):
     import signal
 
     out = tmp_path / "run"
-    # a suite started in the background (`cmd &`) inherits an ignored SIGINT; give the run the default back
+    # a suite started in the background (`cmd &`) inherits an ignored SIGINT; give the run the
+    # default back
     proc = subprocess.Popen([sys.executable, *RESUMABLE, "--cache", str(cache), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -402,14 +536,24 @@ def test_dropout_runs_to_the_end_and_logs_every_absence(uninterrupted):
     assert absences, "at P = 0.5 over 12 rounds of 2 clients some client is absent"
     for site in ("liver", "spleen"):
         missed = sum(site in e for e in absences)
-        assert len(metrics["losses"][site]) == 12 - missed, "an absent client has no loss that round"
+        assert len(metrics["losses"][site]) == 12 - missed, (
+            "an absent client has no loss that round"
+        )
 
 
 @pytest.mark.slow
 def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path):
-    for flag, value in [("--mode", "fedavg"), ("--nodes", "3"), ("--preset", "paper"), ("--task-stages", "2")]:
+    for flag, value in [
+        ("--mode", "fedavg"),
+        ("--nodes", "3"),
+        ("--preset", "paper"),
+        ("--task-stages", "2"),
+    ]:
         result = run("-m", "experiments", "train", "--resume", str(uninterrupted), flag, value)
-        assert result.returncode == 2 and f"{flag} cannot be given" in result.stderr, (flag, result.stderr)
+        assert result.returncode == 2 and f"{flag} cannot be given" in result.stderr, (
+            flag,
+            result.stderr,
+        )
     result = run("-m", "experiments", "train", "--resume", str(uninterrupted), "--dropout", "0.1")
     assert result.returncode == 2 and "--dropout cannot be given" in result.stderr
     # train.py does not know the variant's functions: it points to python -m experiments train
@@ -421,7 +565,9 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     (broken / "state.pt").write_bytes(state[: len(state) // 3])
     result = run("train.py", "--resume", str(broken))
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
+    assert (
+        len(result.stderr.strip().splitlines()) == 1 and "state.pt: cannot be read" in result.stderr
+    )
     result = run("train.py", "--resume", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "nothing to resume" in result.stderr
     # a state of another version (another format) is not continued
@@ -430,7 +576,9 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     blob = torch.load(uninterrupted / "state.pt", weights_only=True)
     torch.save({**blob, "format": "segviz-state/3"}, other / "state.pt")
     result = run("-m", "experiments", "train", "--resume", str(other))
-    assert result.returncode == 2 and "not a training state written by this version" in result.stderr
+    assert (
+        result.returncode == 2 and "not a training state written by this version" in result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -443,21 +591,41 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
 def test_paper_preset_runs_end_to_end(tmp_path, cache):
     # the original's recipe at a tiny size: one round, one step, one epoch of head fine-tuning
     out = tmp_path / "paper"
-    result = tiny("segviz", out, cache, "--preset", "paper", "--rounds", "1", "--finetune-epochs", "1",
-                  "--max-cases", "1")
+    result = tiny(
+        "segviz",
+        out,
+        cache,
+        "--preset",
+        "paper",
+        "--rounds",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--max-cases",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     cfg, ckpt = metrics["config"], torch.load(out / "model.pt", weights_only=True)
     assert (cfg["loss"], cfg["norm"], cfg["channels"]) == ("dice", "batch", [16, 32, 64, 128, 256])
-    assert (cfg["roi"], cfg["blend"], cfg["largest"], ckpt["shared_rep"]) == ([160, 160, 160], "constant", False, False)
+    assert (cfg["roi"], cfg["blend"], cfg["largest"], ckpt["shared_rep"]) == (
+        [160, 160, 160],
+        "constant",
+        False,
+        False,
+    )
     assert any("kept the model of round 1" in e for e in metrics["events"])
     assert sum("fine-tuned" in e for e in metrics["events"]) == 2
     states = torch.load(out / "model.pt", weights_only=True)["states"]
     liver, spleen = states["liver"], states["spleen"]
     # parameters of the representation were averaged (and frozen while the heads fine-tuned);
     # BatchNorm statistics are buffers: they stayed local, as in the original
-    params = [k for k in liver if k.startswith("rep.") and not k.endswith(("running_mean", "running_var",
-                                                                           "num_batches_tracked"))]
+    params = [
+        k
+        for k in liver
+        if k.startswith("rep.")
+        and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
     assert params and all(torch.equal(liver[k], spleen[k]) for k in params)
     stat = "rep.down.0.units.0.norm.running_mean"
     assert not torch.equal(liver[stat], spleen[stat])
@@ -469,22 +637,39 @@ def test_head_fine_tuning_keeps_one_shared_representation_with_batchnorm(tmp_pat
     # the phantom preset shares normalisation statistics: fine-tuning a head (in training mode,
     # so BatchNorm's running statistics move) must leave every site the same representation
     out = tmp_path / "ft"
-    result = tiny("segviz", out, cache, "--norm", "batch", "--finetune-epochs", "1", "--max-cases", "1")
+    result = tiny(
+        "segviz", out, cache, "--norm", "batch", "--finetune-epochs", "1", "--max-cases", "1"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["shared_rep"]
     liver, spleen = ckpt["states"]["liver"], ckpt["states"]["spleen"]
     rep = [k for k in liver if k.startswith("rep.")]
-    assert "rep.down.0.units.0.norm.running_mean" in rep and all(torch.equal(liver[k], spleen[k]) for k in rep)
+    assert "rep.down.0.units.0.norm.running_mean" in rep and all(
+        torch.equal(liver[k], spleen[k]) for k in rep
+    )
     assert not torch.equal(liver["task.up.0.up.conv.weight"], spleen["task.up.0.up.conv.weight"])
 
 
-def test_the_state_is_saved_after_the_first_and_last_round_and_spaced_by_its_cost(tmp_path, monkeypatch):
+def test_the_state_is_saved_after_the_first_and_last_round_and_spaced_by_its_cost(
+    tmp_path, monkeypatch
+):
     # a fake clock: a round takes 1 s, a save 0.125 s; with SAVE_SPACING 50 the state is written
     # again once 6.25 s of training have passed since the last save
-    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32), (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
-             for s in ("liver", "spleen")}
-    run = train.build_run(resolve({"nodes": 2, "rounds": 16, "out": str(tmp_path)}), cases, train.Extensions())
+    cases = {
+        s: [
+            Case(
+                f"{s}-0",
+                torch.rand(48, 48, 32),
+                (torch.rand(48, 48, 32) > 0.9).to(torch.uint8),
+                (3.0,) * 3,
+            )
+        ]
+        for s in ("liver", "spleen")
+    }
+    run = train.build_run(
+        resolve({"nodes": 2, "rounds": 16, "out": str(tmp_path)}), cases, train.Extensions()
+    )
     clock, saved = [0.0], []
 
     class FakeTime:
@@ -523,8 +708,16 @@ def test_the_seed_sets_the_initial_weights(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(train, "rounds_loop", first_state)
     states = []
     for seed in (0, 0, 1):
-        cfg = resolve({"nodes": 2, "seed": seed, "max_cases": 1, "spacing": (6.0, 6.0, 6.0), "cache": str(cache),
-                       "out": str(tmp_path / f"seed-{seed}")})
+        cfg = resolve(
+            {
+                "nodes": 2,
+                "seed": seed,
+                "max_cases": 1,
+                "spacing": (6.0, 6.0, 6.0),
+                "cache": str(cache),
+                "out": str(tmp_path / f"seed-{seed}"),
+            }
+        )
         with pytest.raises(Started) as stopped:
             train.train(cfg)
         states.append(stopped.value.args[0])

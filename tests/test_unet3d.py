@@ -6,7 +6,9 @@ import torch
 from unet3d import UNet3D, UNetConfig
 
 SMALL = (4, 8, 16)
-PAPER = UNetConfig(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), res_units=2, norm="batch", classes=2)
+PAPER = UNetConfig(
+    channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), res_units=2, norm="batch", classes=2
+)
 
 
 def monai_unet(channels, norm="batch", classes=2, res_units=2):
@@ -74,8 +76,12 @@ def test_equals_monai_unet_in_train_and_eval_mode(task_stages):
             diff = (reference(x) - ours(x)).abs().max().item()
         assert diff <= 1e-5, (train, diff)
     # train mode updated both sets of running statistics the same way
-    torch.testing.assert_close(reference.state_dict()["model.0.conv.unit0.adn.N.running_mean"],
-                               ours.state_dict()["rep.down.0.units.0.norm.running_mean"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        reference.state_dict()["model.0.conv.unit0.adn.N.running_mean"],
+        ours.state_dict()["rep.down.0.units.0.norm.running_mean"],
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_equals_monai_with_instance_norm_and_other_widths():
@@ -95,7 +101,11 @@ def test_parameter_counts_equal_the_original():
     # the task block is MONAI's top up layer, model.2: what the original kept local
     task = sum(p.numel() for n, p in ours.named_parameters() if n.startswith("task."))
     assert task == 1_845
-    model2 = sum(p.numel() for n, p in monai_unet(PAPER.channels).named_parameters() if n.startswith("model.2."))
+    model2 = sum(
+        p.numel()
+        for n, p in monai_unet(PAPER.channels).named_parameters()
+        if n.startswith("model.2.")
+    )
     assert task == model2
 
 

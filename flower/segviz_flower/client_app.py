@@ -22,7 +22,17 @@ import fl
 from common import save_torch_atomic
 from data import NODE_SITES, site_windows
 
-from .task import Site, binary, from_bytes, from_record, local_keys, node_settings, open_site, to_bytes, to_record
+from .task import (
+    Site,
+    binary,
+    from_bytes,
+    from_record,
+    local_keys,
+    node_settings,
+    open_site,
+    to_bytes,
+    to_record,
+)
 
 NODE_FORMAT = "segviz-flower-node/2"
 
@@ -44,15 +54,27 @@ def keep_state(site: Site, context: Context, round_: int, tag: str, counted: int
     """Store what stays on the node after training round `round_`: in Context.state for the next
     message of this run, and in a file for a resumed run (a new Flower run starts with an empty
     Context) or a restarted SuperNode. `counted`: the site's last round the server received."""
-    local = {k: site.client.model_state[k] for k in local_keys(site.client.model_state, site.run.keys)}
+    local = {
+        k: site.client.model_state[k] for k in local_keys(site.client.model_state, site.run.keys)
+    }
     # Adam's state is nested (per-parameter moments and step counts, param groups with tuples),
     # so it travels as torch.save bytes, read back with weights_only=True
-    rest = {"optim": site.client.optim_state, "sampler": site.run.samplers[site.name].gen.get_state()}
+    rest = {
+        "optim": site.client.optim_state,
+        "sampler": site.run.samplers[site.name].gen.get_state(),
+    }
     context.state["local"] = to_record(local)
     context.state["node"] = ConfigRecord({"round": round_, "tag": tag, "rest": to_bytes(rest)})
     os.makedirs(site.folder, exist_ok=True)
-    blob = {"format": NODE_FORMAT, "site": site.name, "tag": tag, "round": round_, "settings": site.key,
-            "local": local, "rest": rest}
+    blob = {
+        "format": NODE_FORMAT,
+        "site": site.name,
+        "tag": tag,
+        "round": round_,
+        "settings": site.key,
+        "local": local,
+        "rest": rest,
+    }
     save_torch_atomic(blob, state_file(site, tag, round_))
     # rounds trained after `counted` and before this one never reached the server: rolled back.
     # Of the rest keep this round's file and the newest earlier one (the state to go back to if
@@ -71,7 +93,11 @@ def restore_state(site: Site, context: Context, counted: int, tag: str) -> int:
     Returns that round; 0 when the site starts from the seed's weights."""
     node = context.state.config_records.get("node")
     if node is not None and node["tag"] == tag and int(node["round"]) <= counted:
-        local, rest, done = from_record(context.state["local"]), from_bytes(node["rest"]), int(node["round"])
+        local, rest, done = (
+            from_record(context.state["local"]),
+            from_bytes(node["rest"]),
+            int(node["round"]),
+        )
     else:
         blob = newest_state(site, tag, counted)
         if blob is None:
@@ -99,8 +125,10 @@ def receive_shared(site: Site, record: ArrayRecord) -> None:
     """The server's shared weights into this site's client (only the shared keys may come)."""
     shared = from_record(record)
     if set(shared) != set(site.run.keys):
-        raise ValueError(f"site {site.name}: the server sent {len(shared)} keys, not the {len(site.run.keys)} "
-                         "shared ones")
+        raise ValueError(
+            f"site {site.name}: the server sent {len(shared)} keys, not the "
+            f"{len(site.run.keys)} shared ones"
+        )
     store = next(iter(site.client.model_state.values())).device
     for k in site.run.keys:
         site.client.model_state[k] = shared[k].to(store)
@@ -110,10 +138,19 @@ def save_site_model(site: Site) -> str:
     """keep-heads-local: this site's binary model (shared representation + its own head)."""
     path = os.path.join(site.folder, f"{site.name}-model.pt")
     windows = site_windows(site.run.sites, binary(site.cfg))
-    save_torch_atomic({"format": "segviz-flower-site-model/1", "site": site.name, "mode": site.cfg.mode,
-                       "fedbn": site.cfg.fedbn, "unet": site.run.unet_cfg.to_dict(),
-                       "window": list(windows[site.name]), "shared_keys": list(site.run.keys),
-                       "state": dict(site.client.model_state)}, path)
+    save_torch_atomic(
+        {
+            "format": "segviz-flower-site-model/1",
+            "site": site.name,
+            "mode": site.cfg.mode,
+            "fedbn": site.cfg.fedbn,
+            "unet": site.run.unet_cfg.to_dict(),
+            "window": list(windows[site.name]),
+            "shared_keys": list(site.run.keys),
+            "state": dict(site.client.model_state),
+        },
+        path,
+    )
     return path
 
 
@@ -125,8 +162,10 @@ def hello(msg: Message, context: Context) -> Message:
     """Which site this node is, how many training cases it has (for weighted averaging), and
     its settings' fingerprint; preparing the site here also fills the node's caches."""
     name, cfg, _, _ = node_settings(context)
-    simulated = "site" not in context.node_config  # Flower's simulation: the site is the partition-id's
-    if name not in NODE_SITES[cfg.nodes]:  # e.g. a kidneys node while the run has nodes=2: it stays idle
+    # Flower's simulation: the site is the partition-id's
+    simulated = "site" not in context.node_config
+    # e.g. a kidneys node while the run has nodes=2: it stays idle
+    if name not in NODE_SITES[cfg.nodes]:
         info = {"site": name, "member": False, "simulated": simulated}
         return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
     site = open_site(context)
@@ -137,16 +176,22 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
-    """One round at this site: the server's shared weights in, local training, shared weights out."""
+    """One round at this site: the server's shared weights in, local training, shared weights out.
+    """
     cfg = msg.content["config"]
     round_, tag, counted = int(cfg["round"]), str(cfg["tag"]), int(cfg["counted"])
     site = open_site(context)
     restore_state(site, context, counted, tag)
     receive_shared(site, msg.content["shared"])
-    loss = fl.local_train(site.run.model, site.run.optimizer, site.client, site.run.local_steps[site.name])
+    loss = fl.local_train(
+        site.run.model, site.run.optimizer, site.client, site.run.local_steps[site.name]
+    )
     keep_state(site, context, round_, tag, counted)
     sent = {k: site.client.model_state[k] for k in site.run.keys}
-    return Message(RecordDict({"shared": to_record(sent), "metrics": MetricRecord({"loss": loss})}), reply_to=msg)
+    return Message(
+        RecordDict({"shared": to_record(sent), "metrics": MetricRecord({"loss": loss})}),
+        reply_to=msg,
+    )
 
 
 @app.query("finish")
@@ -160,6 +205,10 @@ def finish_site(msg: Message, context: Context) -> Message:
     if cfg["keep-heads-local"]:
         path = save_site_model(site)
         print(f"site {site.name}: kept its model (shared representation + head) in {path}")
-        return Message(RecordDict({"site": ConfigRecord({"site": site.name, "path": path})}), reply_to=msg)
-    local = {k: site.client.model_state[k] for k in local_keys(site.client.model_state, site.run.keys)}
+        return Message(
+            RecordDict({"site": ConfigRecord({"site": site.name, "path": path})}), reply_to=msg
+        )
+    local = {
+        k: site.client.model_state[k] for k in local_keys(site.client.model_state, site.run.keys)
+    }
     return Message(RecordDict({"local": to_record(local)}), reply_to=msg)

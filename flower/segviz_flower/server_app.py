@@ -59,17 +59,26 @@ class Options:
 
 
 def options(run_config: Mapping) -> Options:
-    return Options(out=str(run_config.get("out") or "runs/flower"),
-                   keep_heads_local=bool(run_config.get("keep-heads-local", False)),
-                   resume=bool(run_config.get("resume", False)), timeout=float(run_config.get("timeout", 600)),
-                   wait_for_nodes=float(run_config.get("wait-for-nodes", 300)))
+    return Options(
+        out=str(run_config.get("out") or "runs/flower"),
+        keep_heads_local=bool(run_config.get("keep-heads-local", False)),
+        resume=bool(run_config.get("resume", False)),
+        timeout=float(run_config.get("timeout", 600)),
+        wait_for_nodes=float(run_config.get("wait-for-nodes", 300)),
+    )
 
 
 def server_config(run_config: Mapping, opts: Options) -> Config:
-    """The run's Config on the server: only the test set is searched for under data-root (or data)."""
-    return config_from(run_config, out=opts.out, cache=str(run_config.get("cache", "")),
-                       device=str(run_config.get("device", "auto")) or "auto",
-                       data_root=str(run_config.get("data-root", "")), data=str(run_config.get("data", "")))
+    """The run's Config on the server: only the test set is searched for under data-root (or data).
+    """
+    return config_from(
+        run_config,
+        out=opts.out,
+        cache=str(run_config.get("cache", "")),
+        device=str(run_config.get("device", "auto")) or "auto",
+        data_root=str(run_config.get("data-root", "")),
+        data=str(run_config.get("data", "")),
+    )
 
 
 @dataclass
@@ -85,8 +94,10 @@ class Coordinator:
     tag: str  # names this run series on the nodes' disks; kept when resuming
     nodes: dict[str, int] = field(default_factory=dict)  # site -> Flower node id
     counted: dict[str, int] = field(default_factory=dict)  # site -> last round whose reply arrived
-    idle: set[int] = field(default_factory=set)  # connected nodes of sites this run does not include
-    simulated: set[int] = field(default_factory=set)  # nodes of Flower's simulation (site from partition-id)
+    # connected nodes of sites this run does not include
+    idle: set[int] = field(default_factory=set)
+    # nodes of Flower's simulation (site from partition-id)
+    simulated: set[int] = field(default_factory=set)
     journal: dict = field(default_factory=dict)  # what the server sent and received (flower.json)
 
     @property
@@ -127,7 +138,13 @@ def coordinator(cfg: Config, opts: Options, v: dict) -> Coordinator:
     run = train.build_run(cfg, {}, extensions(cfg, changed), only=())  # seeded as experiments train
     start = fl.snapshot(run.model, "cpu")
     run.clients = [fl.Client(s, dict(start), {}, remote, remote) for s in run.sites]
-    journal = {"mode": cfg.mode, "fedbn": cfg.fedbn, "shared_keys": list(run.keys), "rounds": [], "final": {}}
+    journal = {
+        "mode": cfg.mode,
+        "fedbn": cfg.fedbn,
+        "shared_keys": list(run.keys),
+        "rounds": [],
+        "final": {},
+    }
     return Coordinator(cfg, opts, settings_key(cfg, v), run, secrets.token_hex(4),
                        counted=dict.fromkeys(run.sites, 0), journal=journal)
 
@@ -141,19 +158,28 @@ def discover(grid: Grid, co: Coordinator) -> None:
         new = [n for n in grid.get_node_ids() if n not in asked and n not in co.idle]
         asked.update(new)
         if new:
-            messages = [Message(RecordDict(), dst_node_id=n, message_type="query", ttl=co.opts.timeout) for n in new]
+            messages = [
+                Message(RecordDict(), dst_node_id=n, message_type="query", ttl=co.opts.timeout)
+                for n in new
+            ]
             # a node that left without saying so may still be listed: stop once every site answered
-            replies = exchange(grid, messages, co.opts.timeout, lambda rs: named(rs) | set(co.nodes) >= set(sites))
+            replies = exchange(
+                grid, messages, co.opts.timeout, lambda rs: named(rs) | set(co.nodes) >= set(sites)
+            )
             for reply in replies.values():
                 adopt_node(co, reply)
         missing = [s for s in sites if s not in co.nodes]
         if missing and co.simulated and co.simulated >= set(grid.get_node_ids()):
-            raise RuntimeError(f"this simulation has {len(co.simulated)} SuperNode(s), one per site; nodes="
-                               f"{co.cfg.nodes} needs {len(sites)}: flwr run flower --federation-config "
-                               f"\"num-supernodes={len(sites)}\" (or a smaller nodes in --run-config)")
+            raise RuntimeError(
+                f"this simulation has {len(co.simulated)} SuperNode(s), one per site; nodes="
+                f"{co.cfg.nodes} needs {len(sites)}: flwr run flower --federation-config "
+                f'"num-supernodes={len(sites)}" (or a smaller nodes in --run-config)'
+            )
         if missing and time.time() > deadline:
-            raise RuntimeError(f"no SuperNode for site(s) {', '.join(missing)} after {co.opts.wait_for_nodes:g} s "
-                               "(start one per site: flower-supernode --node-config \"site='...'\")")
+            raise RuntimeError(
+                f"no SuperNode for site(s) {', '.join(missing)} after {co.opts.wait_for_nodes:g} s "
+                "(start one per site: flower-supernode --node-config \"site='...'\")"
+            )
         if missing:
             time.sleep(1)
     co.journal["nodes"] = dict(co.nodes)
@@ -162,7 +188,9 @@ def discover(grid: Grid, co: Coordinator) -> None:
 
 def named(replies: list[Message]) -> set[str]:
     """The sites that answered a discovery query."""
-    return {str(r.content["site"]["site"]) for r in replies if r.has_content() and "site" in r.content}
+    return {
+        str(r.content["site"]["site"]) for r in replies if r.has_content() and "site" in r.content
+    }
 
 
 def adopt_node(co: Coordinator, reply: Message, live: set[int] | None = None) -> None:
@@ -177,12 +205,19 @@ def adopt_node(co: Coordinator, reply: Message, live: set[int] | None = None) ->
     site = str(info["site"])
     if not info["member"]:
         co.idle.add(node)
-        print(f"node {node} (site={site!r}) is not one of this run's sites {NODE_SITES[co.cfg.nodes]}; left idle")
+        print(
+            f"node {node} (site={site!r}) is not one of this run's sites "
+            f"{NODE_SITES[co.cfg.nodes]}; left idle"
+        )
         return
     if site in co.nodes and co.nodes[site] != node and (live is None or co.nodes[site] in live):
-        raise RuntimeError(f"two SuperNodes say they are site {site} (nodes {co.nodes[site]} and {node})")
+        raise RuntimeError(
+            f"two SuperNodes say they are site {site} (nodes {co.nodes[site]} and {node})"
+        )
     if info["settings"] != co.key:
-        raise RuntimeError(f"node {node} ({site}) runs other settings than the server (another code version?)")
+        raise RuntimeError(
+            f"node {node} ({site}) runs other settings than the server (another code version?)"
+        )
     co.nodes[site] = node
     client = next(c for c in co.run.clients if c.name == site)
     client.weight = float(info["cases"])
@@ -197,12 +232,20 @@ def refresh_nodes(grid: Grid, co: Coordinator) -> list[str]:
     new = [n for n in live if n not in co.nodes.values() and n not in co.idle]
     if not gone or not new:
         return []
-    messages = [Message(RecordDict(), dst_node_id=n, message_type="query", ttl=co.opts.timeout) for n in new]
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type="query", ttl=co.opts.timeout) for n in new
+    ]
     events = []
     for reply in exchange(grid, messages, co.opts.timeout, lambda rs: named(rs) >= gone).values():
-        if reply.has_content() and reply.content["site"]["member"] and str(reply.content["site"]["site"]) in gone:
+        if (
+            reply.has_content()
+            and reply.content["site"]["member"]
+            and str(reply.content["site"]["site"]) in gone
+        ):
             adopt_node(co, reply, live)
-            events.append(f"{reply.content['site']['site']} is back as node {reply.metadata.src_node_id}")
+            events.append(
+                f"{reply.content['site']['site']} is back as node {reply.metadata.src_node_id}"
+            )
     co.journal["nodes"] = dict(co.nodes)
     return events
 
@@ -215,22 +258,43 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     present = run.ext.present(run.clients) if run.ext.present else list(run.clients)
     reference = {k: v.clone() for k, v in co.shared.items()}
     shared = to_record(reference)
-    messages = [Message(RecordDict({"shared": shared, "config": ConfigRecord(
-        {"round": r + 1, "tag": co.tag, "counted": co.counted[c.name]})}), dst_node_id=co.nodes[c.name],
-        message_type="train", group_id=str(r + 1), ttl=co.opts.timeout) for c in present]
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    "shared": shared,
+                    "config": ConfigRecord(
+                        {"round": r + 1, "tag": co.tag, "counted": co.counted[c.name]}
+                    ),
+                }
+            ),
+            dst_node_id=co.nodes[c.name],
+            message_type="train",
+            group_id=str(r + 1),
+            ttl=co.opts.timeout,
+        )
+        for c in present
+    ]
     replies = exchange(grid, messages, co.opts.timeout)
     record = {"round": r + 1, "sent_to": [c.name for c in present], "received": {}}
     answered, sent, losses, refused, silent = [], [], {}, {}, []
     for i, c in enumerate(present):
         reply = replies.get(i)
         if reply is None or reply.has_error():
-            why = "no reply" if reply is None else f"error: {(reply.error.reason or '?').splitlines()[0][:100]}"
+            why = (
+                "no reply"
+                if reply is None
+                else f"error: {(reply.error.reason or '?').splitlines()[0][:100]}"
+            )
             silent.append(f"{c.name} did not take part ({why})")
             continue
         record["received"][c.name] = array_keys(reply.content)
         co.counted[c.name] = r + 1  # the site trained this round and the server has its update
         losses[c.name] = float(reply.content["metrics"]["loss"])
-        if record["received"][c.name] != sorted(run.keys) or "shared" not in reply.content.array_records:
+        if (
+            record["received"][c.name] != sorted(run.keys)
+            or "shared" not in reply.content.array_records
+        ):
             refused[c.name] = "sent other keys than the shared ones"
             continue
         answered.append(c)
@@ -239,7 +303,9 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     norms = {}
     if run.keys and answered:
         # the same combining function as the in-process loop (fl.mean, or robust.combiner's)
-        merged, notes = run.ext.combine(sent, reference, [c.weight for c in answered] if run.ext.weighted else None)
+        merged, notes = run.ext.combine(
+            sent, reference, [c.weight for c in answered] if run.ext.weighted else None
+        )
         norms = {c.name: n for c, n in zip(answered, notes.get("norms", []))}
         refused |= {answered[i].name: why for i, why in notes.get("refused", {}).items()}
         for c in run.clients:
@@ -248,12 +314,18 @@ def one_round(grid: Grid, co: Coordinator, r: int) -> str:
     for c in run.clients:  # as in train.py: every site that trained this round, refused or not
         if c.name in losses:
             c.history.append(losses[c.name])
-    events = ([f"absent: {', '.join(absent)}"] if absent else []) + [f"refused {n}: {why}" for n, why in
-                                                                     refused.items()] + silent + rejoined
+    events = (
+        ([f"absent: {', '.join(absent)}"] if absent else [])
+        + [f"refused {n}: {why}" for n, why in refused.items()]
+        + silent
+        + rejoined
+    )
     run.log += [f"round {r + 1}: {e}" for e in events]
     run.norms.append({k: round(v, 6) for k, v in norms.items()})
     co.journal["rounds"].append({**record, "absent": absent, "refused": refused})
-    line = f"round {r + 1:>3}/{cfg.rounds}  loss " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
+    line = f"round {r + 1:>3}/{cfg.rounds}  loss " + "  ".join(
+        f"{k} {v:.3f}" for k, v in losses.items()
+    )
     return line + ("  | " + "; ".join(events) if events else "")
 
 
@@ -263,17 +335,40 @@ def collect(grid: Grid, co: Coordinator) -> None:
     for event in refresh_nodes(grid, co):
         print(event)
     shared = to_record(co.shared)
-    messages = [Message(RecordDict({"shared": shared, "config": ConfigRecord(
-        {"tag": co.tag, "counted": co.counted[c.name], "keep-heads-local": co.opts.keep_heads_local})}),
-        dst_node_id=co.nodes[c.name], message_type="query.finish", ttl=co.opts.timeout) for c in co.run.clients]
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    "shared": shared,
+                    "config": ConfigRecord(
+                        {
+                            "tag": co.tag,
+                            "counted": co.counted[c.name],
+                            "keep-heads-local": co.opts.keep_heads_local,
+                        }
+                    ),
+                }
+            ),
+            dst_node_id=co.nodes[c.name],
+            message_type="query.finish",
+            ttl=co.opts.timeout,
+        )
+        for c in co.run.clients
+    ]
     replies = exchange(grid, messages, co.opts.timeout)
-    final = co.journal["final"] = {"keep_heads_local": co.opts.keep_heads_local, "received": {}, "heads": {}}
+    final = co.journal["final"] = {
+        "keep_heads_local": co.opts.keep_heads_local,
+        "received": {},
+        "heads": {},
+    }
     for i, c in enumerate(co.run.clients):
         reply = replies.get(i)
         if reply is None or reply.has_error():
             why = "no reply" if reply is None else reply.error.reason
-            raise RuntimeError(f"site {c.name} did not finish ({why}); its head is still on its node: run again "
-                               "with resume=true to collect it")
+            raise RuntimeError(
+                f"site {c.name} did not finish ({why}); its head is still on its node: run again "
+                "with resume=true to collect it"
+            )
         final["received"][c.name] = array_keys(reply.content)
         if co.opts.keep_heads_local:
             final["heads"][c.name] = str(reply.content["site"]["path"])
@@ -281,8 +376,12 @@ def collect(grid: Grid, co: Coordinator) -> None:
         local = from_record(reply.content["local"])
         expected = local_keys(c.model_state, co.run.keys)
         if sorted(local) != sorted(expected):
-            raise RuntimeError(f"site {c.name} sent {sorted(local)[:3]}..., not its {len(expected)} local keys")
-        c.model_state = {k: c.model_state[k] if k in co.run.keys else local[k] for k in c.model_state}
+            raise RuntimeError(
+                f"site {c.name} sent {sorted(local)[:3]}..., not its {len(expected)} local keys"
+            )
+        c.model_state = {
+            k: c.model_state[k] if k in co.run.keys else local[k] for k in c.model_state
+        }
 
 
 def save_server(co: Coordinator, rounds_done: int) -> None:
@@ -290,12 +389,23 @@ def save_server(co: Coordinator, rounds_done: int) -> None:
     keeps its own) and the journal of what it received (flower.json)."""
     run = co.run
     os.makedirs(co.opts.out, exist_ok=True)
-    save_torch_atomic({"format": SERVER_FORMAT, "round": rounds_done, "tag": co.tag, "settings": co.key,
-                       "shared": co.shared, "weights": {c.name: c.weight for c in run.clients},
-                       "history": {c.name: list(c.history) for c in run.clients}, "counted": dict(co.counted),
-                       "log": list(run.log), "norms": list(run.norms), "journal": co.journal,
-                       "generators": {k: g.get_state() for k, g in co.run.ext.generators.items()}},
-                      os.path.join(co.opts.out, SERVER_STATE))
+    save_torch_atomic(
+        {
+            "format": SERVER_FORMAT,
+            "round": rounds_done,
+            "tag": co.tag,
+            "settings": co.key,
+            "shared": co.shared,
+            "weights": {c.name: c.weight for c in run.clients},
+            "history": {c.name: list(c.history) for c in run.clients},
+            "counted": dict(co.counted),
+            "log": list(run.log),
+            "norms": list(run.norms),
+            "journal": co.journal,
+            "generators": {k: g.get_state() for k, g in co.run.ext.generators.items()},
+        },
+        os.path.join(co.opts.out, SERVER_STATE),
+    )
     write_json_atomic(os.path.join(co.opts.out, EXCHANGE_LOG), co.journal)
 
 
@@ -333,8 +443,17 @@ def server_test_set(cfg: Config) -> tuple[list[Case], dict]:
 def keep_representation(co: Coordinator) -> None:
     """keep-heads-local: the server's result is the shared representation alone."""
     path = os.path.join(co.opts.out, "representation.pt")
-    save_torch_atomic({"format": "segviz-flower-representation/1", "mode": co.cfg.mode, "fedbn": co.cfg.fedbn,
-                       "unet": co.run.unet_cfg.to_dict(), "shared_keys": list(co.run.keys), "state": co.shared}, path)
+    save_torch_atomic(
+        {
+            "format": "segviz-flower-representation/1",
+            "mode": co.cfg.mode,
+            "fedbn": co.cfg.fedbn,
+            "unet": co.run.unet_cfg.to_dict(),
+            "shared_keys": list(co.run.keys),
+            "state": co.shared,
+        },
+        path,
+    )
     heads = co.journal["final"]["heads"]
     print(f"shared representation: {path}; each site kept its head on its node: "
           + "; ".join(f"{s}: {p}" for s, p in heads.items()))
@@ -350,13 +469,18 @@ def main(grid: Grid, context: Context) -> None:
     opts = options(context.run_config)
     cfg = server_config(context.run_config, opts)
     co = coordinator(cfg, opts, variant_of(context.run_config))
-    test_cases, data_info = ([], {}) if opts.keep_heads_local or not cfg.test else server_test_set(cfg)
+    test_cases, data_info = (
+        ([], {}) if opts.keep_heads_local or not cfg.test else server_test_set(cfg)
+    )
     t_data = time.time()
     start = resume_server(co) if opts.resume else 0
     discover(grid, co)
-    print(f"{cfg.mode} over Flower: {cfg.rounds} rounds x {cfg.local_steps} local steps | "
-          f"{len(co.run.keys)}/{len(co.run.clients[0].model_state)} keys shared | out {os.path.abspath(opts.out)}",
-          flush=True)
+    print(
+        f"{cfg.mode} over Flower: {cfg.rounds} rounds x {cfg.local_steps} local steps | "
+        f"{len(co.run.keys)}/{len(co.run.clients[0].model_state)} keys shared | out "
+        f"{os.path.abspath(opts.out)}",
+        flush=True,
+    )
     for r in range(start, cfg.rounds):
         t_round = time.time()
         line = one_round(grid, co, r)

@@ -29,7 +29,8 @@ from segviz import MODES
 from settings import Config, add_arguments, config_from_args, default_cache, flag_of, is_real, saved
 
 State = fl.State
-FEDERATED = ("segviz", "fedavg", "single")  # modes without pooled data (central pools every site's images)
+# modes without pooled data (central pools every site's images)
+FEDERATED = ("segviz", "fedavg", "single")
 SITES = NODE_SITES[4]  # a simulated node without `site` takes SITES[partition-id]
 
 # ---------------------------------------------------------------------------------------
@@ -39,8 +40,15 @@ SITES = NODE_SITES[4]  # a simulated node without `site` takes SITES[partition-i
 # run-config keys of the Config fields: their flags' names (`local-steps`, `seeds`)
 SETTING_KEYS = {flag_of(f)[2:]: f.name for f in fields(Config)}
 # robust aggregation, absences and DP: experiments train's variant flags of the same names
-VARIANTS = {"weighted": False, "dropout": 0.0, "aggregate": "mean", "max-update-norm": 0.0, "norm-factor": 0.0,
-            "dp-clip": 0.0, "dp-noise": 0.0}
+VARIANTS = {
+    "weighted": False,
+    "dropout": 0.0,
+    "aggregate": "mean",
+    "max-update-norm": 0.0,
+    "norm-factor": 0.0,
+    "dp-clip": 0.0,
+    "dp-noise": 0.0,
+}
 # the server's own: where its results go is `out`; these say how it runs the exchange
 SERVER_KEYS = {"keep-heads-local": False, "resume": False, "timeout": 600, "wait-for-nodes": 300}
 # settings that may differ between the machines of one run (paths, devices) or grow on resume
@@ -74,8 +82,13 @@ def config_from(run_config: Mapping, *, out: str, cache: str, device: str, data_
     a refused setting raises ValueError (argparse has printed why)."""
     p = argparse.ArgumentParser(prog="flower run config", exit_on_error=False)
     add_arguments(p)
-    machine = {"out": out, "cache": cache or default_cache(), "device": device, "data-root": data_root,
-               "data": data}
+    machine = {
+        "out": out,
+        "cache": cache or default_cache(),
+        "device": device,
+        "data-root": data_root,
+        "data": data,
+    }
     argv = train_argv({**run_config, **machine})
     try:
         cfg = config_from_args(p.parse_args(argv), p, check_out=False)
@@ -90,10 +103,18 @@ def config_from(run_config: Mapping, *, out: str, cache: str, device: str, data_
 def variant_of(run_config: Mapping) -> dict:
     """The aggregation variant (VARIANTS' keys), checked as experiments.py train checks them."""
     v = {k: type(default)(run_config.get(k, default)) for k, default in VARIANTS.items()}
-    checks = [(not 0 <= v["dropout"] < 1, "dropout must be in [0, 1)"),
-              (v["aggregate"] not in robust.AGGREGATORS, f"aggregate: one of {', '.join(robust.AGGREGATORS)}"),
-              (min(v["max-update-norm"], v["norm-factor"], v["dp-clip"], v["dp-noise"]) < 0, "negative limit"),
-              (v["dp-noise"] > 0 and not v["dp-clip"], "dp-noise needs dp-clip")]
+    checks = [
+        (not 0 <= v["dropout"] < 1, "dropout must be in [0, 1)"),
+        (
+            v["aggregate"] not in robust.AGGREGATORS,
+            f"aggregate: one of {', '.join(robust.AGGREGATORS)}",
+        ),
+        (
+            min(v["max-update-norm"], v["norm-factor"], v["dp-clip"], v["dp-noise"]) < 0,
+            "negative limit",
+        ),
+        (v["dp-noise"] > 0 and not v["dp-clip"], "dp-noise needs dp-clip"),
+    ]
     for bad, why in checks:
         if bad:
             raise ValueError(f"run config: {why}")
@@ -192,7 +213,9 @@ def site_of(context: Context) -> str:
     if "partition-id" in node:
         pid = int(node["partition-id"])
         if not 0 <= pid < len(SITES):
-            raise ValueError(f"partition-id {pid}: a simulated federation has at most {len(SITES)} sites")
+            raise ValueError(
+                f"partition-id {pid}: a simulated federation has at most {len(SITES)} sites"
+            )
         return SITES[pid]
     raise ValueError("this SuperNode's node config has no site: --node-config \"site='liver'\"")
 
@@ -206,12 +229,21 @@ def node_settings(context: Context) -> tuple[str, Config, dict, str]:
         torch.set_num_threads(threads)
     data_root = str(node.get("data-root", ""))
     if bool(data_root) != bool(run_config.get("data-root", "")):
-        raise ValueError(f"site {site}: data-root {data_root!r} on this node but data-root "
-                         f"{run_config.get('data-root', '')!r} in the run: real data everywhere or the phantom "
-                         "everywhere")
-    folder = os.path.join(os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config))
-    cfg = config_from(run_config, out=folder, cache=str(node.get("cache", "")), device=str(node.get("device", "auto")),
-                      data_root=data_root)
+        raise ValueError(
+            f"site {site}: data-root {data_root!r} on this node but data-root "
+            f"{run_config.get('data-root', '')!r} in the run: real data everywhere or the "
+            "phantom everywhere"
+        )
+    folder = os.path.join(
+        os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config)
+    )
+    cfg = config_from(
+        run_config,
+        out=folder,
+        cache=str(node.get("cache", "")),
+        device=str(node.get("device", "auto")),
+        data_root=data_root,
+    )
     return site, cfg, variant_of(run_config), folder
 
 
@@ -228,11 +260,15 @@ def open_site(context: Context) -> Site:
         site.reset()
         return site
     cases = site_cases(cfg, name)
-    torch.manual_seed(cfg.seed)  # the initial weights train.py draws after seeding with the run's seed
+    # the initial weights train.py draws after seeding with the run's seed
+    torch.manual_seed(cfg.seed)
     run = train.build_run(cfg, {name: cases}, train.Extensions(), only=(name,))
     client = run.clients[0]
-    initial = {"model": {k: v.clone() for k, v in client.model_state.items()},
-               "optim": fl.stored(client.optim_state, "cpu"), "sampler": run.samplers[name].gen.get_state()}
+    initial = {
+        "model": {k: v.clone() for k, v in client.model_state.items()},
+        "optim": fl.stored(client.optim_state, "cpu"),
+        "sampler": run.samplers[name].gen.get_state(),
+    }
     site = PREPARED[slot] = Site(name, cfg, key, run, folder, initial)
     print(f"site {name}: prepared in {time.time() - t0:.1f} s (process {os.getpid()})", flush=True)
     return site
@@ -249,7 +285,9 @@ def site_cases(cfg: Config, site: str) -> list[Case]:
         from realdata.preprocess import check_labelled, load_source
 
         source, _, _ = site_split(find_sources((site,), cfg.data_root, cfg.data)[site], cfg)
-        cases = load_source(source, cfg.spacing, cfg.cache, min(4, os.cpu_count() or 1), cfg.max_cases)
+        cases = load_source(
+            source, cfg.spacing, cfg.cache, min(4, os.cpu_count() or 1), cfg.max_cases
+        )
         check_labelled(cases, source)
         return cases
     except DataError as e:

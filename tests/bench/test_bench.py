@@ -17,9 +17,14 @@ def test_speed_only_dice_keeps_the_other_parts_of_the_entry(tmp_path, capsys):
     out = tmp_path / "bench.json"
     sampling = {"phantom": {"patches_per_call": 2, "patch": [48, 48, 32], "volume": [9, 9, 9],
                             "ours_patches_per_s": 5.0, "ratio": 1.5}}
-    earlier = {"speed_cpu_quick": {"sampling": sampling, "dice": {"ratio": 0.1}}, "exchange": {"kept": True}}
+    earlier = {
+        "speed_cpu_quick": {"sampling": sampling, "dice": {"ratio": 0.1}},
+        "exchange": {"kept": True},
+    }
     out.write_text(json.dumps(earlier))
-    assert bench.main(["speed", "--quick", "--only", "dice", "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        bench.main(["speed", "--quick", "--only", "dice", "--repeats", "1", "--out", str(out)]) == 0
+    )
     data = json.loads(out.read_text())
     assert data["exchange"] == {"kept": True}
     entry = data["speed_cpu_quick"]
@@ -39,7 +44,10 @@ def test_speed_table_prints_only_the_parts_it_has():
 
 def test_a_partial_run_of_sampling_prints_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["speed", "--quick", "--only", "sampling", "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        bench.main(["speed", "--quick", "--only", "sampling", "--repeats", "1", "--out", str(out)])
+        == 0
+    )
     entry = json.loads(out.read_text())["speed_cpu_quick"]
     assert entry["sampling"]["machine"] and entry["sampling"]["phantom"]["ours_patches_per_s"] > 0
     assert "sampling, phantom" in capsys.readouterr().out
@@ -52,9 +60,30 @@ def test_preprocess_times_the_real_ct_and_a_synthetic_one(tmp_path):
     if layouts.MISSING:
         pytest.skip(layouts.MISSING)
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "bench", "preprocess", "--shape", "64", "64", "40", "--repeats", "1",
-                        "--threads", "1", "--ct", str(layouts.REAL_CT / "ct.nii.gz"), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "preprocess",
+            "--shape",
+            "64",
+            "64",
+            "40",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--ct",
+            str(layouts.REAL_CT / "ct.nii.gz"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())["preprocess"]
     assert result["real_ct"]["cache_bytes"] > 0 and len(result["real_ct"]["working_shape"]) == 3

@@ -8,7 +8,9 @@ import pytest
 from helpers import run, tiny
 
 
-def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None, surface=None):
+def write_run(
+    folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None, surface=None
+):
     """A metrics.json as train.py writes it: Dice of every scoring, and the surface metrics of
     those that `surface` ({scoring: {"hd95": ..., "nsd": ...}}) gives."""
     import json
@@ -18,13 +20,24 @@ def write_run(folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_s
 
     d = os.path.join(folder, f"{mode}-{nodes}", f"seed-{seed}")
     os.makedirs(d)
-    m = {"name": f"{mode}-{nodes}", "mode": mode, "nodes": nodes, "seed": seed, "organs": list(cases_by_organ),
-         "dice": summarise(cases_by_organ), "scoring": scoring}
+    m = {
+        "name": f"{mode}-{nodes}",
+        "mode": mode,
+        "nodes": nodes,
+        "seed": seed,
+        "organs": list(cases_by_organ),
+        "dice": summarise(cases_by_organ),
+        "scoring": scoring,
+    }
     by_scoring = by_scoring or {scoring: cases_by_organ}
     surface = surface or {}
-    m["by_scoring"] = {k: {"dice": summarise(v), **{metric: summarise(values)
-                                                    for metric, values in surface.get(k, {}).items()}}
-                       for k, v in by_scoring.items()}
+    m["by_scoring"] = {
+        k: {
+            "dice": summarise(v),
+            **{metric: summarise(values) for metric, values in surface.get(k, {}).items()},
+        }
+        for k, v in by_scoring.items()
+    }
     m.update({metric: m["by_scoring"][scoring].get(metric, {}) for metric in ("hd95", "nsd")})
     with open(os.path.join(d, "metrics.json"), "w") as f:
         json.dump(m, f)
@@ -46,9 +59,11 @@ def test_compare_reports_mean_and_std_over_seeds_and_tests_matched_pairs(tmp_pat
     text = compare_runs(str(tmp_path))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
-    assert result["segviz-2"]["liver"]["std"] == pytest.approx(0.1)  # sample std of 0.85, 0.65, 0.75
+    # sample std of 0.85, 0.65, 0.75
+    assert result["segviz-2"]["liver"]["std"] == pytest.approx(0.1)
     assert result["segviz-2 (heads)"]["liver"]["mean"] == pytest.approx(0.65)
-    # six matched (seed, case) pairs, every one 0.3 lower: the signed-rank test's smallest p for n = 6
+    # six matched (seed, case) pairs, every one 0.3 lower: the signed-rank test's smallest p for n =
+    # 6
     assert result["central-2"]["liver"]["p_vs_segviz"] == pytest.approx(0.03125)
     assert "0.750 ± 0.100" in text and "3 seed(s)" in text
 
@@ -64,15 +79,20 @@ def test_compare_counts_a_run_trained_without_test_with_its_later_evaluation(tmp
         d = tmp_path / "segviz-2" / f"seed-{seed}"
         scored = json.loads((d / "metrics.json").read_text())
         (d / "eval").mkdir()
-        (d / "eval" / "metrics.json").write_text(json.dumps({**scored, "checkpoint": str(d / "model.pt")}))
-        (d / "metrics.json").write_text(json.dumps({**scored, "dice": {}}))  # as --no-test writes it
+        (d / "eval" / "metrics.json").write_text(
+            json.dumps({**scored, "checkpoint": str(d / "model.pt")})
+        )
+        # as --no-test writes it
+        (d / "metrics.json").write_text(json.dumps({**scored, "dice": {}}))
     compare_runs(str(tmp_path))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
     # a run not yet evaluated is left out, not counted as zero
     shutil.rmtree(tmp_path / "segviz-2" / "seed-1" / "eval")
     compare_runs(str(tmp_path))
-    assert json.loads((tmp_path / "results.json").read_text())["segviz-2"]["liver"]["mean"] == pytest.approx(0.85)
+    assert json.loads((tmp_path / "results.json").read_text())["segviz-2"]["liver"][
+        "mean"
+    ] == pytest.approx(0.85)
 
 
 def md_row(table, name):
@@ -94,17 +114,20 @@ def test_compare_adds_hd95_and_nsd_tables_with_means_over_finite_values_and_nan_
                    "heads": {"hd95": {"liver": [5.0, 5.0]}, "nsd": {"liver": [1.0, 1.0]}}}
         write_run(tmp_path, "segviz", 2, seed, {"liver": [0.8, 0.9]}, "merged",
                   {"merged": {"liver": [0.8, 0.9]}, "heads": {"liver": [0.7, 0.8]}}, surface)
-        write_run(tmp_path, "central", 2, seed, {"liver": [0.5, 0.6]})  # evaluated before surface metrics
+        # evaluated before surface metrics
+        write_run(tmp_path, "central", 2, seed, {"liver": [0.5, 0.6]})
     text = compare_runs(str(tmp_path))
     dice_at, hd_at, nsd_at = (text.index(t) for t in ("| setup |", "HD95 in mm", "NSD at 2 mm"))
     assert dice_at < hd_at < nsd_at
     hd_table = text[hd_at:nsd_at]
-    # 11.5 = mean of the seeds' 10 and 13; std over those two seeds; three (seed, case) pairs had no value
+    # 11.5 = mean of the seeds' 10 and 13; std over those two seeds; three (seed, case) pairs had no
+    # value
     assert md_row(hd_table, "segviz-2") == ["segviz-2", "11.5 ± 2.1 (3 nan)"]
     assert md_row(hd_table, "segviz-2 (heads)") == ["segviz-2 (heads)", "5.0 ± 0.0"]
     assert md_row(hd_table, "central-2") == ["central-2", "—"]
     assert md_row(text[nsd_at:], "segviz-2") == ["segviz-2", "0.733 ± 0.153"]
-    assert md_row(text[dice_at:hd_at], "central-2")[1].endswith("*")  # Dice keeps its Wilcoxon marks
+    # Dice keeps its Wilcoxon marks
+    assert md_row(text[dice_at:hd_at], "central-2")[1].endswith("*")
     result = json.loads((tmp_path / "results.json").read_text())
     liver = result["segviz-2"]["liver"]
     assert liver["mean"] == pytest.approx(0.85)  # Dice where it always was

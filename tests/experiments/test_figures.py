@@ -28,9 +28,17 @@ def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
     from experiments.figures import box_plot
 
     def metrics(nodes, organs, level):
-        return [{"nodes": nodes, "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs}}]
+        return [
+            {
+                "nodes": nodes,
+                "dice": {o: {"cases": [level, level + 0.1, level - 0.1]} for o in organs},
+            }
+        ]
 
-    two = {"segviz-2": metrics(2, ["liver", "spleen"], 0.8), "single-2": metrics(2, ["liver", "spleen"], 0.6)}
+    two = {
+        "segviz-2": metrics(2, ["liver", "spleen"], 0.8),
+        "single-2": metrics(2, ["liver", "spleen"], 0.6),
+    }
     three = {"segviz-3": metrics(3, ["liver", "spleen", "pancreas"], 0.7)}
     box_plot(two, tmp_path / "one.png")
     box_plot({**two, **three}, tmp_path / "two.png")
@@ -42,7 +50,8 @@ def test_box_plot_has_one_row_per_number_of_nodes(tmp_path):
 def test_radiological_puts_the_patients_right_on_the_images_left_and_anterior_up():
     from experiments.figures import radiological
 
-    plane = torch.zeros(4, 3)  # (x, y) of a RAS volume: x grows to the patient's right, y to anterior
+    # (x, y) of a RAS volume: x grows to the patient's right, y to anterior
+    plane = torch.zeros(4, 3)
     plane[3, 2] = 1  # right and anterior
     plane[0, 0] = 2  # left and posterior
     image = radiological(plane)

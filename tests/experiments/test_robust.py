@@ -21,7 +21,12 @@ def make_clients(model, optimizer, n=3):
         def batch(g=gen, shift=float(i)):
             x = torch.randn(8, 3, generator=g) + shift
             return x, (x.sum(1) > shift * 3).long()
-        clients.append(fl.new_client(f"c{i}", model, optimizer, batch, nn.functional.cross_entropy, weight=i + 1))
+
+        clients.append(
+            fl.new_client(
+                f"c{i}", model, optimizer, batch, nn.functional.cross_entropy, weight=i + 1
+            )
+        )
     return clients
 
 
@@ -64,7 +69,9 @@ def test_an_update_with_nan_is_refused_and_the_others_averaged():
     assert len(seen[0]) == 2
     assert all(torch.isfinite(c.model_state["0.weight"]).all() for c in clients)
     expected = fl.average(seen[0])
-    assert torch.equal(clients[2].model_state["0.weight"], expected["0.weight"]), "the refused client is reset"
+    assert torch.equal(clients[2].model_state["0.weight"], expected["0.weight"]), (
+        "the refused client is reset"
+    )
 
 
 def test_an_outlying_update_norm_is_refused_by_the_median_rule_and_by_the_absolute_limit():

@@ -16,23 +16,50 @@ def test_eval_options_rescores_the_validation_that_training_reported(tmp_path, c
     from experiments.selection import eval_options_table, validation_table
 
     cand = tmp_path / "cand"
-    result = run("train.py", "--nodes", "2", "--rounds", "6", "--local-steps", "2", "--max-cases", "2", "--val-every",
-                 "6", "--no-test", "--seeds", "0", "1", "--out", str(cand), "--cache", str(cache), *SMALL)
+    result = run(
+        "train.py",
+        "--nodes",
+        "2",
+        "--rounds",
+        "6",
+        "--local-steps",
+        "2",
+        "--max-cases",
+        "2",
+        "--val-every",
+        "6",
+        "--no-test",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(cand),
+        "--cache",
+        str(cache),
+        *SMALL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    validation = [json.loads((cand / f"seed-{s}" / "metrics.json").read_text())["validation"][-1] for s in (0, 1)]
-    assert all(v["liver"] > 0.05 for v in validation)  # something was learnt: equal numbers mean something
+    validation = [
+        json.loads((cand / f"seed-{s}" / "metrics.json").read_text())["validation"][-1]
+        for s in (0, 1)
+    ]
+    # something was learnt: equal numbers mean something
+    assert all(v["liver"] > 0.05 for v in validation)
     trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
     table = eval_options_table([str(cand)])
     rows = {tuple(r[1:3]): r[-1] for r in option_rows(table)}
-    assert rows[("gaussian", "largest")] == trained  # the preset's Gaussian blending with the clean-up
-    assert rows[("constant", "largest")] != trained  # constant blending scores the same models differently
+    # the preset's Gaussian blending with the clean-up
+    assert rows[("gaussian", "largest")] == trained
+    # constant blending scores the same models differently
+    assert rows[("constant", "largest")] != trained
     # --cases draws the phantom's validation cases afresh: as many as training's are training's own
     assert eval_options_table([str(cand)], 2) == table
     assert option_rows(eval_options_table([str(cand)], 3)) != option_rows(table)
 
 
 def option_rows(table: str) -> list[list[str]]:
-    """The rows of an eval-options table, cells stripped (candidate, blending, clean-up, sites..., mean)."""
+    """The rows of an eval-options table, cells stripped (candidate, blending, clean-up, sites...,
+    mean)."""
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()[2:]]
 
 
@@ -45,15 +72,42 @@ def test_eval_options_on_real_data_reads_the_held_out_cases_again(tmp_path):
 
     root, cand = tmp_path / "archives", tmp_path / "cand"
     synth.generate(str(root), cases=3, test_cases=1, seed=0, coarsen=3.0, log=lambda s: None)
-    result = run("train.py", "--nodes", "2", "--data-root", str(root), "--rounds", "4", "--local-steps", "2",
-                 "--spacing", "6", "6", "6", "--val-every", "4", "--no-test", "--seeds", "0",
-                 "--cache", str(tmp_path / "cache"), "--out", str(cand / "seed-0"), "--device", "cpu")
+    result = run(
+        "train.py",
+        "--nodes",
+        "2",
+        "--data-root",
+        str(root),
+        "--rounds",
+        "4",
+        "--local-steps",
+        "2",
+        "--spacing",
+        "6",
+        "6",
+        "6",
+        "--val-every",
+        "4",
+        "--no-test",
+        "--seeds",
+        "0",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(cand / "seed-0"),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     trained = validation_table([str(cand)]).splitlines()[-1].split(" | ")[-1].strip(" |")
     cfg = torch.load(cand / "seed-0" / "model.pt", weights_only=True)["config"]
-    used = (cfg["blend"], "largest" if cfg["largest"] else "none")  # the real-data recipe's test-time options
-    assert {tuple(r[1:3]): r[-1] for r in option_rows(eval_options_table([str(cand)]))}[used] == trained
-    more = run("-m", "experiments", "eval-options", str(cand), "--cases", "4")  # real data: the split is the split
+    # the real-data recipe's test-time options
+    used = (cfg["blend"], "largest" if cfg["largest"] else "none")
+    assert {tuple(r[1:3]): r[-1] for r in option_rows(eval_options_table([str(cand)]))}[
+        used
+    ] == trained
+    # real data: the split is the split
+    more = run("-m", "experiments", "eval-options", str(cand), "--cases", "4")
     assert more.returncode == 2 and len(more.stderr.strip().splitlines()) == 1, more.stderr
     assert "--cases" in more.stderr and "held-out split" in more.stderr
 

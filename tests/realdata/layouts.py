@@ -18,9 +18,17 @@ import numpy as np
 
 # ../shared beside the checkout (the project's read-only data), or $SEGVIZ_REAL_CT
 CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
-REAL_CT = pathlib.Path(os.environ.get("SEGVIZ_REAL_CT", CHECKOUT.parent / "shared" / "data" / "real_ct"))
-MISSING = "" if (REAL_CT / "ct.nii.gz").is_file() else (
-    f"the real CT is not at {REAL_CT} (../shared beside the checkout); set SEGVIZ_REAL_CT to its folder")
+REAL_CT = pathlib.Path(
+    os.environ.get("SEGVIZ_REAL_CT", CHECKOUT.parent / "shared" / "data" / "real_ct")
+)
+MISSING = (
+    ""
+    if (REAL_CT / "ct.nii.gz").is_file()
+    else (
+        f"the real CT is not at {REAL_CT} (../shared beside the checkout); set SEGVIZ_REAL_CT to "
+        "its folder"
+    )
+)
 TS = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 5, "pancreas": 7}
 BTCV = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6, "pancreas": 11}
 
@@ -66,10 +74,14 @@ def mac_junk(folder) -> None:
     """The '._' companions of macOS archives: named like NIfTI, not NIfTI."""
     for name in os.listdir(folder):
         if name.endswith(".nii.gz"):
-            (pathlib.Path(folder) / f"._{name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+            (pathlib.Path(folder) / f"._{name}").write_bytes(
+                b"\x00\x05\x16\x07 Mac OS X resource fork"
+            )
 
 
-def msd(root, task: str, organ: str, labels: dict, cases: int = 1, codes: str = "RAS") -> pathlib.Path:
+def msd(
+    root, task: str, organ: str, labels: dict, cases: int = 1, codes: str = "RAS"
+) -> pathlib.Path:
     """An MSD task folder: dataset.json, imagesTr/, labelsTr/, imagesTs/, with '._' files."""
     hu, ts, affine = real_ct()
     base = pathlib.Path(root) / task
@@ -83,7 +95,9 @@ def msd(root, task: str, organ: str, labels: dict, cases: int = 1, codes: str = 
         lab_a, _ = reoriented(lab, affine, codes)
         save(base / "imagesTr" / f"{short}_{i}.nii.gz", img_a, aff)
         save(base / "labelsTr" / f"{short}_{i}.nii.gz", lab_a, aff)
-        training.append({"image": f"./imagesTr/{short}_{i}.nii.gz", "label": f"./labelsTr/{short}_{i}.nii.gz"})
+        training.append(
+            {"image": f"./imagesTr/{short}_{i}.nii.gz", "label": f"./labelsTr/{short}_{i}.nii.gz"}
+        )
     save(base / "imagesTs" / f"{short}_99.nii.gz", hu.astype(np.int16), affine)
     mac_junk(base / "imagesTr")
     mac_junk(base / "labelsTr")
@@ -94,7 +108,14 @@ def msd(root, task: str, organ: str, labels: dict, cases: int = 1, codes: str = 
 
 
 def msd_liver(root, cases=1, codes="RAS"):
-    return msd(root, "Task03_Liver", "liver", {"0": "background", "1": "liver", "2": "cancer"}, cases, codes)
+    return msd(
+        root,
+        "Task03_Liver",
+        "liver",
+        {"0": "background", "1": "liver", "2": "cancer"},
+        cases,
+        codes,
+    )
 
 
 def msd_spleen(root, cases=1, codes="LPS"):
@@ -102,8 +123,14 @@ def msd_spleen(root, cases=1, codes="LPS"):
 
 
 def msd_pancreas(root, cases=1, codes="RAS"):
-    return msd(root, "Task07_Pancreas", "pancreas", {"0": "background", "1": "pancreas", "2": "cancer"}, cases,
-               codes)
+    return msd(
+        root,
+        "Task07_Pancreas",
+        "pancreas",
+        {"0": "background", "1": "pancreas", "2": "cancer"},
+        cases,
+        codes,
+    )
 
 
 def kidney_labels() -> np.ndarray:
@@ -136,9 +163,15 @@ def nnunet_kits(root) -> pathlib.Path:
     lab_a, _ = reoriented(kidney_labels(), affine, "IPL")
     save(base / "imagesTr" / "case_00000_0000.nii.gz", img_a, aff)
     save(base / "labelsTr" / "case_00000.nii.gz", lab_a, aff)
-    meta = {"name": "KiTS", "labels": {"0": "background", "1": "Kidney", "2": "Tumor"}, "numTraining": 1,
-            "training": [{"image": "./imagesTr/case_00000.nii.gz", "label": "./labelsTr/case_00000.nii.gz"}],
-            "test": []}
+    meta = {
+        "name": "KiTS",
+        "labels": {"0": "background", "1": "Kidney", "2": "Tumor"},
+        "numTraining": 1,
+        "training": [
+            {"image": "./imagesTr/case_00000.nii.gz", "label": "./labelsTr/case_00000.nii.gz"}
+        ],
+        "test": [],
+    }
     (base / "dataset.json").write_text(json.dumps(meta))
     return base
 
@@ -156,16 +189,19 @@ def btcv_raw(root, cases: int = 1) -> pathlib.Path:
 
 
 def btcv_monai(root) -> pathlib.Path:
-    """MONAI's renamed BTCV: imagesTr/, labelsTr/ and dataset_0.json with training/validation lists."""
+    """MONAI's renamed BTCV: imagesTr/, labelsTr/ and dataset_0.json with training/validation lists.
+    """
     hu, ts, affine = real_ct()
     base = pathlib.Path(root) / "btcv_monai"
     lab = relabel(ts, BTCV)
     for i in (1, 2):
         save(base / "imagesTr" / f"img{i:04d}.nii.gz", hu.astype(np.int16), affine)
         save(base / "labelsTr" / f"label{i:04d}.nii.gz", lab, affine)
-    meta = {"labels": {str(i): f"organ{i}" for i in range(14)},
-            "training": [{"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}],
-            "validation": [{"image": "imagesTr/img0002.nii.gz", "label": "labelsTr/label0002.nii.gz"}]}
+    meta = {
+        "labels": {str(i): f"organ{i}" for i in range(14)},
+        "training": [{"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}],
+        "validation": [{"image": "imagesTr/img0002.nii.gz", "label": "labelsTr/label0002.nii.gz"}],
+    }
     (base / "dataset_0.json").write_text(json.dumps(meta))
     return base
 

@@ -52,7 +52,8 @@ def test_macos_copies_do_not_hide_the_dataset(tmp_path):
 
 def test_names_match_in_any_case_and_a_same_named_folder_is_looked_into(tmp_path):
     kits_case(tmp_path / "KiTS19")
-    msd_folders(tmp_path / "Task03_Liver" / "Task03_Liver")  # unpacked into a folder of its own name
+    # unpacked into a folder of its own name
+    msd_folders(tmp_path / "Task03_Liver" / "Task03_Liver")
     assert locate(str(tmp_path), "kidneys") == str(tmp_path / "KiTS19")
     assert locate(str(tmp_path), "liver") == str(tmp_path / "Task03_Liver" / "Task03_Liver")
     # a named folder with nothing inside is still the answer, so that its error names it
@@ -67,7 +68,10 @@ def test_uncompressed_nifti_in_every_layout(tmp_path):
     assert len(folders.pairs) == 2 and not folders.problems
     # nnU-Net v1 lists x.nii.gz for the file x_0000 (here uncompressed)
     base = tmp_path / "Task040_KiTS"
-    image, label = touch(base / "imagesTr" / "kits_0_0000.nii"), touch(base / "labelsTr" / "kits_0.nii.gz")
+    image, label = (
+        touch(base / "imagesTr" / "kits_0_0000.nii"),
+        touch(base / "labelsTr" / "kits_0.nii.gz"),
+    )
     (base / "dataset.json").write_text(json.dumps(
         {"labels": {"0": "background", "1": "kidney", "2": "tumour"},
          "training": [{"image": "./imagesTr/kits_0.nii.gz", "label": "./labelsTr/kits_0.nii.gz"}]}))
@@ -77,10 +81,20 @@ def test_uncompressed_nifti_in_every_layout(tmp_path):
 
 def test_a_listed_or_paired_file_is_found_under_either_extension(tmp_path):
     base = tmp_path / "Task09_Spleen"
-    image, label = touch(base / "imagesTr" / "spleen_0.nii"), touch(base / "labelsTr" / "spleen_0.nii.gz")
-    (base / "dataset.json").write_text(json.dumps(
-        {"labels": {"0": "background", "1": "spleen"},
-         "training": [{"image": "./imagesTr/spleen_0.nii.gz", "label": "./labelsTr/spleen_0.nii"}]}))
+    image, label = (
+        touch(base / "imagesTr" / "spleen_0.nii"),
+        touch(base / "labelsTr" / "spleen_0.nii.gz"),
+    )
+    (base / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "spleen"},
+                "training": [
+                    {"image": "./imagesTr/spleen_0.nii.gz", "label": "./labelsTr/spleen_0.nii"}
+                ],
+            }
+        )
+    )
     source = find_dataset(str(base), "spleen")
     assert (source.pairs[0].image, source.pairs[0].label, source.problems) == (image, label, [])
     # BTCV: an image and its label stored one compressed, one not
@@ -92,7 +106,9 @@ def test_a_listed_or_paired_file_is_found_under_either_extension(tmp_path):
 
 def test_a_dataset_json_with_an_empty_training_list_reads_the_folders(tmp_path):
     base = msd_folders(tmp_path / "Task09_Spleen")
-    (base / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": []}))
+    (base / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": []})
+    )
     source = find_dataset(str(base), "spleen")
     assert len(source.pairs) == 2 and source.declared == (0, 1)
 
@@ -109,13 +125,17 @@ def test_dataset_json_naming_missing_files(tmp_path):
     base, _ = one_spleen(tmp_path)
     os.remove(base / "labelsTr" / "spleen_0.nii.gz")
     source = find_dataset(str(base), "spleen")
-    with pytest.raises(DataError, match=r"dataset\.json names .*spleen_0\.nii\.gz, which does not exist"):
+    with pytest.raises(
+        DataError, match=r"dataset\.json names .*spleen_0\.nii\.gz, which does not exist"
+    ):
         load_source(source, (3.0, 3.0, 3.0), None)
 
 
 def test_data_root_with_none_of_the_datasets(tmp_path):
     (tmp_path / "stuff").mkdir()
-    with pytest.raises(DataError, match=r"none of the expected datasets found .*Task03_Liver.*kits19"):
+    with pytest.raises(
+        DataError, match=r"none of the expected datasets found .*Task03_Liver.*kits19"
+    ):
         find_sources(("liver", "spleen", "pancreas", "kidneys", "test"), str(tmp_path))
 
 

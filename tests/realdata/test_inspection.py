@@ -15,8 +15,13 @@ pytestmark = pytest.mark.skipif(bool(layouts.MISSING), reason=layouts.MISSING)
 
 
 def test_inspect_reports_every_site_and_problems(root, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "realdata", "inspect", "--data-root", str(root), "--json"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "realdata", "inspect", "--data-root", str(root), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     reports = {x["role"]: x for x in json.loads(r.stdout)}
     assert set(reports) == {"liver", "spleen", "pancreas", "kidneys", "test"}
@@ -30,8 +35,13 @@ def test_inspect_reports_every_site_and_problems(root, tmp_path):
     broken = tmp_path / "broken"
     base = layouts.msd_spleen(broken)
     os.remove(base / "imagesTr" / "spleen_0.nii.gz")
-    r = subprocess.run([sys.executable, "-m", "realdata", "inspect", "--data", f"spleen={base}", "--nodes", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "realdata", "inspect", "--data", f"spleen={base}", "--nodes", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1
     assert "spleen_0.nii.gz, which does not exist" in r.stdout
     assert "no liver dataset found" in r.stdout

@@ -101,7 +101,8 @@ def test_labels_stored_as_scaled_floats_are_rounded_and_fractions_refused(tmp_pa
     expected = load_source(source, NATIVE, None)[0]
     path = source.pairs[0].label
     lab = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
-    scaled = nib.Nifti1Image(lab * 0.996, nib.load(path).affine)  # reads back as 0.996: a scale factor's error
+    # reads back as 0.996: a scale factor's error
+    scaled = nib.Nifti1Image(lab * 0.996, nib.load(path).affine)
     nib.save(scaled, path)
     assert np.asanyarray(nib.load(path).dataobj).max() < 1
     assert torch.equal(load_source(source, NATIVE, None)[0].label, expected.label)

@@ -18,18 +18,33 @@ from realdata.archives import BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
 from segviz import MetaModel
 from settings import resolve
 from unet3d import UNet3D, UNetConfig
+
 BTCV = {"liver": 6, "spleen": 1}
 
 
 def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0)) -> str:
-    """A checkpoint as train.py writes one for `--mode segviz --nodes 2`, with a tiny untrained net."""
+    """A checkpoint as train.py writes one for `--mode segviz --nodes 2`, with a tiny untrained net.
+    """
     unet = UNetConfig(classes=2, channels=(4, 8), norm="instance")
     torch.manual_seed(0)
     states = {site: UNet3D(unet).state_dict() for site in ("liver", "spleen")}
-    cfg = resolve({"nodes": 2, "mode": "segviz", "channels": (4, 8), "spacing": tuple(spacing), "patch": (16, 16, 16),
-                   "largest": False})
+    cfg = resolve(
+        {
+            "nodes": 2,
+            "mode": "segviz",
+            "channels": (4, 8),
+            "spacing": tuple(spacing),
+            "patch": (16, 16, 16),
+            "largest": False,
+        }
+    )
     windows = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0)}
-    torch.save(model_checkpoint(cfg, "segviz-2", ["liver", "spleen"], unet, states, False, windows, {}, {}, {}), path)
+    torch.save(
+        model_checkpoint(
+            cfg, "segviz-2", ["liver", "spleen"], unet, states, False, windows, {}, {}, {}
+        ),
+        path,
+    )
     return str(path)
 
 
@@ -42,15 +57,22 @@ def ct(shape, affine, bright=None, dtype=np.int16) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, affine)
 
 
-FLIPPED = np.array([[-4.0, 0, 0, 90], [0, 0, 5.0, -40], [0, -4.0, 0, 60], [0, 0, 0, 1]])  # L, S, P axes
+# L, S, P axes
+FLIPPED = np.array([[-4.0, 0, 0, 90], [0, 0, 5.0, -40], [0, -4.0, 0, 60], [0, 0, 0, 1]])
 
 
 def scan_folder(folder) -> dict[str, str]:
     """Two good scans (different shapes, one stored with a flipped and permuted affine) and
     four bad ones; returns {what: path}."""
     folder.mkdir()
-    paths = {"a": folder / "case_a.nii.gz", "b": folder / "case_b_0000.nii.gz", "truncated": folder / "broken.nii.gz",
-             "2d": folder / "flat.nii", "nan": folder / "nan.nii.gz", "affine": folder / "singular.nii.gz"}
+    paths = {
+        "a": folder / "case_a.nii.gz",
+        "b": folder / "case_b_0000.nii.gz",
+        "truncated": folder / "broken.nii.gz",
+        "2d": folder / "flat.nii",
+        "nan": folder / "nan.nii.gz",
+        "affine": folder / "singular.nii.gz",
+    }
     nib.save(ct((30, 26, 20), np.diag([5.0, 5.0, 5.0, 1.0])), paths["a"])
     nib.save(ct((24, 16, 28), FLIPPED), paths["b"])
     whole = paths["a"].read_bytes()
@@ -59,7 +81,8 @@ def scan_folder(folder) -> dict[str, str]:
     nan = np.zeros((20, 20, 10), np.float32)
     nan[3, 4, 5] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), paths["nan"])
-    singular = nib.Nifti1Image(ct((20, 20, 10), np.eye(4)).get_fdata().astype(np.int16), None)  # the header's own
+    # the header's own
+    singular = nib.Nifti1Image(ct((20, 20, 10), np.eye(4)).get_fdata().astype(np.int16), None)
     singular.header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a zero voxel axis
     singular.header.set_qform(None, code=0)
     nib.save(singular, paths["affine"])
@@ -69,15 +92,30 @@ def scan_folder(folder) -> dict[str, str]:
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "realdata", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "realdata", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_predict_a_folder_skips_bad_scans_and_finished_ones_and_overwrites_on_request(tmp_path):
     scans = scan_folder(tmp_path / "in")
     model = tiny_checkpoint(tmp_path / "model.pt")
     out = tmp_path / "out"
-    argv = ("predict", "-i", str(tmp_path / "in"), "-o", str(out), "--checkpoint", model, "--device", "cpu")
+    argv = (
+        "predict",
+        "-i",
+        str(tmp_path / "in"),
+        "-o",
+        str(out),
+        "--checkpoint",
+        model,
+        "--device",
+        "cpu",
+    )
     first = run(*argv)
     assert first.returncode == 1, first.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["case_a.nii.gz", "case_b.nii.gz"]  # nnU-Net's _0000 dropped
@@ -85,7 +123,8 @@ def test_predict_a_folder_skips_bad_scans_and_finished_ones_and_overwrites_on_re
         image, label = nib.load(scan), nib.load(out / f"{case}.nii.gz")
         assert label.shape == image.shape and np.array_equal(label.affine, image.affine)
         assert label.get_data_dtype() == np.uint8
-        assert set(np.unique(np.asanyarray(label.dataobj))) <= {0, *BTCV.values()}  # the checkpoint's organs
+        # the checkpoint's organs
+        assert set(np.unique(np.asanyarray(label.dataobj))) <= {0, *BTCV.values()}
     errors = first.stderr.strip().splitlines()
     bad = [scans[k] for k in ("truncated", "2d", "nan", "affine")]
     for path, why in zip(bad, ("cannot be read as NIfTI", "2-D", "NaN", "no usable affine")):
@@ -127,33 +166,47 @@ class Bright(MetaModel):
         return torch.cat([liver, torch.zeros_like(liver)], dim=1)
 
 
-def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orientation(tmp_path, monkeypatch):
-    # the working spacing equals the scan's voxels, so the label map must be exactly the bright block
+def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orientation(
+    tmp_path, monkeypatch
+):
+    # the working spacing equals the scan's voxels, so the label map must be exactly the bright
+    # block
     folder = tmp_path / "in"
     folder.mkdir()
-    block = (slice(3, 9), slice(10, 14), slice(5, 20))  # array indices as stored, under an L,S,P affine
+    # array indices as stored, under an L,S,P affine
+    block = (slice(3, 9), slice(10, 14), slice(5, 20))
     scan = ct((24, 16, 28), FLIPPED, bright=block)
-    scan.header["cal_min"], scan.header["cal_max"], scan.header["descrip"] = -1024, 3071, b"CT abdomen"
+    scan.header["cal_min"], scan.header["cal_max"], scan.header["descrip"] = (
+        -1024,
+        3071,
+        b"CT abdomen",
+    )
     nib.save(scan, folder / "b.nii.gz")
     model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
     monkeypatch.setattr(predict, "model_of", lambda ckpt: Bright())
     out = tmp_path / "out"
-    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+    assert (
+        predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+    )
     assert sorted(os.listdir(out)) == ["b.nii.gz", "b_liver.nii.gz", "b_spleen.nii.gz"]
     expected = np.zeros((24, 16, 28), np.uint8)
     expected[block] = BTCV["liver"]
     assert np.array_equal(np.asanyarray(nib.load(out / "b.nii.gz").dataobj), expected)
     liver, spleen = nib.load(out / "b_liver.nii.gz"), nib.load(out / "b_spleen.nii.gz")
     assert liver.get_data_dtype() == np.int16 and np.array_equal(liver.affine, FLIPPED)
-    np.testing.assert_allclose(liver.get_fdata(), expected > 0, atol=1e-4)  # the scale factor brings back [0, 1]
+    # the scale factor brings back [0, 1]
+    np.testing.assert_allclose(liver.get_fdata(), expected > 0, atol=1e-4)
     np.testing.assert_allclose(spleen.get_fdata(), 0, atol=1e-4)
-    # the scan's orientation codes carry over, not its CT display range (a viewer would open 0-11 at -1024..3071)
+    # the scan's orientation codes carry over, not its CT display range (a viewer would open 0-11 at
+    # -1024..3071)
     for written in (nib.load(out / "b.nii.gz"), liver):
         assert written.header["qform_code"] == scan.header["qform_code"]
         assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == (0.0, 0.0)
         assert written.header["descrip"].tobytes().strip(b"\0") == b""
     # a second run with probabilities asked for again finds everything written
-    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+    assert (
+        predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
+    )
 
 
 def test_missing_probabilities_are_written_on_a_second_run(tmp_path, monkeypatch):
@@ -188,7 +241,9 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(setup, message, tmp_pa
     if setup == "missing":
         folder = tmp_path / "absent"
     with pytest.raises(SystemExit) as e:
-        predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", str(tmp_path / "absent.pt")])
+        predict.main(
+            ["-i", str(folder), "-o", str(out), "--checkpoint", str(tmp_path / "absent.pt")]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
@@ -232,8 +287,12 @@ def test_the_real_ct_is_segmented_on_its_own_grid_in_any_orientation(tmp_path, m
     out = tmp_path / "out"
     assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model]) == 0
     ras, back = nib.load(out / "ras.nii.gz"), nib.load(out / "ipl.nii.gz")
-    assert ras.shape == image.shape and np.array_equal(ras.affine, nib.load(folder / "ras.nii.gz").affine)
-    assert back.shape == ipl.shape and np.array_equal(back.affine, nib.load(folder / "ipl.nii.gz").affine)
+    assert ras.shape == image.shape and np.array_equal(
+        ras.affine, nib.load(folder / "ras.nii.gz").affine
+    )
+    assert back.shape == ipl.shape and np.array_equal(
+        back.affine, nib.load(folder / "ipl.nii.gz").affine
+    )
     # the same scan stored two ways gets the same labels, voxel for voxel in space
     labels = np.asanyarray(ras.dataobj)
     assert (labels == BTCV["liver"]).sum() > 1000  # bone and contrast are brighter than 100 HU
@@ -251,7 +310,11 @@ def test_kidney_sides_follow_the_two_kidneys_not_the_middle_of_the_volume():
     lab[58, 5, 2] = k  # a stray voxel, far right
     ids = predict.to_btcv_ids(torch.from_numpy(lab))
     right, left = BTCV_RIGHT_KIDNEY, BTCV_LEFT_KIDNEY
-    assert (ids[34:40, 5:15, 2:8] == left).all() and (ids[50:56, 5:15, 2:8] == right).all() and ids[58, 5, 2] == right
+    assert (
+        (ids[34:40, 5:15, 2:8] == left).all()
+        and (ids[50:56, 5:15, 2:8] == right).all()
+        and ids[58, 5, 2] == right
+    )
     # one kidney alone (or two fragments that overlap in x) keeps the volume's middle
     one = np.zeros_like(lab)
     one[20:26, 5:15, 2:8] = k

@@ -31,7 +31,9 @@ def reference():
     labels = {}
     for organ, ids in organs.items():
         raw = np.isin(ts, ids).astype(np.uint8)
-        labels[organ] = preprocess.preprocess_arrays(hu, affine, raw, None, ORGAN_ID[organ], NATIVE).label
+        labels[organ] = preprocess.preprocess_arrays(
+            hu, affine, raw, None, ORGAN_ID[organ], NATIVE
+        ).label
     test_raw = layouts.relabel(ts, layouts.BTCV)
     test = preprocess.preprocess_arrays(hu, affine, test_raw, find_test_map(), 0, NATIVE)
     return {"hu": test.hu, "labels": labels, "test": test.label}
@@ -59,11 +61,15 @@ def test_every_layout_loads_to_the_same_ras_array_and_label(role, folder, layout
     cases = load_source(source, NATIVE, cache_dir=None)
     assert len(cases) == (2 if layout == "btcv-monai" else 1)  # MONAI's training + validation lists
     case = cases[0]
-    assert torch.equal(case.hu, reference["hu"]), "the image must come back in R,A,S order, voxel for voxel"
+    assert torch.equal(case.hu, reference["hu"]), (
+        "the image must come back in R,A,S order, voxel for voxel"
+    )
     expected = reference["test"] if role == "test" else reference["labels"][role]
     assert torch.equal(case.label, expected)
     if role == "liver":
-        assert set(torch.unique(case.label).tolist()) == {0, ORGAN_ID["liver"]}, "tumour merges into the liver"
+        assert set(torch.unique(case.label).tolist()) == {0, ORGAN_ID["liver"]}, (
+            "tumour merges into the liver"
+        )
 
 
 def test_macos_companions_and_unlabelled_cases_are_skipped(root):
@@ -82,7 +88,9 @@ def test_data_root_finds_every_dataset(root):
     assert {r: s.layout for r, s in sources.items()} == {
         "liver": "msd", "spleen": "msd", "pancreas": "msd", "kidneys": "kits19", "test": "btcv"}
     # a per-site override wins over --data-root
-    other = find_sources(("kidneys",), str(root), {"kidneys": str(root / "other/nnUNet_raw_data/Task040_KiTS")})
+    other = find_sources(
+        ("kidneys",), str(root), {"kidneys": str(root / "other/nnUNet_raw_data/Task040_KiTS")}
+    )
     assert other["kidneys"].layout == "nnunet"
 
 
@@ -148,7 +156,9 @@ def test_the_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path, mon
     arr = np.asanyarray(img.dataobj).copy()
     arr[tuple(np.argwhere(arr == 1)[0])] = 0
     nib.save(nib.Nifti1Image(arr, img.affine), label_path)
-    os.utime(label_path, ns=(os.stat(label_path).st_atime_ns, os.stat(label_path).st_mtime_ns + 10**9))
+    os.utime(
+        label_path, ns=(os.stat(label_path).st_atime_ns, os.stat(label_path).st_mtime_ns + 10**9)
+    )
     changed = load_source(source, NATIVE, str(cache))
     assert int(changed[0].label.sum()) == int(first[0].label.sum()) - ORGAN_ID["spleen"]
     assert len(os.listdir(cache)) == 2

@@ -16,6 +16,7 @@ from realdata import archives
 from realdata import synth as sa
 from realdata.federation import real_federation
 from settings import resolve
+
 COARSEN = 3.0  # in-plane ~2.4 mm: small and quick; the loaders resample to 3 mm anyway
 SPACING = (3.0, 3.0, 3.0)
 # plausible adult volumes in mL (kidneys: each of the two)
@@ -64,26 +65,41 @@ def test_every_organ_loads_non_empty_with_a_plausible_volume(loaded):
             assert set(np.unique(case.label.numpy())) == {0, ORGAN_ID[site]}, (site, case.name)
             if site == "kidneys":
                 parts, n = ndimage.label(organ.numpy())
-                sizes = sorted((ml(parts == i, case.spacing) for i in range(1, n + 1)), reverse=True)
+                sizes = sorted(
+                    (ml(parts == i, case.spacing) for i in range(1, n + 1)), reverse=True
+                )
                 assert len(sizes) >= 2, (case.name, sizes)
                 for v in sizes[:2]:
-                    assert VOLUMES["kidney"][0] <= v <= VOLUMES["kidney"][1] + 30, (case.name, sizes)  # + tumour
+                    # + tumour
+                    assert VOLUMES["kidney"][0] <= v <= VOLUMES["kidney"][1] + 30, (
+                        case.name,
+                        sizes,
+                    )
                 assert sum(sizes[2:]) < 5, (case.name, sizes)
             else:
                 lo, hi = VOLUMES[site]
-                assert lo <= ml(organ, case.spacing) <= hi, (site, case.name, ml(organ, case.spacing))
+                assert lo <= ml(organ, case.spacing) <= hi, (
+                    site,
+                    case.name,
+                    ml(organ, case.spacing),
+                )
     assert len(test) == 1
     case = test[0]
     for organ in ORGANS:
         v = ml(case.label == ORGAN_ID[organ], case.spacing)
-        lo, hi = (2 * VOLUMES["kidney"][0], 2 * VOLUMES["kidney"][1]) if organ == "kidneys" else VOLUMES[organ]
+        lo, hi = (
+            (2 * VOLUMES["kidney"][0], 2 * VOLUMES["kidney"][1])
+            if organ == "kidneys"
+            else VOLUMES[organ]
+        )
         assert lo <= v <= hi, (organ, v)
 
 
 def test_organs_lie_where_they_belong_and_look_like_their_phase(root, loaded):
     train, test, _ = loaded
 
-    def x_fraction(case, organ):  # 0: the patient's left edge of the body, 1: the right (loaded as R,A,S)
+    # 0: the patient's left edge of the body, 1: the right (loaded as R,A,S)
+    def x_fraction(case, organ):
         idx = np.argwhere(case.label.numpy() == ORGAN_ID[organ])
         return idx[:, 0].mean() / (case.label.shape[0] - 1)
 
@@ -101,7 +117,8 @@ def test_organs_lie_where_they_belong_and_look_like_their_phase(root, loaded):
     lab = np.asanyarray(img.dataobj)
     world = {v: (img.affine @ [*np.argwhere(lab == v).mean(0), 1])[0] for v in (1, 2, 3, 6)}
     assert world[2] > world[3] and world[6] > world[1], world  # RAS: +x is the patient's right
-    # intensities: portal-venous liver and spleen, arterial (KiTS19) kidney cortex brighter than venous
+    # intensities: portal-venous liver and spleen, arterial (KiTS19) kidney cortex brighter than
+    # venous
     for site, (lo, hi) in {"liver": (80, 150), "spleen": (85, 160), "pancreas": (55, 130)}.items():
         for case in train[site]:
             med = float(case.hu[case.label == ORGAN_ID[site]].median())
@@ -118,15 +135,34 @@ def _arrays(path):
 
 def test_a_seed_fixes_the_files_and_another_seed_changes_them(root, tmp_path):
     again = tmp_path / "again"
-    sa.generate(str(again), cases=1, test_cases=1, seed=0, coarsen=COARSEN, roles=("spleen", "kidneys"),
-                log=lambda s: None)
-    for rel in ("Task09_Spleen/imagesTr/spleen_2.nii.gz", "Task09_Spleen/labelsTr/spleen_2.nii.gz",
-                "kits19/data/case_00000/imaging.nii.gz", "kits19/data/case_00000/segmentation.nii.gz"):
+    sa.generate(
+        str(again),
+        cases=1,
+        test_cases=1,
+        seed=0,
+        coarsen=COARSEN,
+        roles=("spleen", "kidneys"),
+        log=lambda s: None,
+    )
+    for rel in (
+        "Task09_Spleen/imagesTr/spleen_2.nii.gz",
+        "Task09_Spleen/labelsTr/spleen_2.nii.gz",
+        "kits19/data/case_00000/imaging.nii.gz",
+        "kits19/data/case_00000/segmentation.nii.gz",
+    ):
         (a, aff_a), (b, aff_b) = _arrays(root / rel), _arrays(again / rel)
         assert a.dtype == b.dtype and np.array_equal(a, b), rel
         assert np.array_equal(aff_a, aff_b), rel
     other = tmp_path / "other"
-    sa.generate(str(other), cases=1, test_cases=1, seed=1, coarsen=COARSEN, roles=("spleen",), log=lambda s: None)
+    sa.generate(
+        str(other),
+        cases=1,
+        test_cases=1,
+        seed=1,
+        coarsen=COARSEN,
+        roles=("spleen",),
+        log=lambda s: None,
+    )
     a, _ = _arrays(root / "Task09_Spleen/imagesTr/spleen_2.nii.gz")
     b, _ = _arrays(other / "Task09_Spleen/imagesTr/spleen_2.nii.gz")
     assert a.shape != b.shape or not np.array_equal(a, b)
