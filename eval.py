@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     scorings = MODES[ckpt["mode"]].scorings
     per_case = evaluate(model_of(ckpt), test, ckpt["organs"], scorings, cfg)
-    scored = scored_metrics(per_case, scorings[0])
+    scored = scored_metrics(per_case, scorings[0], [c.name for c in test])
     print(format_metric_tables({ckpt["name"]: scored["by_scoring"][scorings[0]]}, ckpt["organs"]))
     metrics = {
         "mode": ckpt["mode"],

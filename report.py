@@ -44,13 +44,16 @@ def summarise_metrics(per_case: dict[str, dict[str, list[float]]]) -> dict[str, 
     return {metric: summarise(values) for metric, values in per_case.items()}
 
 
-def scored_metrics(per_case: dict[str, dict[str, dict[str, list[float]]]], primary: str) -> dict:
+def scored_metrics(per_case: dict[str, dict[str, dict[str, list[float]]]], primary: str,
+                   case_names: list[str]) -> dict:
     """What metrics.json holds of an evaluation: "dice", "hd95" and "nsd" of the primary scoring
-    ({organ: summary} each), and "by_scoring" {scoring: {metric: {organ: summary}}} of all."""
+    ({organ: summary} each), "by_scoring" {scoring: {metric: {organ: summary}}} of all, and
+    "case_names", the case of each position of the per-case lists."""
     by_scoring = {kind: summarise_metrics(values) for kind, values in per_case.items()}
     main = by_scoring.get(primary, {})
     return {**{metric: main.get(metric, {}) for metric in METRICS}, "scoring": primary,
-            "nsd_tolerance_mm": NSD_TOLERANCE_MM, "by_scoring": by_scoring}
+            "nsd_tolerance_mm": NSD_TOLERANCE_MM, "by_scoring": by_scoring,
+            "case_names": list(case_names)}
 
 
 def across_seeds(per_seed: list[dict], organ: str) -> dict | None:

@@ -466,7 +466,7 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
     ckpt = final_checkpoint(run, name, data_info)
     scorings = MODES[cfg.mode].scorings
     per_case = evaluate(model_of(ckpt), test_cases, run.organs, scorings, cfg) if cfg.test else {}
-    scored = scored_metrics(per_case, scorings[0])
+    scored = scored_metrics(per_case, scorings[0], [c.name for c in test_cases] if cfg.test else [])
     t_end = time.time()
     train_seconds = run.earlier_seconds + t_trained - t_data  # with the processes before a resume
     seconds = t_end - t_start + run.earlier_seconds

@@ -14,7 +14,8 @@ from common import fail, write_json_atomic, write_text_atomic
 from metrics import METRICS
 from report import METRIC_DIGITS, METRIC_TITLES, across_seeds, format_cell, format_table
 
-TEST_KEYS = (*METRICS, "by_scoring", "scoring", "nsd_tolerance_mm")  # report.scored_metrics's keys
+# report.scored_metrics's keys
+TEST_KEYS = (*METRICS, "by_scoring", "scoring", "nsd_tolerance_mm", "case_names")
 
 
 def read_runs(folder: str) -> dict[str, list[dict]]:

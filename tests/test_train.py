@@ -197,6 +197,7 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, ca
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == mode and metrics["nodes"] == 2 and metrics["name"] == name
     assert metrics["organs"] == ["liver", "spleen"]
+    assert metrics["case_names"] == ["test_000", "test_001"]  # the case of each per-case value
     for organ in metrics["organs"]:
         d = metrics["dice"][organ]
         assert 0.0 <= d["mean"] <= 1.0 and len(d["cases"]) == 2
