@@ -38,6 +38,9 @@ class Client:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     weight: float = 1.0  # for sample-weighted averaging (e.g. number of training cases)
     history: list[float] = field(default_factory=list)  # mean local loss per round
+    # told the client as it starts a round of local training, before the first step (ConDistFL
+    # keeps the weights it starts from, the global model's, as the teacher of its loss)
+    begin: Callable[[Client], None] | None = None
 
 
 def snapshot(module: nn.Module, store: torch.device | str | None = None) -> State:
@@ -104,6 +107,8 @@ def local_train(model: nn.Module, optimizer: torch.optim.Optimizer, client: Clie
     The learning rate is the one stored with the client's optimiser state. Returns the mean
     training loss over the steps.
     """
+    if client.begin is not None:
+        client.begin(client)
     model.load_state_dict(client.model_state)
     optimizer.load_state_dict(client.optim_state)
     model.train()

@@ -115,6 +115,8 @@ class Extensions:
     combine: fl.Combine = fl.mean
     weighted: bool = False  # weight the average by each site's number of cases
     present: Callable[[list[fl.Client]], list[fl.Client]] | None = None  # who takes part in a round
+    # changes the federation once it is built (ConDistFL: each client's teacher and its loss)
+    prepare: Callable[[Run], None] | None = None
     # their random state, saved
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
@@ -206,8 +208,11 @@ def build_run(
         ]
         local_steps = {s: steps_per_round(cfg, len(train_cases[s])) for s in local}
         keys = exchanged_keys(model, cfg)
-    return Run(cfg, sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys,
-               local_steps, ext)
+    run = Run(cfg, sites, organs, unet_cfg, model, optimizer, clients, samplers, pooled, keys,
+              local_steps, ext)
+    if ext.prepare is not None:
+        ext.prepare(run)
+    return run
 
 
 def exchanged_keys(model: torch.nn.Module, cfg: Config) -> list[str]:

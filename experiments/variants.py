@@ -1,64 +1,43 @@
 """Variants of a training run that are not SegViz itself, as functions passed into
-`train.train` (`train.Extensions`): the marginal loss (Shi et al. 2021) for the central and
-FedAvg models, the oracle (every organ labelled at every site; phantom only), weighted
-averaging, robust aggregation, screening updates (robust.py), absent clients and DP.
+`train.train` (`train.Extensions`): the marginal loss (marginal.py) for the central and FedAvg
+models, ConDistFL (condist.py: FedAvg with the marginal loss and conditional distillation), the
+oracle (every organ labelled at every site; phantom only), weighted averaging, robust
+aggregation, screening updates (robust.py), absent clients and DP.
 
-    python -m experiments train [train.py flags] [--marginal | --oracle | --weighted | --dropout P |
-                                  --aggregate median | --max-update-norm N | --norm-factor F |
-                                  --dp-clip C --dp-noise S]
+    python -m experiments train [train.py flags] [--marginal | --condist | --oracle | --weighted |
+                                  --dropout P | --aggregate median | --max-update-norm N |
+                                  --norm-factor F | --dp-clip C --dp-noise S]
     python -m experiments train --resume OUT
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from checkpoint import STATE_FILE, read_state
-from data import ORGAN_ID
-from experiments import robust
+from experiments import condist, robust
+from experiments.marginal import marginal_for
 from settings import Config, add_arguments, config_from_args, is_real, resumed_config, seeds_of
-from train import Extensions, Loss, seed_for, soft_dice, train_seeds
-
-
-def marginal_loss(
-    logits: torch.Tensor, target: torch.Tensor, labelled: Sequence[int]
-) -> torch.Tensor:
-    """Dice + cross-entropy over background and the `labelled` classes only, with the
-    probabilities of every class the site did not label merged into background (Shi et al.
-    2021, "marginal loss"): an unlabelled organ is not taught as background, only as "not one
-    of the organs this site labelled"."""
-    others = [c for c in range(1, logits.shape[1]) if c not in labelled]
-    logp = torch.log_softmax(logits, dim=1)
-    merged = torch.cat(
-        [torch.logsumexp(logp[:, [0, *others]], dim=1, keepdim=True), logp[:, list(labelled)]], 1
-    )
-    index = torch.zeros(logits.shape[1], dtype=torch.long, device=target.device)
-    index[list(labelled)] = torch.arange(1, len(labelled) + 1, device=target.device)
-    t = index[target]
-    return soft_dice(merged.exp(), t) + F.nll_loss(merged, t)
-
-
-def marginal_for(cfg: Config, sites: Sequence[str], which: Callable[[], int]) -> Loss:
-    """The marginal loss of a client whose batches come from `sites`; `which()` tells which of
-    them gave the batch just drawn (the pooled model draws from each site in turn)."""
-    per_site = [functools.partial(marginal_loss, labelled=[ORGAN_ID[s]]) for s in sites]
-    return lambda logits, target: per_site[which()](logits, target)
+from train import Extensions, seed_for, train_seeds
 
 
 def add_variant_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("variants (experiments.py train only)")
+    g = p.add_argument_group("variants (python -m experiments train only)")
     g.add_argument(
         "--marginal",
         action="store_true",
         help="central, fedavg: the marginal loss (unlabelled organs merged into background, not "
              "taught as it; Shi et al. 2021) instead of the plain one",
+    )
+    g.add_argument(
+        "--condist",
+        action="store_true",
+        help="fedavg: ConDistFL (Wang et al. 2023), the marginal loss plus a conditional "
+             "distillation from the global model of the organs a site did not label",
     )
     g.add_argument(
         "--oracle",
@@ -108,6 +87,7 @@ def add_variant_arguments(p: argparse.ArgumentParser) -> None:
 
 VARIANT_DEFAULTS = {
     "marginal": False,
+    "condist": False,
     "oracle": False,
     "weighted": False,
     "dropout": 0.0,
@@ -130,6 +110,11 @@ def variant_settings(a: argparse.Namespace, cfg: Config, p: argparse.ArgumentPar
         (
             a.oracle and a.marginal,
             "--oracle and --marginal cannot be combined (the oracle labels every organ)",
+        ),
+        (a.condist and cfg.mode != "fedavg", "--condist applies to --mode fedavg"),
+        (
+            a.condist and (a.marginal or a.oracle),
+            "--condist has the marginal loss of its own; --marginal and --oracle do not combine",
         ),
         (
             a.oracle and (cfg.mode != "central" or is_real(cfg)),
@@ -162,6 +147,8 @@ def variant_name(cfg: Config, v: dict) -> str:
     or the mode followed by each changed setting (e.g. segviz-dropout0.2-median)."""
     if v.get("oracle"):
         return "oracle"
+    if v.get("condist"):
+        return "condistfl"
     tags = {
         "marginal": "marginal",
         "weighted": "weighted",
@@ -185,6 +172,7 @@ def extensions(cfg: Config, v: dict) -> Extensions:
         full_labels=bool(v.get("oracle")),
         weighted=bool(v.get("weighted")),
         loss=marginal_for if v.get("marginal") else None,
+        prepare=condist.prepare if v.get("condist") else None,
     )
     guard = None
     if v.get("max_update_norm") is not None or v.get("norm_factor") is not None:

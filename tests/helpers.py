@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the phantom at 6 mm: a run end to end on an eighth of the default's voxels (its patches and
 # windows are mostly padding there; sampling and blending have tests of their own)
 SMALL = ("--spacing", "6", "6", "6")
-VARIANTS = ("--marginal", "--oracle", "--dropout", "--aggregate", "--weighted")
+VARIANTS = ("--marginal", "--condist", "--oracle", "--dropout", "--aggregate", "--weighted")
 
 
 def run(*args: str, cwd: str = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
