@@ -32,12 +32,13 @@ def workers() -> int:
 
 
 def phantom_spec(cfg: Config) -> PhantomSpec:
-    """The phantom's size (cases per site, capped by --max-cases) on the working grid."""
-    spec = PhantomSpec(spacing=cfg.spacing)
-    if cfg.max_cases:
-        spec = PhantomSpec(cases={k: min(v, cfg.max_cases) for k, v in spec.cases.items()},
-                           spacing=cfg.spacing)
-    return spec
+    """The phantom's size on the working grid: cases per site (capped by --max-cases and
+    --train-cases) and in the test set (capped by --max-cases)."""
+    cases = dict(PhantomSpec().cases)
+    for name, n in cases.items():
+        caps = [cfg.max_cases, None if name == "test" else cfg.train_cases]
+        cases[name] = min([n, *(c for c in caps if c)])
+    return PhantomSpec(cases=cases, spacing=cfg.spacing)
 
 
 def load_federation(cfg: Config, full_labels: bool = False, sites: Sequence[str] | None = None

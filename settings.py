@@ -134,6 +134,8 @@ class Config:
     max_cases: int | None = setting(
         None, "use at most this many cases per site and for the test set"
     )
+    train_cases: int | None = setting(None, "use at most this many training cases per site (the "
+                                            "first ones); the test set stays whole")
 
 
 # A preset is a set of overrides of Config's defaults (which are the phantom preset's), and of
@@ -223,6 +225,7 @@ def problems(cfg: Config) -> list[str]:
         (not (math.isfinite(cfg.lr) and cfg.lr > 0), "--lr must be a positive number"),
         (cfg.finetune_epochs < 0, "--finetune-epochs must be >= 0"),
         (cfg.max_cases is not None and cfg.max_cases < 1, "--max-cases must be at least 1"),
+        (cfg.train_cases is not None and cfg.train_cases < 1, "--train-cases must be at least 1"),
         (cfg.fedbn and cfg.mode != "segviz", "--fedbn applies to --mode segviz only"),
         (
             levels < 2 or min(cfg.channels) < 1,

@@ -94,6 +94,8 @@ def real_federation(sites: Sequence[str], cfg: Config, workers: int = 1
         info["layouts"][role] = source.layout
         if role != "test":
             source, held, rule = site_split(source, cfg)
+            if cfg.train_cases:
+                source = replace(source, pairs=source.pairs[: cfg.train_cases])
             print(f"{role}: {len(source.pairs)} training case(s); {rule}")
             info["validation"][role] = [p.name for p in held.pairs]
         cases = load_source(source, cfg.spacing, cfg.cache, workers, cfg.max_cases)
