@@ -20,14 +20,14 @@ is the one table of them: what each mode shares, whether it trains binary site m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from data import window
-from fl import State
+from fl import State, average
 from unet3d import UNet3D, UNetConfig
 
 REP_PREFIX = "rep."
@@ -162,10 +162,22 @@ def merge(organ_probs: torch.Tensor) -> torch.Tensor:
 
 def kept_states(mode: str, client_states: Mapping[str, State]) -> dict[str, State]:
     """What a run keeps of its clients: each site's model (binary modes), else the one global
-    model (every client of a multi-class mode holds it after a round)."""
+    model (`global_state`)."""
     if MODES[mode].binary:
         return dict(client_states)
-    return {GLOBAL: next(iter(client_states.values()))}
+    return {GLOBAL: global_state(list(client_states.values()))}
+
+
+def global_state(states: Sequence[State]) -> State:
+    """The global model of a multi-class mode: what every client holds after a round, where they
+    hold the same. Where they differ, the mean of every key: the parameters are the average
+    already, and normalisation statistics that stayed local (--no-share-buffers, as the
+    original averaged parameters only) are averaged once, at the end, so that no one site's
+    statistics stand for all (the original built no global model to copy; docs/paper-preset.md)."""
+    first = states[0]
+    if all(torch.equal(s[k], first[k]) for s in states[1:] for k in first):
+        return first
+    return average(states)
 
 
 def site_state(mode: str, states: Mapping[str, State], site: str) -> State:

@@ -339,18 +339,19 @@ def exchange_summary(run: Run) -> str:
 def validate(
     run: Run, val_cases: dict[str, list], sites: Sequence[str] | None = None
 ) -> dict[str, float]:
-    """Mean Dice of each site's organ on that site's validation cases, by the model the site
-    holds now (its own binary model, or the one multi-class model), through the site's window."""
+    """Mean Dice of each site's organ on that site's validation cases, by the model the run
+    would keep now (each site's own binary model, or the one global model), through the site's
+    window."""
     cfg, mode = run.cfg, MODES[run.cfg.mode]
     windows = site_windows(run.sites, mode.binary)
     scoring = "heads" if mode.binary else "classes"
+    states = segviz.kept_states(cfg.mode, {c.name: c.model_state for c in run.clients})
     out = {}
     with torch.random.fork_rng(devices=[]):  # building models must not move the training RNG
         for site in sites or run.sites:
             if not val_cases.get(site):  # a site too small to hold a case out
                 continue
-            states = {c.name: c.model_state for c in run.clients}
-            state = states[site] if mode.binary else run.clients[0].model_state
+            state = segviz.site_state(cfg.mode, states, site)
             net = segviz.site_model(run.unet_cfg, cfg.mode, site, state, windows[site])
             organs = [site] if mode.binary else run.organs
             dice = evaluate(net, val_cases[site], organs, (scoring,), cfg, surface=False)

@@ -202,3 +202,38 @@ def test_segviz_sends_only_representation_weights(fedbn):
 def test_fedavg_sends_everything():
     record, state = exchanged("fedavg")
     assert all(set(sent) == set(state) for sent in record)
+
+
+def test_the_modes_table_is_the_papers_figure_2():
+    assert {
+        m: (mode.figure, mode.binary, mode.shares, mode.pooled) for m, mode in segviz.MODES.items()
+    } == {
+        "single": ("A", True, "none", False),
+        "central": ("B", False, "none", True),
+        "fedavg": ("C", False, "all", False),
+        "segviz": ("D", True, "rep", False),
+    }
+    # binary models are scored merged and alone; single-site models first alone, as the paper's A
+    assert segviz.MODES["segviz"].scorings == ("merged", "heads")
+    assert segviz.MODES["single"].scorings == ("heads", "merged")
+    assert segviz.MODES["fedavg"].scorings == segviz.MODES["central"].scorings == ("classes",)
+
+
+def test_the_global_model_of_sites_that_kept_their_statistics_averages_them():
+    # the paper preset averages parameters only: a FedAvg site keeps its BatchNorm statistics,
+    # and the model that is validated, saved and tested must not be one site's
+    torch.manual_seed(0)
+    net = UNet3D(UNetConfig(classes=3, channels=(4, 8), norm="batch"))
+    states = []
+    for i in range(3):
+        s = {k: v.clone() for k, v in net.state_dict().items()}
+        s["rep.down.0.units.0.norm.running_mean"] += float(i)  # each site's own statistics
+        states.append(s)
+    kept = segviz.kept_states("fedavg", {f"s{i}": s for i, s in enumerate(states)})["global"]
+    mean = kept["rep.down.0.units.0.norm.running_mean"]
+    torch.testing.assert_close(mean, net.state_dict()["rep.down.0.units.0.norm.running_mean"] + 1.0)
+    assert all(torch.equal(kept[k], states[0][k]) for k in kept if "running_mean" not in k
+               and "running_var" not in k)
+    # sites that hold the same model (the phantom preset shares every key) keep it as it is
+    same = segviz.kept_states("fedavg", {"a": states[0], "b": states[0]})["global"]
+    assert same is states[0]
