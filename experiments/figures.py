@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # matplotlib is optional: only the figures need it
     from matplotlib.figure import Figure
 
 
-def _pyplot() -> ModuleType:
+def pyplot() -> ModuleType:
     try:
         import matplotlib
 
@@ -39,7 +39,7 @@ def _pyplot() -> ModuleType:
 def box_plot(runs: dict[str, list[dict]], path: str) -> None:
     """Dice per test case as the poster shows it: one panel per organ (columns) and number of
     nodes (rows), one box per setup."""
-    plt = _pyplot()
+    plt = pyplot()
     organs = [o for o in ORGAN_ID if any(o in ms[0]["dice"] for ms in runs.values())]
     node_counts = sorted({ms[0]["nodes"] for ms in runs.values()})
     fig, axes = plt.subplots(
@@ -85,7 +85,7 @@ def overlays(
     """One axial and one coronal slice per test case (through the organs' centre, in radiological
     convention): the truth and each setup's prediction over the CT. Each run's model is rebuilt
     from its checkpoint."""
-    plt = _pyplot()
+    plt = pyplot()
     test = None
     predictions = {}
     for name in runs:
@@ -125,7 +125,7 @@ def radiological(plane: torch.Tensor) -> torch.Tensor:
 def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Figure:
     """One column per (title, label map) over the case's CT: an axial slice above a coronal one,
     both through the organs' centre, in radiological convention with R and L marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fg = torch.nonzero(case.label > 0).float().mean(0).round().long() if (case.label > 0).any() \
         else torch.tensor(case.label.shape) // 2
     sx, sy, sz = case.spacing
@@ -170,7 +170,7 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
 
 def validation_curves(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     """Validation Dice per round of each site, one figure per run trained with --val-every."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for name, ms in runs.items():
         m = ms[0]

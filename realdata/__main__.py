@@ -1,8 +1,8 @@
 """python -m realdata COMMAND: inspect a download, write a synthetic federation, segment scans.
 
-    python -m realdata inspect --data-root DIR # check the folders before a long run python -m
-    realdata synth OUT # a synthetic federation in the official layouts python -m realdata predict
-    -i SCANS -o LABELS --checkpoint OUT/model.pt
+    python -m realdata inspect --data-root DIR    # check the folders before a long run
+    python -m realdata synth OUT                  # a synthetic federation in the official layouts
+    python -m realdata predict -i SCANS -o LABELS --checkpoint OUT/model.pt
 """
 
 from __future__ import annotations

@@ -1,154 +1,158 @@
-"""Comparing finished runs: tables over seeds with each setup against SegViz, HD95 and NSD tables,
-a run scored after training, and the table of runs."""
+"""Comparing finished runs: tables over seeds, each row against SegViz scored alike with an
+interval that respects the seed, pairs matched by (seed, case name) or refused; HD95 and NSD
+tables; a run scored after training; the table of runs."""
 
 import json
+import os
 
 import pytest
 
+from experiments.compare import compare_runs
 from helpers import run, tiny
+from report import summarise
+
+CASES = ["test_000", "test_001"]
 
 
-def write_run(
-    folder, mode, nodes, seed, cases_by_organ, scoring="classes", by_scoring=None, surface=None
-):
-    """A metrics.json as train.py writes it: Dice of every scoring, and the surface metrics of
-    those that `surface` ({scoring: {"hd95": ..., "nsd": ...}}) gives."""
-    import json
-    import os
-
-    from report import summarise
-
-    d = os.path.join(folder, f"{mode}-{nodes}", f"seed-{seed}")
+def write_run(folder, mode, nodes, seed, scorings, surface=None, names=CASES, stem=None):
+    """A metrics.json as train.py writes it: {scoring: {organ: [Dice per case]}}, and the surface
+    metrics of those scorings that `surface` ({scoring: {"hd95": ..., "nsd": ...}}) gives."""
+    name = f"{stem or mode}-{nodes}"
+    d = os.path.join(folder, name, f"seed-{seed}")
     os.makedirs(d)
-    m = {
-        "name": f"{mode}-{nodes}",
-        "mode": mode,
-        "nodes": nodes,
-        "seed": seed,
-        "organs": list(cases_by_organ),
-        "dice": summarise(cases_by_organ),
-        "scoring": scoring,
-    }
-    by_scoring = by_scoring or {scoring: cases_by_organ}
+    first = next(iter(scorings))
     surface = surface or {}
-    m["by_scoring"] = {
-        k: {
-            "dice": summarise(v),
-            **{metric: summarise(values) for metric, values in surface.get(k, {}).items()},
-        }
-        for k, v in by_scoring.items()
-    }
-    m.update({metric: m["by_scoring"][scoring].get(metric, {}) for metric in ("hd95", "nsd")})
+    by_scoring = {k: {"dice": summarise(v), **{metric: summarise(values) for metric, values
+                                                in surface.get(k, {}).items()}}
+                  for k, v in scorings.items()}
+    m = {"name": name, "mode": mode, "nodes": nodes, "seed": seed, "organs": list(scorings[first]),
+         "dice": by_scoring[first]["dice"], "scoring": first, "by_scoring": by_scoring,
+         "case_names": list(names)}
     with open(os.path.join(d, "metrics.json"), "w") as f:
         json.dump(m, f)
+    return d
 
 
-def test_compare_reports_mean_and_std_over_seeds_and_tests_matched_pairs(tmp_path):
-    import json
-
-    from experiments.compare import compare_runs
-
-    seg = {0: [0.8, 0.9], 1: [0.6, 0.7], 2: [0.7, 0.8]}  # per-seed means 0.85, 0.65, 0.75
-    for seed, cases in seg.items():
-        merged = {"liver": cases}
-        heads = {"liver": [c - 0.1 for c in cases]}
-        write_run(tmp_path, "segviz", 2, seed, merged, "merged", {"merged": merged, "heads": heads})
-        write_run(tmp_path, "central", 2, seed, {"liver": [c - 0.3 for c in cases]})
-    (tmp_path / "segviz-2" / "seed-0" / "eval").mkdir()
-    (tmp_path / "segviz-2" / "seed-0" / "eval" / "metrics.json").write_text('{"checkpoint": "x"}')
-    text = compare_runs(str(tmp_path))
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
-    # sample std of 0.85, 0.65, 0.75
-    assert result["segviz-2"]["liver"]["std"] == pytest.approx(0.1)
-    assert result["segviz-2 (heads)"]["liver"]["mean"] == pytest.approx(0.65)
-    # six matched (seed, case) pairs, every one 0.3 lower: the signed-rank test's smallest p for n =
-    # 6
-    assert result["central-2"]["liver"]["p_vs_segviz"] == pytest.approx(0.03125)
-    assert "0.750 ± 0.100" in text and "3 seed(s)" in text
-
-
-def test_compare_counts_a_run_trained_without_test_with_its_later_evaluation(tmp_path):
-    import json
-    import shutil
-
-    from experiments.compare import compare_runs
-
-    for seed, cases in {0: [0.8, 0.9], 1: [0.6, 0.7]}.items():
-        write_run(tmp_path, "segviz", 2, seed, {"liver": cases})
-        d = tmp_path / "segviz-2" / f"seed-{seed}"
-        scored = json.loads((d / "metrics.json").read_text())
-        (d / "eval").mkdir()
-        (d / "eval" / "metrics.json").write_text(
-            json.dumps({**scored, "checkpoint": str(d / "model.pt")})
-        )
-        # as --no-test writes it
-        (d / "metrics.json").write_text(json.dumps({**scored, "dice": {}}))
-    compare_runs(str(tmp_path))
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["segviz-2"]["liver"]["mean"] == pytest.approx(0.75)
-    # a run not yet evaluated is left out, not counted as zero
-    shutil.rmtree(tmp_path / "segviz-2" / "seed-1" / "eval")
-    compare_runs(str(tmp_path))
-    assert json.loads((tmp_path / "results.json").read_text())["segviz-2"]["liver"][
-        "mean"
-    ] == pytest.approx(0.85)
+def segviz(folder, seed, merged, heads, **kw):
+    return write_run(
+        folder, "segviz", 2, seed, {"merged": {"liver": merged}, "heads": {"liver": heads}}, **kw
+    )
 
 
 def md_row(table, name):
-    """The cells of the markdown row named exactly `name`."""
-    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} |")]
+    """The cells of the markdown row named exactly `name` (the first table that has it)."""
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {name} |"))
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_compare_adds_hd95_and_nsd_tables_with_means_over_finite_values_and_nan_counts(tmp_path):
-    import json
+def test_rows_are_named_by_their_scoring_and_compared_with_segviz_scored_alike(tmp_path):
+    seg = {0: [0.8, 0.9], 1: [0.6, 0.7], 2: [0.7, 0.8]}  # per-seed means 0.85, 0.65, 0.75
+    for seed, cases in seg.items():
+        segviz(tmp_path, seed, cases, [c - 0.1 for c in cases])
+        write_run(tmp_path, "central", 2, seed, {"classes": {"liver": [c - 0.3 for c in cases]}})
+        write_run(tmp_path, "single", 2, seed, {"heads": {"liver": [c - 0.05 for c in cases]},
+                                               "merged": {"liver": cases}})
+    (tmp_path / "segviz-2" / "seed-0" / "eval").mkdir()  # an eval.py re-run is not a training run
+    (tmp_path / "segviz-2" / "seed-0" / "eval" / "metrics.json").write_text('{"checkpoint": "x"}')
+    text = compare_runs(str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result) == {"segviz-2 (merged)", "segviz-2 (heads)", "central-2", "single-2 (heads)",
+                           "single-2 (merged)"}
+    liver = result["segviz-2 (merged)"]["liver"]
+    assert liver["mean"] == pytest.approx(0.75) and liver["std"] == pytest.approx(0.1)
+    assert "vs_segviz" not in liver  # the reference itself
+    # the central model against the merged meta-model: 0.3 lower everywhere
+    central = result["central-2"]["liver"]["vs_segviz"]
+    assert (
+        central["difference"] == pytest.approx(-0.3)
+        and central["high"] < 0
+        and central["seeds"] == 3
+    )
+    # each head alone against SegViz's heads alone: single-site heads are 0.05 above them
+    heads = result["single-2 (heads)"]["liver"]["vs_segviz"]
+    assert heads["difference"] == pytest.approx(0.05)
+    # merged single-site models against the merged meta-model: level
+    assert result["single-2 (merged)"]["liver"]["vs_segviz"]["difference"] == pytest.approx(0.0)
+    assert "0.750 ± 0.100" in text and "3 seed(s)" in text
+    assert md_row(text[text.index("difference to SegViz"):], "central-2")[1].startswith("-0.300 [")
 
-    from experiments.compare import compare_runs
 
+def test_the_comparison_refuses_rows_whose_seed_and_case_pairs_do_not_match(tmp_path, capsys):
+    for seed in (0, 1):
+        segviz(tmp_path, seed, [0.8, 0.9], [0.7, 0.8])
+        names = ["test_000", "test_007"] if seed == 1 else CASES  # another test set in seed 1
+        write_run(tmp_path, "central", 2, seed, {"classes": {"liver": [0.5, 0.6]}}, names=names)
+    with pytest.raises(SystemExit) as e:
+        compare_runs(str(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "central-2 and segviz-2 (merged)" in err and "seed 1" in err
+
+
+def test_the_mean_over_organs_is_tested_like_each_organ(tmp_path):
+    for seed in range(3):
+        write_run(
+            tmp_path,
+            "segviz",
+            2,
+            seed,
+            {
+                "merged": {"liver": [0.9, 0.9], "spleen": [0.7, 0.7]},
+                "heads": {"liver": [0.9, 0.9], "spleen": [0.7, 0.7]},
+            },
+        )
+        write_run(
+            tmp_path, "fedavg", 2, seed, {"classes": {"liver": [0.8, 0.8], "spleen": [0.6, 0.7]}}
+        )
+    compare_runs(str(tmp_path))
+    fedavg = json.loads((tmp_path / "results.json").read_text())["fedavg-2"]
+    assert fedavg["mean"]["mean"] == pytest.approx(0.725)  # (0.8 + 0.65) / 2
+    assert fedavg["mean"]["vs_segviz"]["difference"] == pytest.approx(-0.075)
+
+
+def test_a_run_trained_without_test_counts_with_its_later_evaluation(tmp_path):
+    import shutil
+
+    for seed, cases in {0: [0.8, 0.9], 1: [0.6, 0.7]}.items():
+        d = segviz(tmp_path, seed, cases, cases)
+        with open(os.path.join(d, "metrics.json")) as f:
+            scored = json.load(f)
+        os.makedirs(os.path.join(d, "eval"))
+        with open(os.path.join(d, "eval", "metrics.json"), "w") as f:
+            json.dump({**scored, "checkpoint": os.path.join(d, "model.pt")}, f)
+        with open(os.path.join(d, "metrics.json"), "w") as f:  # as --no-test writes it
+            json.dump({**scored, "dice": {}, "by_scoring": {}, "case_names": []}, f)
+    compare_runs(str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["segviz-2 (merged)"]["liver"]["mean"] == pytest.approx(0.75)
+    # a run not yet evaluated is left out, not counted as zero
+    shutil.rmtree(tmp_path / "segviz-2" / "seed-1" / "eval")
+    compare_runs(str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["segviz-2 (merged)"]["liver"]["mean"] == pytest.approx(0.85)
+
+
+def test_hd95_and_nsd_tables_take_means_over_finite_values_and_count_the_rest(tmp_path):
     nan = float("nan")
     hd95 = {0: [10.0, nan], 1: [12.0, 14.0], 2: [nan, nan]}  # seed means 10 and 13; seed 2 has none
     nsd = {0: [0.5, 0.7], 1: [0.6, 0.8], 2: [0.9, 0.9]}  # seed means 0.6, 0.7, 0.9
     for seed in range(3):
         surface = {"merged": {"hd95": {"liver": hd95[seed]}, "nsd": {"liver": nsd[seed]}},
                    "heads": {"hd95": {"liver": [5.0, 5.0]}, "nsd": {"liver": [1.0, 1.0]}}}
-        write_run(tmp_path, "segviz", 2, seed, {"liver": [0.8, 0.9]}, "merged",
-                  {"merged": {"liver": [0.8, 0.9]}, "heads": {"liver": [0.7, 0.8]}}, surface)
-        # evaluated before surface metrics
-        write_run(tmp_path, "central", 2, seed, {"liver": [0.5, 0.6]})
+        segviz(tmp_path, seed, [0.8, 0.9], [0.7, 0.8], surface=surface)
     text = compare_runs(str(tmp_path))
-    dice_at, hd_at, nsd_at = (text.index(t) for t in ("| setup |", "HD95 in mm", "NSD at 2 mm"))
-    assert dice_at < hd_at < nsd_at
-    hd_table = text[hd_at:nsd_at]
-    # 11.5 = mean of the seeds' 10 and 13; std over those two seeds; three (seed, case) pairs had no
-    # value
-    assert md_row(hd_table, "segviz-2") == ["segviz-2", "11.5 ± 2.1 (3 nan)"]
-    assert md_row(hd_table, "segviz-2 (heads)") == ["segviz-2 (heads)", "5.0 ± 0.0"]
-    assert md_row(hd_table, "central-2") == ["central-2", "—"]
-    assert md_row(text[nsd_at:], "segviz-2") == ["segviz-2", "0.733 ± 0.153"]
-    # Dice keeps its Wilcoxon marks
-    assert md_row(text[dice_at:hd_at], "central-2")[1].endswith("*")
-    result = json.loads((tmp_path / "results.json").read_text())
-    liver = result["segviz-2"]["liver"]
-    assert liver["mean"] == pytest.approx(0.85)  # Dice where it always was
+    hd_at, nsd_at = text.index("HD95 in mm"), text.index("NSD at 2 mm")
+    # 11.5 = mean of the seeds' 10 and 13; std over those two seeds; three (seed, case) pairs had
+    # no value
+    assert md_row(text[hd_at:nsd_at], "segviz-2 (merged)") == [
+        "segviz-2 (merged)",
+        "11.5 ± 2.1 (3 nan)",
+    ]
+    assert md_row(text[hd_at:nsd_at], "segviz-2 (heads)") == ["segviz-2 (heads)", "5.0 ± 0.0"]
+    assert md_row(text[nsd_at:], "segviz-2 (merged)") == ["segviz-2 (merged)", "0.733 ± 0.153"]
+    liver = json.loads((tmp_path / "results.json").read_text())["segviz-2 (merged)"]["liver"]
     assert liver["hd95"]["mean"] == pytest.approx(11.5) and liver["hd95"]["nan"] == 3
-    assert liver["hd95"]["seeds"] == [10.0, 13.0, None]
-    assert liver["nsd"]["mean"] == pytest.approx(0.7333333) and "nan" not in liver["nsd"]
-    assert "hd95" not in result["central-2"]["liver"]
-
-
-def test_wilcoxon_marks_on_known_inputs():
-    from experiments.compare import significance
-
-    a = [0.9] * 8
-    b = [0.9 - 0.01 * (i + 1) for i in range(8)]  # eight paired differences, all positive
-    p, mark = significance(a, b)
-    assert p == pytest.approx(2 / 256) and mark == "**"
-    p, mark = significance(a[:6], b[:6])
-    assert p == pytest.approx(2 / 64) and mark == "*"
-    p, mark = significance([0.5, 0.6, 0.7, 0.8], [0.6, 0.5, 0.8, 0.7])
-    assert mark == "ns" and p > 0.5
-    assert significance(a, a) == (1.0, "ns")
+    assert liver["nsd"]["mean"] == pytest.approx(0.7333333)
 
 
 @pytest.mark.slow

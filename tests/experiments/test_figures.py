@@ -12,7 +12,7 @@ def test_figures_without_matplotlib_say_so_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(SystemExit) as e:
-        ev._pyplot()
+        ev.pyplot()
     assert e.value.code == 2
     assert "pip install matplotlib" in capsys.readouterr().err
 
