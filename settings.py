@@ -116,7 +116,9 @@ class Config:
     # where the run happens and what it reads
     device: str = setting("auto", "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, "
                                   "cuda[:N] or mps")
-    out: str = setting("", "output folder (default runs/<name>-<nodes>)")
+    out: str = setting("", "output folder: each seed's run in OUT/seed-S (default "
+                           "runs/<mode>-<nodes>, then the preset and the data where they are not "
+                           "the phantom's)")
     cache: str = setting(default_cache(), "folder for preprocessed volumes (default "
                                           "~/.cache/segviz or $SEGVIZ_CACHE)")
     data_root: str | None = setting(None, "folder holding the public datasets as unpacked "
@@ -209,6 +211,19 @@ def validates(cfg: Config) -> bool:
 def run_name(cfg: Config, stem: str = "") -> str:
     """The run's name: the mode (or a variant's stem, e.g. oracle), -fedbn, -<nodes>."""
     return f"{stem or cfg.mode}{'-fedbn' if cfg.fedbn else ''}-{cfg.nodes}"
+
+
+def default_out(cfg: Config, stem: str = "") -> str:
+    """runs/<name>, followed by what else tells runs apart: the preset when it is not the phantom
+    preset, and the data (the --data-root folder's name, or "data" for --data alone)."""
+    parts = [run_name(cfg, stem)]
+    if cfg.preset != "phantom":
+        parts.append(cfg.preset)
+    if cfg.data_root:
+        parts.append(os.path.basename(os.path.normpath(cfg.data_root)))
+    elif cfg.data:
+        parts.append("data")
+    return os.path.join("runs", "-".join(parts))
 
 
 def problems(cfg: Config) -> list[str]:
@@ -383,7 +398,7 @@ def config_from_args(a: argparse.Namespace, p: argparse.ArgumentParser, stem: st
     for why in problems(cfg):
         p.error(why)
     cfg = replace(cfg, device=str(resolve_device(cfg.device, p)),
-                  out=cfg.out or os.path.join("runs", run_name(cfg, stem)))
+                  out=cfg.out or default_out(cfg, stem))
     if check_out:
         check_writable(cfg.out, "--out")
     return cfg

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -529,42 +530,109 @@ def finish(run: Run, test_cases: list, data_info: dict, times: tuple[float, floa
 # ---------------------------------------------------------------------------------------
 
 
-def train_seeds(
-    cfg: Config,
-    seeds: Sequence[int],
-    resume: bool = False,
-    ext_for: Callable[[Config], Extensions] | None = None,
-    command: str = "python train.py",
-) -> int:
-    """Train each seed (in OUT/seed-S when there are several), then the mean ± std across them.
-    `ext_for(cfg)`: a variant's extensions for a seed's config; `command`: the script that
-    resumes a run (named when Ctrl-C stops it). Returns the exit status."""
+def train_seeds(cfg: Config, seeds: Sequence[int],
+                ext_for: Callable[[Config], Extensions] | None = None,
+                command: str = "python train.py", overwrite: bool = False) -> int:
+    """Train each seed in OUT/seed-S, then the mean ± std across them. Issued again, the same
+    command keeps the seeds that finished, resumes the one that was stopped and trains the rest
+    (`plan_seeds`). `ext_for(cfg)`: a variant's extensions for a seed's config; `command`: the
+    script that resumes a run. Returns the exit status."""
+    ext_for = ext_for or (lambda seed_cfg: Extensions())
+    plan = plan_seeds(cfg, seeds, ext_for(cfg).settings, overwrite)
     results = {}
-    try:
-        for seed in seeds:
-            out = os.path.join(cfg.out, f"seed-{seed}") if len(seeds) > 1 else cfg.out
-            seed_cfg = replace(cfg, seed=seed, out=out)
-            results[seed] = train(seed_cfg, ext_for(seed_cfg) if ext_for else Extensions(), resume)
-    except KeyboardInterrupt:
-        state = os.path.join(seed_cfg.out, STATE_FILE)
-        if os.path.exists(state):
-            print(f"\ninterrupted; the last saved state is in {state}: "
-                  f"{command} --resume {seed_cfg.out}", file=sys.stderr)
-        else:
-            print("\ninterrupted before the first round ended; nothing to resume", file=sys.stderr)
-        return 130
+    for seed_cfg, action in plan:
+        if action == "keep":
+            print(f"seed {seed_cfg.seed}: finished in {seed_cfg.out}, kept")
+            with open(os.path.join(seed_cfg.out, "metrics.json")) as f:
+                results[seed_cfg.seed] = json.load(f)
+            continue
+        if action == "train":
+            clear_run(seed_cfg.out)
+        status = run_or_stop(seed_cfg, ext_for(seed_cfg), action == "resume", command)
+        if isinstance(status, int):
+            return status
+        results[seed_cfg.seed] = status
     if len(results) > 1 and cfg.test:
         first = next(iter(results.values()))
         rows = {f"seed {seed}": m["dice"] for seed, m in results.items()}
         rows[f"mean of {len(results)} seeds"] = {
             o: across_seeds(list(rows.values()), o) for o in first["organs"]
         }
-        print(
-            f"\n{first['name']}, {len(results)} seeds (within a seed: mean ± std over test cases; "
-            "last row: mean ± std over seeds of each seed's mean)"
-        )
+        print(f"\n{first['name']}, {len(results)} seeds (within a seed: mean ± std over test "
+              "cases; last row: mean ± std over seeds of each seed's mean)")
         print(format_table(rows, first["organs"]))
     return 0
+
+
+def plan_seeds(cfg: Config, seeds: Sequence[int], variant: dict, overwrite: bool
+               ) -> list[tuple[Config, str]]:
+    """What each seed's folder OUT/seed-S gets: "train" (nothing there, or --overwrite),
+    "resume" (a state.pt of these settings) or "keep" (a finished run of these settings). A
+    folder holding a run of other settings is refused, and so is a command whose every seed has
+    finished: one line, exit 2, nothing touched; --overwrite trains them again."""
+    plan = []
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed-{seed}"))
+        plan.append((seed_cfg, "train" if overwrite else seed_action(seed_cfg, variant)))
+    if plan and all(action == "keep" for _, action in plan):
+        fail(f"--out {cfg.out}: holds a finished run of every seed asked for "
+             f"({', '.join(c.out for c, _ in plan)}); --overwrite trains them again, or give "
+             "another --out")
+    return plan
+
+
+def seed_action(cfg: Config, variant: dict) -> str:
+    """Keep, resume or train one seed's folder; refuse one that holds another run's files."""
+    metrics, state = os.path.join(cfg.out, "metrics.json"), os.path.join(cfg.out, STATE_FILE)
+    if os.path.exists(metrics) and os.path.exists(os.path.join(cfg.out, MODEL_FILE)):
+        with open(metrics) as f:
+            done = json.load(f)
+        found, action = (done["config"], done.get("extensions", {})), "keep"
+    elif os.path.exists(state):
+        blob = read_state(state)
+        found, action = (blob["config"], blob["extensions"]), "resume"
+    else:
+        return "train"
+    if identity(*found) != identity(saved(cfg), variant):
+        mine = saved(cfg)
+        differ = sorted(k for k in {**found[0], **mine}
+                        if found[0].get(k) != mine.get(k) and k not in UNIDENTIFYING)
+        what = ", ".join(differ) or "the variant"
+        fail(f"--out {cfg.out}: holds a run of other settings ({what}); --overwrite replaces it, "
+             "or give another --out")
+    return action
+
+
+def clear_run(folder: str) -> None:
+    """Remove a run's files before training it afresh (--overwrite), so that a fresh run stopped
+    early never leaves the old run's model beside its own state."""
+    for name in (MODEL_FILE, STATE_FILE, "metrics.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+UNIDENTIFYING = ("cache",)  # settings that do not change what a run is
+
+
+def identity(config: dict, variant: dict) -> tuple[dict, dict]:
+    """What makes two runs the same run: their settings and variant, where they are kept aside."""
+    return {k: v for k, v in config.items() if k not in UNIDENTIFYING}, dict(variant)
+
+
+def run_or_stop(cfg: Config, ext: Extensions, resume: bool, command: str) -> dict | int:
+    """One seed's run; Ctrl-C stops it with a line on how to go on (exit status 130)."""
+    try:
+        return train(cfg, ext, resume)
+    except KeyboardInterrupt:
+        state = os.path.join(cfg.out, STATE_FILE)
+        if os.path.exists(state):
+            print(f"\ninterrupted; the last saved state is in {state}: issue the same command "
+                  f"again (finished seeds are kept, this one resumes), or {command} --resume "
+                  f"{cfg.out}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first round ended; nothing to resume", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,12 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_abbrev=False,
     )
     add_arguments(p)
-    p.add_argument(
-        "--resume",
-        metavar="OUT",
-        help="continue the run whose state OUT/state.pt holds, with its own settings (--device "
-        "and a larger --rounds may be given)",
-    )
+    add_command_arguments(p)
     a = p.parse_args(argv)
     if a.resume:
         state = read_state(os.path.join(a.resume, STATE_FILE))
@@ -592,8 +655,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resumed_config(
             state["config"], a.resume, a, p, lambda name: name in ("device", "rounds")
         )
-        return train_seeds(cfg, [cfg.seed], resume=True)
-    return train_seeds(config_from_args(a, p), seeds_of(a))
+        status = run_or_stop(cfg, Extensions(), True, "python train.py")
+        return status if isinstance(status, int) else 0
+    return train_seeds(config_from_args(a, p), seeds_of(a), overwrite=a.overwrite)
+
+
+def add_command_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the command that are not settings of the run."""
+    p.add_argument("--resume", metavar="OUT",
+                   help="continue the run whose state OUT/state.pt holds (a seed's folder), with "
+                        "its own settings (--device and a larger --rounds may be given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again the seeds whose folders (OUT/seed-S) hold a finished run, or "
+                        "a run of other settings (without it such a folder is refused)")
 
 
 if __name__ == "__main__":

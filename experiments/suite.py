@@ -89,36 +89,31 @@ def suite_plan(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: lis
                real: bool, extra: dict[str, list[str]] | None = None,
                folder_of: dict[str, str] | None = None) -> list[Job]:
     """Every run of a suite. The user's flags apply to every run, each setup's own come after
-    them, then `extra[name]` (e.g. its learning rate). A run's folder is OUT/<name>/seed-S, or
-    under `folder_of[name]` (relative to OUT)."""
+    them, then `extra[name]` (e.g. its learning rate). A setup's runs go to OUT/<name> (or
+    OUT/folder_of[name]), each seed's to seed-S in it, as train.py writes them."""
     plan = []
     for n in nodes:
         for stem, flags in setups(n, real):
             name = f"{stem}-{n}"
+            setup_folder = os.path.join(out, (folder_of or {}).get(name, name))
             for seed in seeds:
-                folder = os.path.join(out, (folder_of or {}).get(name, name), f"seed-{seed}")
                 argv = [*passed, "--nodes", str(n), *flags, *(extra or {}).get(name, []),
-                        "--seeds", str(seed), "--out", folder]
-                plan.append(Job(name, stem, seed, folder, argv))
+                        "--seeds", str(seed), "--out", setup_folder]
+                plan.append(Job(name, stem, seed, os.path.join(setup_folder, f"seed-{seed}"), argv))
     return plan
 
 
-def run_jobs(jobs: Sequence[Job], passed: list[str], what: str = "suite") -> None:
-    """Train every job that has not finished (an unfinished one resumes), in order."""
-    device = [a for i, a in enumerate(passed)
-              if a.startswith("--device") or (i and passed[i - 1] == "--device")]
+def run_jobs(jobs: Sequence[Job], what: str = "suite") -> None:
+    """Train every job that has not finished, in order; train.py resumes an unfinished one."""
     print(f"{what}: {len(jobs)} runs")
     for i, job in enumerate(jobs, 1):
-        argv, head = job.argv, f"[{i}/{len(jobs)}] {job.name} seed {job.seed}"
+        head = f"[{i}/{len(jobs)}] {job.name} seed {job.seed}"
         if os.path.exists(os.path.join(job.folder, "metrics.json")):
             print(f"{head}: finished, skipped")
             continue
-        if os.path.exists(os.path.join(job.folder, "state.pt")):
-            print(f"{head}: resuming")
-            argv = ["--resume", job.folder, *device]
-        else:
-            print(head)
-        result = subprocess.run([*script_of(job.argv), *argv], check=False, env=checkout_env())
+        resuming = os.path.exists(os.path.join(job.folder, "state.pt"))
+        print(f"{head}: resuming" if resuming else head)
+        result = subprocess.run([*script_of(job.argv), *job.argv], check=False, env=checkout_env())
         if result.returncode != 0:
             fail(
                 f"{what}: {job.name} seed {job.seed} stopped (exit {result.returncode}); issue the "
@@ -225,7 +220,7 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
         for rate in tune_lrs:
             extra = {name: ["--lr", f"{rate:g}", *blind] for name in names}
             folders = {name: lr_folder(rate, name) for name in names}
-            run_jobs(suite_plan(out, nodes, tune_seeds, passed, real, extra, folders), passed,
+            run_jobs(suite_plan(out, nodes, tune_seeds, passed, real, extra, folders),
                      f"tuning, lr {rate:g}")
         choices = choose(out, names, tune_lrs, tune_seeds)
         write_json_atomic(os.path.join(out, CHOICES), choices)
@@ -233,10 +228,10 @@ def run_suite(out: str, nodes: Sequence[int], seeds: Sequence[int], passed: list
         print(choices_table(choices))
         extra = {name: ["--lr", f"{choices['lr'][name]:g}", *blind] for name in names}
         kept = suite_plan(out, nodes, seeds, passed, real, extra, choices["runs"])
-        run_jobs([j for j in kept if j.seed not in tune_seeds], passed, "the other seeds")
+        run_jobs([j for j in kept if j.seed not in tune_seeds], "the other seeds")
         read_test_set_once(kept, passed)
     else:
         extra = {name: ["--lr", f"{lr_from(lr_path, name):g}"] for name in names} if lr_path else {}
-        run_jobs(suite_plan(out, nodes, seeds, passed, real, extra), passed)
+        run_jobs(suite_plan(out, nodes, seeds, passed, real, extra))
     print(compare_runs(out))
     return 0

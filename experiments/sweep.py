@@ -39,7 +39,7 @@ def run_sweep(out: str, cases: Sequence[int], seeds: Sequence[int], passed: list
         jobs = [j for j in suite_plan(os.path.join(out, f"cases-{n}"), [NODES], seeds,
                                       [*passed, "--train-cases", str(n)], False, extra)
                 if j.stem in METHODS]
-        run_jobs(jobs, passed, f"sweep, {n} case(s) a site")
+        run_jobs(jobs, f"sweep, {n} case(s) a site")
     points = {str(n): read_points(os.path.join(out, f"cases-{n}")) for n in cases}
     if all_from:
         points[ALL] = read_points(all_from)

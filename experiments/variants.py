@@ -22,7 +22,7 @@ from checkpoint import STATE_FILE, read_state
 from experiments import condist, robust
 from experiments.marginal import marginal_for
 from settings import Config, add_arguments, config_from_args, is_real, resumed_config, seeds_of
-from train import Extensions, seed_for, train_seeds
+from train import Extensions, add_command_arguments, run_or_stop, seed_for, train_seeds
 
 
 def add_variant_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(p)
     add_variant_arguments(p)
-    p.add_argument(
-        "--resume",
-        metavar="OUT",
-        help="continue the run whose state OUT/state.pt holds "
-        "(--device and a larger --rounds may be given)",
-    )
+    add_command_arguments(p)
     a = p.parse_args(argv)
     if a.resume:
         given_variants = sorted(f"--{k.replace('_', '-')}" for k in VARIANT_KEYS
@@ -224,10 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resumed_config(
             state["config"], a.resume, a, p, lambda name: name in ("device", "rounds")
         )
-        return train_seeds(
-            cfg, [cfg.seed], True, lambda c: extensions(c, state["extensions"]), COMMAND
-        )
+        status = run_or_stop(cfg, extensions(cfg, state["extensions"]), True, COMMAND)
+        return status if isinstance(status, int) else 0
     probe = config_from_args(a, p, check_out=False)
     v = variant_settings(a, probe, p)
     cfg = config_from_args(a, p, variant_name(probe, v))
-    return train_seeds(cfg, seeds_of(a), ext_for=lambda c: extensions(c, v), command=COMMAND)
+    return train_seeds(cfg, seeds_of(a), lambda c: extensions(c, v), COMMAND, a.overwrite)

@@ -361,7 +361,7 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
             timeout=GIVE_UP_S,
         )
         assert ref.returncode == 0, ref.stderr[-3000:]
-        reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+        reference = json.loads((tmp_path / "ref" / "seed-3" / "metrics.json").read_text())
         wait_for_port(link, deadline)
         run_config = (
             f"nodes=2 mode='segviz' rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' "
@@ -396,7 +396,7 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
 
     # (b) the same weights as the in-process loop (bitwise on one CPU thread; tolerance for others)
     mine = torch.load(out / "model.pt", weights_only=True)["states"]
-    theirs = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["states"]
+    theirs = torch.load(tmp_path / "ref" / "seed-3" / "model.pt", weights_only=True)["states"]
     assert list(mine) == list(theirs) == ["liver", "spleen"]
     for site in theirs:
         assert list(mine[site]) == list(theirs[site])

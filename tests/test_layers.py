@@ -207,4 +207,4 @@ def test_a_run_of_the_main_command_imports_the_core_only(tmp_path, cache):
             "run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n")
     loaded = project_modules_after(code)
     assert set(loaded) <= CORE, sorted(set(loaded) - CORE)
-    assert (tmp_path / "run" / "model.pt").exists()
+    assert (tmp_path / "run" / "seed-0" / "model.pt").exists()

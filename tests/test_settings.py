@@ -101,6 +101,11 @@ def test_the_default_out_folder_is_named_after_the_run(tmp_path, monkeypatch):
     assert parse(["--mode", "segviz", "--fedbn", "--nodes", "3"]).out == os.path.join(
         "runs", "segviz-fedbn-3"
     )
+    # runs that differ in preset or data get folders of their own
+    assert parse(["--preset", "paper"]).out == os.path.join("runs", "segviz-4-paper")
+    root = tmp_path / "msd"
+    root.mkdir()
+    assert parse(["--data-root", str(root) + os.sep]).out == os.path.join("runs", "segviz-4-msd")
 
 
 def test_the_help_gives_each_default_and_the_presets_overrides():

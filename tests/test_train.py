@@ -4,6 +4,7 @@ resume after a kill, and their answers to bad input."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -191,8 +192,8 @@ def test_a_restored_state_restores_torchs_global_random_state(tmp_path):
     ],
 )
 def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, cache):
-    out = tmp_path / "run"
-    result = tiny(mode, out, cache, *extra)
+    out = tmp_path / "run" / "seed-0"  # each seed's run is in OUT/seed-S
+    result = tiny(mode, out.parent, cache, *extra)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == mode and metrics["nodes"] == 2 and metrics["name"] == name
@@ -225,8 +226,8 @@ def test_every_mode_trains_evaluates_and_reloads(mode, extra, name, tmp_path, ca
 
 @pytest.mark.slow
 def test_channels_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
-    out = tmp_path / "run"
-    result = tiny("segviz", out, cache, "--channels", "4,8,16,32,64")
+    out = tmp_path / "run" / "seed-0"  # each seed's run is in OUT/seed-S
+    result = tiny("segviz", out.parent, cache, "--channels", "4,8,16,32,64")
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["unet"]["channels"] == ckpt["config"]["channels"] == [4, 8, 16, 32, 64]
@@ -242,8 +243,8 @@ def test_channels_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_run_trains_evaluates_and_reloads_on_the_gpu(tmp_path, cache):
-    out = tmp_path / "run"
-    result = tiny("segviz", out, cache, "--device", "cuda")
+    out = tmp_path / "run" / "seed-0"  # each seed's run is in OUT/seed-S
+    result = tiny("segviz", out.parent, cache, "--device", "cuda")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "cuda" in result.stdout and len(metrics["dice"]["liver"]["cases"]) == 2
@@ -268,8 +269,8 @@ def test_same_seed_gives_bitwise_the_same_model(both, second, tmp_path, cache):
     a, b = tmp_path / "a", tmp_path / "b"
     assert tiny("segviz", a, cache, "--seeds", "3", *both).returncode == 0
     assert tiny("segviz", b, cache, "--seeds", "3", *both, *second).returncode == 0
-    sa = torch.load(a / "model.pt", weights_only=True)["states"]
-    sb = torch.load(b / "model.pt", weights_only=True)["states"]
+    sa = torch.load(a / "seed-3" / "model.pt", weights_only=True)["states"]
+    sb = torch.load(b / "seed-3" / "model.pt", weights_only=True)["states"]
     for site in sa:
         for k in sa[site]:
             assert torch.equal(sa[site][k], sb[site][k]), (site, k)
@@ -304,7 +305,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
     import layouts
 
     root = layouts.data_root(tmp_path / "data")
-    out, cache, pred = tmp_path / "run", tmp_path / "cache", tmp_path / "pred"
+    out, cache, pred = tmp_path / "run" / "seed-0", tmp_path / "cache", tmp_path / "pred"
     result = run(
         "train.py",
         "--nodes",
@@ -326,7 +327,7 @@ def test_real_data_end_to_end_with_predictions_on_the_original_grid(tmp_path):
         "--cache",
         str(cache),
         "--out",
-        str(out),
+        str(out.parent),
         "--device",
         "cpu",
     )
@@ -444,7 +445,7 @@ def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("uninterrupted")
     result = run(*RESUMABLE, "--cache", str(cache), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    return out
+    return out / "seed-0"
 
 
 def wait_for_round(state_path, proc, n, timeout=300):
@@ -464,19 +465,26 @@ def wait_for_round(state_path, proc, n, timeout=300):
     pytest.fail("the run did not reach the round in time")
 
 
+def start(command: tuple, out) -> subprocess.Popen:
+    """The command in the background, as a user would start it (a suite started with `cmd &`
+    inherits an ignored SIGINT: the run gets the default back)."""
+    import signal
+
+    return subprocess.Popen([sys.executable, *command, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig, again", [("SIGKILL", "--resume"), ("SIGINT", "the same command")])
 def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(
-    sig, uninterrupted, tmp_path, cache
+    sig, again, uninterrupted, tmp_path, cache
 ):
     import signal
 
-    out = tmp_path / "run"
-    # a suite started in the background (`cmd &`) inherits an ignored SIGINT; give the run the
-    # default back
-    proc = subprocess.Popen([sys.executable, *RESUMABLE, "--cache", str(cache), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out = tmp_path / "run" / "seed-0"
+    command = (*RESUMABLE, "--cache", str(cache))
+    proc = start(command, out.parent)
     wait_for_round(out / "state.pt", proc, 1)  # the first round is always saved
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
@@ -489,7 +497,10 @@ def test_an_interrupted_run_resumes_to_bitwise_the_same_weights(
     stopped_at, earlier_seconds = state["round"], state["train_seconds"]
     assert 1 <= stopped_at < 12 and earlier_seconds > 0
 
-    resumed = run("-m", "experiments", "train", "--resume", str(out))
+    if again == "--resume":
+        resumed = run("-m", "experiments", "train", "--resume", str(out))
+    else:  # the command that was stopped, issued again: it finds the state and goes on from it
+        resumed = run(*command, "--out", str(out.parent))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after round {stopped_at}/12" in resumed.stdout
     a = torch.load(uninterrupted / "model.pt", weights_only=True)["states"]
@@ -583,6 +594,63 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def files_of(folder) -> dict:
+    """Every file under a folder with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_overwritten_without_asking(uninterrupted, tmp_path, cache):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out / "seed-0")
+    before = files_of(out)
+    command = (*RESUMABLE, "--cache", str(cache), "--out", str(out))
+    # the same command again: every seed it asks for has finished
+    again = run(*command)
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, again.stderr
+    assert "holds a finished run of every seed" in lines[0] and "--overwrite" in lines[0]
+    # other settings into the same folder
+    other = run(*command, "--rounds", "13")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1, other.stderr
+    assert "holds a run of other settings (rounds)" in lines[0]
+    assert files_of(out) == before, "a refused command touches nothing"
+    # asked to, it trains the seed again, from scratch, to the same weights
+    over = run(*command, "--overwrite")
+    assert over.returncode == 0, over.stderr[-2000:]
+    metrics = json.loads((out / "seed-0" / "metrics.json").read_text())
+    assert metrics["starts"] == 1
+    a = torch.load(uninterrupted / "model.pt", weights_only=True)["states"]
+    b = torch.load(out / "seed-0" / "model.pt", weights_only=True)["states"]
+    assert all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
+
+
+@pytest.mark.slow
+def test_several_seeds_stopped_in_the_second_go_on_without_training_the_first_again(
+    tmp_path, cache
+):
+    import signal
+
+    out = tmp_path / "run"
+    command = (*RESUMABLE, "--rounds", "6", "--seeds", "0", "1", "2", "--cache", str(cache))
+    proc = start(command, out)
+    wait_for_round(out / "seed-1" / "state.pt", proc, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert not (out / "seed-1" / "model.pt").exists() and not (out / "seed-2").exists()
+    first = files_of(out / "seed-0")
+    again = run(*command, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"seed 0: finished in {out / 'seed-0'}, kept" in again.stdout
+    assert files_of(out / "seed-0") == first, "the finished seed is not trained again"
+    starts = {s: json.loads((out / f"seed-{s}" / "metrics.json").read_text())["starts"]
+              for s in (1, 2)}
+    assert starts == {1: 2, 2: 1}, "seed 1 resumed from its state, seed 2 trained afresh"
+    assert "mean of 3 seeds" in again.stdout
+
+
 # ---------------------------------------------------------------------------------------
 # The stronger baselines and the paper's table in two commands
 # ---------------------------------------------------------------------------------------
@@ -591,10 +659,10 @@ def test_resume_refuses_other_settings_and_broken_states(uninterrupted, tmp_path
 @pytest.mark.slow
 def test_paper_preset_runs_end_to_end(tmp_path, cache):
     # the original's recipe at a tiny size: one round, one step, one epoch of head fine-tuning
-    out = tmp_path / "paper"
+    out = tmp_path / "paper" / "seed-0"
     result = tiny(
         "segviz",
-        out,
+        out.parent,
         cache,
         "--preset",
         "paper",
@@ -637,10 +705,9 @@ def test_paper_preset_runs_end_to_end(tmp_path, cache):
 def test_head_fine_tuning_keeps_one_shared_representation_with_batchnorm(tmp_path, cache):
     # the phantom preset shares normalisation statistics: fine-tuning a head (in training mode,
     # so BatchNorm's running statistics move) must leave every site the same representation
-    out = tmp_path / "ft"
-    result = tiny(
-        "segviz", out, cache, "--norm", "batch", "--finetune-epochs", "1", "--max-cases", "1"
-    )
+    out = tmp_path / "ft" / "seed-0"  # each seed's run is in OUT/seed-S
+    result = tiny("segviz", out.parent, cache, "--norm", "batch", "--finetune-epochs", "1",
+                  "--max-cases", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["shared_rep"]
@@ -725,3 +792,4 @@ def test_the_seed_sets_the_initial_weights(tmp_path, cache, monkeypatch):
     a, b, c = states
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+

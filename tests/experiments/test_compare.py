@@ -164,7 +164,7 @@ def test_table_gathers_finished_runs(tmp_path, cache):
     result = run("-m", "experiments", "table", str(runs))
     assert result.returncode == 0, result.stderr
     for name in ("central", "segviz"):
-        dice = json.loads((runs / name / "metrics.json").read_text())["dice"]["liver"]
+        dice = json.loads((runs / name / "seed-0" / "metrics.json").read_text())["dice"]["liver"]
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name}-2 "))
         assert f"{dice['mean']:.3f} ± {dice['std']:.3f}" in row
     assert run("-m", "experiments", "table", str(tmp_path / "none")).returncode == 2

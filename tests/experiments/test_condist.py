@@ -133,8 +133,8 @@ def test_the_marginal_loss_is_what_remains_with_the_distillation_weighted_zero(m
 
 @pytest.mark.slow
 def test_a_condistfl_run_trains_evaluates_and_names_itself(tmp_path, cache):
-    out = tmp_path / "run"
-    result = tiny("fedavg", out, cache, "--condist")
+    out = tmp_path / "run" / "seed-0"  # each seed's run is in OUT/seed-S
+    result = tiny("fedavg", out.parent, cache, "--condist")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["name"] == "condistfl-2" and metrics["extensions"] == {"condist": True}

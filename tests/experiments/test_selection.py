@@ -94,7 +94,7 @@ def test_eval_options_on_real_data_reads_the_held_out_cases_again(tmp_path):
         "--cache",
         str(tmp_path / "cache"),
         "--out",
-        str(cand / "seed-0"),
+        str(cand),
         "--device",
         "cpu",
     )

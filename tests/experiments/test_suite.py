@@ -5,6 +5,7 @@ cases per site."""
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -34,7 +35,8 @@ def test_the_suite_passes_other_flags_through_and_each_setup_keeps_its_own(tmp_p
     # a variant: python -m experiments train
     assert suite.script_of(job.argv)[-1] == "train" and "--marginal" in job.argv
     marginal = parse_train(job.argv)
-    assert marginal.loss == "dice" and marginal.rounds == 1 and marginal.out == job.folder
+    assert marginal.loss == "dice" and marginal.rounds == 1
+    assert os.path.join(marginal.out, "seed-1") == job.folder  # train.py's OUT/seed-S
     plain = next(j for j in plan if j.name == "central-3")
     assert (
         suite.script_of(plain.argv)[-1].endswith("train.py") and parse_train(plain.argv).nodes == 3
