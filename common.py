@@ -1,5 +1,6 @@
 """Small helpers every script shares: files written whole or not at all, the one-line failure,
-output folders checked before any work, and the choice of device."""
+output folders checked before any work, the choice of device and the type it computes in
+under mixed precision."""
 
 from __future__ import annotations
 
@@ -106,3 +107,17 @@ def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     if name == "mps" and not mps:
         parser.error(f"--device {name}: no Apple MPS device is available on this machine")
     return torch.device(name)
+
+
+def amp_dtype(device: torch.device | str) -> torch.dtype:
+    """The type --amp computes in: bfloat16, whose range is float32's (no gradient scaling),
+    where the device supports it; float16 on CUDA GPUs older than Ampere."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
+    """The forward pass's context: autocast to `dtype`, or float32 throughout when None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cases import load_test_set
 from checkpoint import config_of, model_of, read_checkpoint
-from common import check_writable, fail, write_json_atomic
+from common import amp_dtype, autocast, check_writable, fail, write_json_atomic
 from data import ORGAN_ID, Case, DataError
 from metrics import (
     METRICS,
@@ -115,9 +115,16 @@ def sliding_window(
 
 def predict_scores(model: torch.nn.Module, case: Case, cfg: Config) -> torch.Tensor:
     """The model's output over the whole case, blended across sliding windows: (C, X, Y, Z).
-    `cfg` gives the window (roi), the overlap, the blending and the device."""
+    `cfg` gives the window (roi), the overlap, the blending, the device and mixed precision
+    (the windows' passes autocast, their blending in float32)."""
+    dtype = amp_dtype(cfg.device) if cfg.amp else None
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg.device, dtype):
+            return model(x).float()
+
     return sliding_window(
-        model, case.hu.to(cfg.device)[None, None], cfg.roi, cfg.overlap, cfg.blend
+        predict, case.hu.to(cfg.device)[None, None], cfg.roi, cfg.overlap, cfg.blend
     )[0]
 
 
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "unless given. Scores go to CHECKPOINT's folder/eval/metrics.json."
     )
     p.add_argument("--checkpoint", required=True, help="model.pt written by train.py")
-    add_arguments(p, only=("data_root", "data", "device", "overlap", "largest", "cache"))
+    add_arguments(p, only=("data_root", "data", "device", "amp", "overlap", "largest", "cache"))
     p.add_argument("--out", help="folder for metrics.json (default: CHECKPOINT's folder/eval)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     given = given_of(args)

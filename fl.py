@@ -24,6 +24,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from common import autocast
+
 State = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 _T = TypeVar("_T")
@@ -41,6 +43,10 @@ class Client:
     # told the client as it starts a round of local training, before the first step (ConDistFL
     # keeps the weights it starts from, the global model's, as the teacher of its loss)
     begin: Callable[[Client], None] | None = None
+    # mixed precision (--amp): the type the forward pass computes in (None: float32), and for
+    # float16 the site's gradient scaler (the scale is local state, like the optimiser's)
+    amp: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
 
 
 def snapshot(module: nn.Module, store: torch.device | str | None = None) -> State:
@@ -69,18 +75,16 @@ def new_client(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     weight: float = 1.0,
     store: torch.device | str | None = None,
+    amp: torch.dtype | None = None,
 ) -> Client:
     """A client starting from the model's current weights and a fresh optimiser state, both
-    kept on `store` (default: the model's device; see `choose_store`)."""
-    store = store if store is not None else next(model.parameters()).device
-    return Client(
-        name,
-        snapshot(model, store),
-        stored(optimizer.state_dict(), store),
-        next_batch,
-        loss_fn,
-        weight,
-    )
+    kept on `store` (default: the model's device; see `choose_store`). `amp`: the type of its
+    forward pass under mixed precision (float16 brings a gradient scaler)."""
+    device = next(model.parameters()).device
+    store = store if store is not None else device
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    return Client(name, snapshot(model, store), stored(optimizer.state_dict(), store), next_batch,
+                  loss_fn, weight, amp=amp, scaler=scaler)
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -112,13 +116,21 @@ def local_train(model: nn.Module, optimizer: torch.optim.Optimizer, client: Clie
     model.load_state_dict(client.model_state)
     optimizer.load_state_dict(client.optim_state)
     model.train()
-    total = torch.zeros((), device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     for _ in range(steps):
         x, y = client.next_batch()
-        loss = client.loss_fn(model(x), y)
+        with autocast(device, client.amp):
+            out = model(x)
+        loss = client.loss_fn(out.float(), y)  # the loss's sums in float32 whatever the pass
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if client.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # float16: gradients scaled up so that small ones do not vanish, steps unscaled
+            client.scaler.scale(loss).backward()
+            client.scaler.step(optimizer)
+            client.scaler.update()
         total += loss.detach()
         if progress is not None:
             progress()

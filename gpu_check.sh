@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every CUDA check in one go, for a session lent a GPU for a few minutes. Writes to $OUT (default
-# ./gpu_out): the machine; the CUDA tests; bench.py speed --device cuda against MONAI, which gives
-# the paper preset's training step (batch 8 x 128x128x32, the 16-256 network) in voxels/s and peak
-# GPU memory, fp32 and bf16 autocast (with and without channels-last), and the sampler's share of
-# that step; and the default SegViz run on the GPU with its wall time.
-# Packages the GPU machine lacks travel as wheels in .whl/ (nibabel, monai): see docs/speed.md.
+# Every CUDA check in one script, on a machine with a CUDA GPU (about 10 minutes). Writes to $OUT
+# (default ./gpu_out): the machine; the tests that need CUDA; `python -m bench speed --device cuda`
+# against MONAI, which gives the paper preset's training step (batch 8 x 128x128x32, the 16-256
+# network) in voxels/s and peak GPU memory, in float32 and under --amp, and the sampler's share of
+# that step; and the default SegViz run on the GPU, in float32 and with --amp, with wall times.
+# Packages the machine lacks can be put in .whl/ as wheels (nibabel, monai): see docs/speed.md.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
@@ -24,15 +24,18 @@ log "machine"
 log "CUDA tests (tests that name cuda)"
 timeout 120 python3 -m pytest -q -k cuda tests/ 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
 
-log "bench.py speed --device cuda (MONAI $(python3 -c 'import monai; print(monai.__version__)' 2>/dev/null || echo missing))"
+log "python -m bench speed --device cuda (MONAI $(python3 -c 'import monai; print(monai.__version__)' 2>/dev/null || echo missing))"
 timeout 200 python3 -m bench speed --device cuda --repeats 3 --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "exit $?" >> "$OUT/bench.txt"
 tail -15 "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
 
-log "python train.py --nodes 4 --mode segviz --device cuda (the default run, on the GPU)"
-start=$(date +%s)
-timeout 240 python3 train.py --nodes 4 --mode segviz --device cuda --out /tmp/segviz-cuda \
-  --cache /tmp/segviz-cache > "$OUT/segviz_cuda.txt" 2>&1
-echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/segviz_cuda.txt"
-cp /tmp/segviz-cuda/metrics.json "$OUT/segviz_cuda_metrics.json" 2>/dev/null
-grep -v "^round" "$OUT/segviz_cuda.txt" | tail -8 | tee -a "$OUT/summary.txt"
+for amp in "" "--amp"; do
+  tag=segviz_cuda${amp:+_amp}
+  log "python train.py --nodes 4 --mode segviz --device cuda $amp (the default run, on the GPU)"
+  start=$(date +%s)
+  timeout 200 python3 train.py --nodes 4 --mode segviz --device cuda $amp --overwrite \
+    --out "/tmp/$tag" --cache /tmp/segviz-cache > "$OUT/$tag.txt" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/$tag.txt"
+  cp "/tmp/$tag/seed-0/metrics.json" "$OUT/${tag}_metrics.json" 2>/dev/null
+  grep -v "^round" "$OUT/$tag.txt" | tail -8 | tee -a "$OUT/summary.txt"
+done

@@ -116,6 +116,9 @@ class Config:
     # where the run happens and what it reads
     device: str = setting("auto", "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, "
                                   "cuda[:N] or mps")
+    amp: bool = setting(False, "mixed precision for training and inference: bfloat16 autocast "
+                               "(float16 with a gradient scaler on CUDA GPUs without bfloat16); "
+                               "for GPUs, where it saves memory and time")
     out: str = setting("", "output folder: each seed's run in OUT/seed-S (default "
                            "runs/<mode>-<nodes>, then the preset and the data where they are not "
                            "the phantom's)")

@@ -47,7 +47,7 @@ from checkpoint import (
     read_state,
     write,
 )
-from common import fail, write_json_atomic
+from common import amp_dtype, fail, write_json_atomic
 from data import NODE_SITES, ORGAN_ID, DataError, site_windows
 from eval import evaluate
 from report import across_seeds, format_metric_tables, format_table, scored_metrics
@@ -185,12 +185,13 @@ def build_run(
     # one live model trains; every client is only its stored state, on the device if all fit
     store = fl.choose_store(torch.device(cfg.device), len(sites), fl.state_bytes(model))
     loss_for = ext.loss or (lambda cfg, sources, which: LOSSES[cfg.loss])
+    amp = amp_dtype(cfg.device) if cfg.amp else None
     pooled = None
     if mode.pooled:
         pooled = round_robin([samplers[s] for s in sites])
         loss = loss_for(cfg, sites, lambda: (pooled.position[0] - 1) % len(sites))
         batches = on_device(pooled, cfg.device)
-        clients = [fl.new_client("pooled", model, optimizer, batches, loss, store=store)]
+        clients = [fl.new_client("pooled", model, optimizer, batches, loss, store=store, amp=amp)]
         # the pooled model takes every site's steps of a round
         local_steps = {"pooled": sum(steps_per_round(cfg, len(train_cases[s])) for s in sites)}
         keys = []
@@ -204,6 +205,7 @@ def build_run(
                 loss_for(cfg, [s], lambda: 0),
                 weight=len(train_cases[s]),
                 store=store,
+                amp=amp,
             )
             for s in local
         ]
@@ -411,7 +413,8 @@ def save_state(run: Run, rounds_done: int) -> None:
             "extensions": run.ext.settings, "log": run.log, "norms": run.norms,
             "validation": run.validation, "best": run.best,
             "clients": [{"name": c.name, "model_state": c.model_state, "optim_state": c.optim_state,
-                         "history": c.history} for c in run.clients],
+                         "history": c.history, "scaler": c.scaler and c.scaler.state_dict()}
+                        for c in run.clients],
             "generators": {**samplers, **variants, "torch": torch.get_rng_state()},
             "pooled_position": run.pooled.position[0] if run.pooled is not None else 0,
             "train_seconds": run.earlier_seconds + time.time() - run.started, "starts": run.starts}
@@ -430,6 +433,8 @@ def restore_state(run: Run, path: str) -> int:
         device = next(iter(client.model_state.values())).device
         client.model_state = {k: v.to(device) for k, v in kept["model_state"].items()}
         client.optim_state, client.history = kept["optim_state"], kept["history"]
+        if client.scaler is not None and kept.get("scaler"):  # float16 on both sides
+            client.scaler.load_state_dict(kept["scaler"])
     gens = {**{f"sampler/{s}": sm.gen for s, sm in run.samplers.items()}, **run.ext.generators}
     if missing := sorted(set(gens) - set(blob["generators"])):
         fail(f"{path}: no saved random state for {', '.join(missing)}")

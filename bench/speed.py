@@ -266,6 +266,7 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
     """Voxels per second of one optimiser step at the paper preset (quick: the phantom preset)."""
     import torch
 
+    from common import amp_dtype, autocast
     from settings import resolve
     from train import dice_ce_loss
     from unet3d import UNet3D, UNetConfig
@@ -299,9 +300,12 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
                 ),
             )
 
-    variants = [("fp32", False, False)]
+    # float32, and --amp as training takes it (common.amp_dtype, channels-last); on CUDA also each
+    # with the other layout, to show what each of the two gives
+    amp = amp_dtype(args.device)
+    variants = [("fp32", None, False), ("amp", amp, True)]
     if torch.device(args.device).type == "cuda":
-        variants += [("bf16", True, False), ("bf16+channels_last", True, True)]
+        variants += [("fp32+channels_last", None, True), ("amp_contiguous", amp, False)]
     row = {
         "preset": "phantom" if args.quick else "paper",
         "batch": batch,
@@ -310,26 +314,32 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
     models = dict(nets())
     for name, net in models.items():
         row[f"{name}_parameters"] = sum(p.numel() for p in net.to(args.device).parameters())
-    for label, bf16, cl in variants:
+    for label, dtype, cl in variants:
         steps = {}
         for name, net in models.items():
             m = net.to(memory_format=torch.channels_last_3d) if cl else net
             xx = x.to(memory_format=torch.channels_last_3d) if cl else x
             opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+            scaler = torch.amp.GradScaler(args.device) if dtype == torch.float16 else None
 
             def step(
                 m: torch.nn.Module = m,
                 xx: torch.Tensor = xx,
                 opt: torch.optim.Optimizer = opt,
-                bf16: bool = bf16,
-            ) -> None:
-                with torch.autocast(
-                    torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16
-                ):
-                    loss = dice_ce_loss(m(xx).float(), y)
+                dtype: torch.dtype | None = dtype,
+                scaler: torch.amp.GradScaler | None = scaler,
+            ) -> None:  # as fl.local_train takes it
+                with autocast(args.device, dtype):
+                    out = m(xx)
+                loss = dice_ce_loss(out.float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
 
             steps[name] = step
         seconds = paired_median_seconds(steps, args.repeats, args.device)
@@ -342,6 +352,8 @@ def speed_train_step(args: argparse.Namespace, monai: ModuleType | None) -> dict
                 row[f"{name}_{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if monai is not None:
         row["ratio"] = row["unet3d_fp32_voxels_per_s"] / row["monai_fp32_voxels_per_s"]
+    row["amp_dtype"] = str(amp).removeprefix("torch.")
+    row["amp_speedup"] = row["unet3d_amp_voxels_per_s"] / row["unet3d_fp32_voxels_per_s"]
     return row
 
 
@@ -564,6 +576,13 @@ def speed_table(r: dict) -> str:
                 f"{name}: largest difference from MONAI's output "
                 f"{r[name]['max_abs_difference']:.2e}"
             )
+    if "amp_speedup" in r.get("train_step", {}):
+        x = r["train_step"]
+        memory = (f"; peak memory {x['unet3d_fp32_peak_gib']:.2f} GiB in float32, "
+                  f"{x['unet3d_amp_peak_gib']:.2f} GiB under --amp"
+                  if "unet3d_amp_peak_gib" in x else "")
+        lines.append(f"--amp ({x['amp_dtype']} autocast): the training step at "
+                     f"{x['amp_speedup']:.2f}x float32's speed{memory}")
     if "sampling_share_of_paper_step" in r:
         share = r["sampling_share_of_paper_step"]
         lines.append(f"sampling's share of a paper-preset training step: {100 * share:.1f}%")

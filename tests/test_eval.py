@@ -6,9 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from eval import evaluate, importance_map, organ_masks, sliding_window
+from data import Case
+from eval import evaluate, importance_map, organ_masks, predict_scores, sliding_window
 from metrics import dice, surface_distances
-from settings import Config
+from settings import Config, resolve
 
 
 def cfg_for(roi, **kw):
@@ -319,3 +320,23 @@ def test_evaluate_gives_hd95_and_nsd_in_the_cases_spacing_with_monais_empty_mask
     assert set(only["classes"]) == {"dice"} and not calls
 
 
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_amp_reaches_the_windows_passes_and_the_blend_stays_float32(amp):
+    seen = []
+
+    def model(x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.nn.functional.conv3d(x, torch.ones(2, 1, 1, 1, 1))
+
+    case = Case("c", torch.rand(20, 20, 12), torch.zeros(20, 20, 12, dtype=torch.uint8),
+                (1.0, 1.0, 1.0))
+    cfg = resolve({"roi": (16, 16, 8), "amp": amp, "device": "cpu"})
+    scores = predict_scores(model, case, cfg)
+    assert seen and all(on == amp for on, _ in seen)
+    assert not amp or all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert scores.dtype == torch.float32 and scores.shape == (2, 20, 20, 12)
+    # the same windows, blended: bfloat16's rounding apart, the float32 result
+    exact = predict_scores(model, case, resolve({"roi": (16, 16, 8), "device": "cpu"}))
+    torch.testing.assert_close(scores, exact, rtol=1e-2, atol=1e-2)

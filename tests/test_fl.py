@@ -212,3 +212,50 @@ def test_a_client_stored_elsewhere_trains_and_stays_there():
         for t in s.values()
         if isinstance(t, torch.Tensor)
     )
+
+
+def autocast_seen(model: nn.Module) -> list:
+    """What each forward pass of the model ran under: (autocast on, its CPU type)."""
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append((torch.is_autocast_enabled("cpu"),
+                                     torch.get_autocast_dtype("cpu")))
+    )
+    return seen
+
+
+def test_amp_reaches_the_forward_pass_and_the_default_stays_float32():
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    seen = autocast_seen(model)
+    plain, = make_clients(model, opt, 1)
+    fl.local_train(model, opt, plain, steps=2)
+    assert seen == [(False, seen[0][1])] * 2 and plain.amp is None and plain.scaler is None
+    floats = [v for v in plain.model_state.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)
+    seen.clear()
+    mixed = fl.new_client("m", model, opt, make_clients(model, opt, 1)[0].next_batch,
+                          nn.functional.cross_entropy, amp=torch.bfloat16)
+    before = mixed.model_state["0.weight"].clone()
+    fl.local_train(model, opt, mixed, steps=2)
+    assert seen == [(True, torch.bfloat16)] * 2 and mixed.scaler is None
+    # the weights and the optimiser stay float32: autocast changes the arithmetic, not the model
+    assert mixed.model_state["0.weight"].dtype == torch.float32
+    assert not torch.equal(mixed.model_state["0.weight"], before)
+
+
+def test_float16_trains_with_a_gradient_scaler_of_the_sites_own():
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    batch = make_clients(model, opt, 1)[0].next_batch
+    a, b = (fl.new_client(n, model, opt, batch, nn.functional.cross_entropy, amp=torch.float16)
+            for n in "ab")
+    assert a.scaler is not None and a.scaler is not b.scaler
+    seen = autocast_seen(model)
+    before = a.model_state["0.weight"].clone()
+    fl.local_train(model, opt, a, steps=3)
+    assert seen == [(True, torch.float16)] * 3
+    assert not torch.equal(a.model_state["0.weight"], before)
+    # the scaler counted a's steps, b's did not move
+    assert a.scaler.state_dict()["_growth_tracker"] == 3
+    assert b.scaler.state_dict()["_growth_tracker"] == 0

@@ -242,9 +242,10 @@ def test_channels_reach_the_trained_model_and_its_checkpoint(tmp_path, cache):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_run_trains_evaluates_and_reloads_on_the_gpu(tmp_path, cache):
+@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["fp32", "amp"])
+def test_cuda_run_trains_evaluates_and_reloads_on_the_gpu(amp, tmp_path, cache):
     out = tmp_path / "run" / "seed-0"  # each seed's run is in OUT/seed-S
-    result = tiny("segviz", out.parent, cache, "--device", "cuda")
+    result = tiny("segviz", out.parent, cache, "--device", "cuda", *amp)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "cuda" in result.stdout and len(metrics["dice"]["liver"]["cases"]) == 2
@@ -793,3 +794,38 @@ def test_the_seed_sets_the_initial_weights(tmp_path, cache, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
+
+@pytest.mark.parametrize("amp, dtype", [(False, None), (True, torch.bfloat16)])
+def test_amp_reaches_every_client_of_the_run(amp, dtype, tmp_path):
+    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32),
+                      (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
+             for s in ("liver", "spleen")}
+    for mode in ("segviz", "central"):
+        cfg = resolve({"nodes": 2, "mode": mode, "amp": amp, "device": "cpu",
+                       "out": str(tmp_path)})
+        run = train.build_run(cfg, cases, train.Extensions())
+        assert [c.amp for c in run.clients] == [dtype] * len(run.clients)
+        assert all(c.scaler is None for c in run.clients)  # bfloat16 needs no scaling
+
+
+def test_a_float16_sites_gradient_scale_is_saved_and_restored(tmp_path):
+    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32),
+                      (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
+             for s in ("liver", "spleen")}
+    cfg = resolve({"nodes": 2, "amp": True, "device": "cpu", "out": str(tmp_path)})
+
+    def float16_run():  # as on a CUDA GPU without bfloat16
+        run = train.build_run(cfg, cases, train.Extensions())
+        for c in run.clients:
+            c.amp, c.scaler = torch.float16, torch.amp.GradScaler("cpu")
+        return run
+
+    run = float16_run()
+    fl.local_train(run.model, run.optimizer, run.clients[0], 2)
+    trained = run.clients[0].scaler.state_dict()
+    assert trained != run.clients[1].scaler.state_dict()  # the steps moved the liver's scaler
+    train.save_state(run, 1)
+    again = float16_run()
+    train.restore_state(again, str(tmp_path / "state.pt"))
+    assert [c.scaler.state_dict() for c in again.clients] == [
+        c.scaler.state_dict() for c in run.clients]

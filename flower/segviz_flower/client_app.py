@@ -62,6 +62,7 @@ def keep_state(site: Site, context: Context, round_: int, tag: str, counted: int
     rest = {
         "optim": site.client.optim_state,
         "sampler": site.run.samplers[site.name].gen.get_state(),
+        "scaler": site.client.scaler and site.client.scaler.state_dict(),  # float16 --amp only
     }
     context.state["local"] = to_record(local)
     context.state["node"] = ConfigRecord({"round": round_, "tag": tag, "rest": to_bytes(rest)})
@@ -106,6 +107,8 @@ def restore_state(site: Site, context: Context, counted: int, tag: str) -> int:
     store = next(iter(site.client.model_state.values())).device
     site.client.model_state.update({k: v.to(store) for k, v in local.items()})
     site.client.optim_state = fl.stored(rest["optim"], store)
+    if site.client.scaler is not None and rest.get("scaler"):
+        site.client.scaler.load_state_dict(rest["scaler"])
     site.run.samplers[site.name].gen.set_state(rest["sampler"])
     return done
 
