@@ -2,7 +2,7 @@
 BTCV json, KiTS19, BTCV as distributed), the image/label pairs each holds, and finding every
 site's dataset under --data-root or at the paths --data SITE=PATH names.
 
-Reading the volumes, preprocessing and the cache are datasets.py's.
+Reading the volumes is nifti.py's; resampling, cropping and the cache are preprocess.py's.
 """
 
 from __future__ import annotations
@@ -329,7 +329,8 @@ def _holds_dataset(folder: str, role: str) -> bool:
 
 def find_sources(roles: Sequence[str], data_root: str | None = None,
                  overrides: dict[str, str] | None = None) -> dict[str, Source]:
-    """The dataset of each role: its --ROLE override, else found under --data-root."""
+    """The dataset of each role (a site, or the test set): the path --data ROLE=PATH names,
+    else the one found under --data-root."""
     overrides = {k: v for k, v in (overrides or {}).items() if v}
     if data_root is not None and not os.path.isdir(data_root):
         raise DataError(f"--data-root {data_root}: no such folder")
