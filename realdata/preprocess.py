@@ -102,21 +102,32 @@ def preprocess_arrays(
     return Case(name, hu[box].contiguous(), label[box].contiguous(), actual, geometry)
 
 
-def to_original_grid(label: torch.Tensor | np.ndarray, geometry: dict) -> np.ndarray:
-    """A label map on a case's working grid -> the original image's grid and array order."""
+def uncropped(volume: torch.Tensor | np.ndarray, geometry: dict, fill: float = 0) -> np.ndarray:
+    """A volume on a case's working grid (cropped to its body box) -> the whole resampled grid,
+    `fill` outside the box."""
+    volume = volume.cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    full = np.full(geometry["resampled"], fill, dtype=volume.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in geometry["box"])] = volume
+    return full
+
+
+def ras_to_stored(ras: np.ndarray, geometry: dict) -> np.ndarray:
+    """A volume on the scan's grid in RAS order -> the scan's own array order."""
     import nibabel as nib
 
-    label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    full = np.zeros(geometry["resampled"], dtype=label.dtype)
-    box = tuple(slice(lo, hi) for lo, hi in geometry["box"])
-    full[box] = label
-    ras = full[
-        np.ix_(*[nearest_index(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])])
-    ]
     affine = np.asarray(geometry["affine"])
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                            nib.orientations.io_orientation(affine))
     return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
+
+
+def to_original_grid(label: torch.Tensor | np.ndarray, geometry: dict) -> np.ndarray:
+    """A label map on a case's working grid -> the original image's grid and array order."""
+    full = uncropped(label, geometry)
+    ras = full[
+        np.ix_(*[nearest_index(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])])
+    ]
+    return ras_to_stored(ras, geometry)
 
 
 # ---------------------------------------------------------------------------------------
