@@ -1,6 +1,10 @@
 """`python -m realdata predict -i SCANS -o LABELS --checkpoint OUT/model.pt`: segment every
 NIfTI scan of a folder (or one scan) with a trained checkpoint, each label map on its scan's own
 grid and orientation, with BTCV's label ids; optionally each organ's probability map.
+
+The model runs on the working grid (RAS, the checkpoint's spacing, cropped to the body); its
+output probabilities are brought to the scan's own grid by trilinear interpolation and only there
+read as a label map, as nnU-Net and MONAI do, so boundaries fall between the working voxels.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from tqdm import tqdm
 
 from checkpoint import config_of, model_of, read_checkpoint
 from common import check_writable, fail, write_atomic
-from data import ORGAN_ID, Case, DataError
-from eval import label_map, masks_of, predict_scores
+from data import ORGAN_ID, DataError
+from eval import clean_masks, label_map, organ_masks, predict_scores
 from realdata.archives import BTCV_IDS, BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
 from realdata.nifti import output_header, read_nifti, save_label_nifti
-from realdata.preprocess import preprocess_arrays, to_original_grid
+from realdata.preprocess import preprocess_arrays, ras_to_stored, resampled_slabs
 from segviz import MODES
 from settings import Config, add_arguments, given_of
 
@@ -31,7 +35,7 @@ from settings import Config, add_arguments, given_of
 
 
 def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
-    """ORGAN_ID label map (RAS, working grid) -> BTCV ids; each kidney component becomes the
+    """ORGAN_ID label map (RAS order) -> BTCV ids; each kidney component becomes the
     right (2) or left (3) kidney by the side of the midline its centre lies on (+x is the
     patient's right). The midline: halfway between the two largest components where they lie
     apart in x (the two kidneys), else the middle of the volume (the case is cropped to the
@@ -63,15 +67,33 @@ def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     return out
 
 
-def save_prediction(masks: dict[str, torch.Tensor], case: Case, path: str) -> None:
-    """The prediction as a NIfTI label map in BTCV's ids, on the original scan's grid when the
-    case came from a file (else on the working grid, with its spacing)."""
-    btcv = to_btcv_ids(label_map(masks))
-    if case.geometry is not None:
-        save_label_nifti(to_original_grid(btcv, case.geometry), case.geometry, path)
-    else:
-        geometry = {"affine": np.diag([*case.spacing, 1.0]).tolist()}
-        save_label_nifti(btcv, geometry, path)
+def channel_fill(channels: int, scoring: str) -> list[float]:
+    """Each output channel's value where the model did not look (outside the body box): no organ
+    anywhere, so a multi-class model's background channel (channel 0) is 1 and the rest 0."""
+    return [1.0 if scoring == "classes" and c == 0 else 0.0 for c in range(channels)]
+
+
+def masks_on_scan(scores: torch.Tensor, organs: Sequence[str], scoring: str, geometry: dict,
+                  largest: bool) -> dict[str, torch.Tensor]:
+    """Each organ's mask on the scan's own grid, in RAS order: the model's blended output on the
+    working grid resampled there (trilinear, a slab at a time: `resampled_slabs`), read as masks
+    there by the mode's own rule (`eval.organ_masks`: the heads merged and the argmax, the argmax
+    of the classes, or each head above 0.5), then cleaned up (`largest`) as the run was.
+
+    Resampling the probabilities and not the label map puts each boundary between the working
+    grid's voxels, where the probability crosses over, instead of on their blocky edges."""
+    fill = channel_fill(scores.shape[0], scoring)
+    masks = {organ: np.zeros(geometry["ras_shape"], bool) for organ in organs}
+    for rows, values in resampled_slabs(scores, geometry, fill):
+        for organ, mask in organ_masks(values, organs, scoring).items():
+            masks[organ][rows] = mask.numpy()
+    return clean_masks({o: torch.from_numpy(m) for o, m in masks.items()}, largest)
+
+
+def save_prediction(masks: dict[str, torch.Tensor], geometry: dict, path: str) -> None:
+    """Masks on the scan's grid (RAS order) as one NIfTI label map in BTCV's ids, in the scan's
+    own array order and affine."""
+    save_label_nifti(ras_to_stored(to_btcv_ids(label_map(masks)), geometry), geometry, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,18 +159,25 @@ def organ_probabilities(
     return {organ: scores[first + k] for k, organ in enumerate(organs)}
 
 
-def save_probability(prob: torch.Tensor, case: Case, path: str) -> None:
-    """One organ's probability on the scan's own grid and affine, atomically.
+PROBABILITY_STEP = 1 / 32767  # int16's step over [0, 1]: finer than float16 in the same 2 bytes
 
-    Brought back from the working grid by nearest neighbour, as the label map is, so both come
-    from the same working voxel. Stored as int16 with a scale factor that nibabel picks
-    (scl_slope): NIfTI has no float16 type, int16 takes the same two bytes at a finer step (about
-    3e-5), and every NIfTI reader applies the scale factor."""
+
+def save_probability(prob: torch.Tensor, geometry: dict, path: str) -> None:
+    """One organ's probability (working grid) on the scan's own grid and affine, atomically.
+
+    Resampled as the label map's scores are (trilinear, `resampled_slabs`), so a voxel of the label
+    map goes to an organ where these cross over. Stored as int16 with the scale factor
+    PROBABILITY_STEP (scl_slope), filled a slab at a time: NIfTI has no float16 type, int16 takes
+    the same two bytes at a finer step, and every NIfTI reader applies the scale factor."""
     import nibabel as nib
 
-    data = to_original_grid(prob.clamp(0, 1).float(), case.geometry)
-    img = nib.Nifti1Image(data, np.asarray(case.geometry["affine"]), output_header(case.geometry))
+    ras = np.empty(geometry["ras_shape"], np.int16)
+    for rows, values in resampled_slabs(prob[None], geometry, (0.0,)):
+        ras[rows] = (values[0].clamp(0, 1) / PROBABILITY_STEP).round().to(torch.int16).numpy()
+    data = ras_to_stored(ras, geometry)
+    img = nib.Nifti1Image(data, np.asarray(geometry["affine"]), output_header(geometry))
     img.set_data_dtype(np.int16)
+    img.header.set_slope_inter(PROBABILITY_STEP, 0)
     write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
@@ -227,12 +256,13 @@ def predict_scans(
         )
         del image
         scores = predict_scores(model, case, cfg)
-        masks = masks_of(scores, organs, scoring, cfg.largest)
         for organ, prob in organ_probabilities(scores, organs, scoring).items():
             if organ in probs:
-                save_probability(prob, case, probs[organ])
-        save_prediction(masks, case, out)  # last: its presence means the case is done
-        voxel_ml = float(np.prod(case.spacing)) / 1000
+                save_probability(prob, case.geometry, probs[organ])
+        masks = masks_on_scan(scores, organs, scoring, case.geometry, cfg.largest)
+        del scores
+        save_prediction(masks, case.geometry, out)  # last: its presence means the case is done
+        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
         bar.write(
             f"{out}: "
             + ", ".join(f"{o} {int(m.sum()) * voxel_ml:.1f} mL" for o, m in masks.items())

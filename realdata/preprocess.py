@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +129,43 @@ def to_original_grid(label: torch.Tensor | np.ndarray, geometry: dict) -> np.nda
         np.ix_(*[nearest_index(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])])
     ]
     return ras_to_stored(ras, geometry)
+
+
+def linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source voxels and the weight of the second, for each of n_out voxels linearly
+    interpolated from n_in voxels that span the same extent: PyTorch's rule with
+    align_corners=False (source coordinate (i + 0.5) * n_in / n_out - 0.5, held at 0 below it),
+    the rule preprocessing resampled the scan with."""
+    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = source.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo, hi, (source - lo).float()
+
+
+def resampled_slabs(
+    channels: torch.Tensor, geometry: dict, fill: Sequence[float], slab: int = 8
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Channels (C, ...) on a case's working grid -> the scan's own grid in RAS order (its
+    `ras_shape`), trilinear, as (rows, values): `slab` planes of the first axis at a time, so that
+    a large scan is never held whole in float. Outside the body box each channel is its `fill`.
+
+    The same extent convention as preprocessing (PyTorch's align_corners=False), computed one axis
+    at a time: equal to F.interpolate(mode="trilinear") on the whole volume."""
+    full = torch.empty((channels.shape[0], *geometry["resampled"]), dtype=torch.float32)
+    for c, value in enumerate(fill):
+        full[c] = value
+    box = tuple(slice(lo, hi) for lo, hi in geometry["box"])
+    full[(slice(None), *box)] = channels.detach().float().cpu()
+    taps = [linear_taps(m, n) for m, n in zip(geometry["resampled"], geometry["ras_shape"])]
+    (x_lo, x_hi, x_w), (y_lo, y_hi, y_w), (z_lo, z_hi, z_w) = taps
+    for start in range(0, len(x_lo), slab):
+        rows = slice(start, min(start + slab, len(x_lo)))
+        w = x_w[rows][:, None, None]
+        out = full[:, x_lo[rows]] * (1 - w) + full[:, x_hi[rows]] * w
+        w = y_w[:, None]
+        out = out[:, :, y_lo] * (1 - w) + out[:, :, y_hi] * w
+        out = out[..., z_lo] * (1 - z_w) + out[..., z_hi] * z_w
+        yield rows, out
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from checkpoint import model_checkpoint
 from data import ORGAN_ID
 from helpers import ROOT
+from metrics import dice
 from realdata import predict
 from realdata.archives import BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
 from segviz import MetaModel
@@ -169,8 +170,8 @@ class Bright(MetaModel):
 def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orientation(
     tmp_path, monkeypatch
 ):
-    # the working spacing equals the scan's voxels, so the label map must be exactly the bright
-    # block
+    # the working spacing equals the scan's voxels (4, 5, 4 mm in R, A, S), so the label map must
+    # be exactly the bright block and the probabilities exactly 0 and 1
     folder = tmp_path / "in"
     folder.mkdir()
     # array indices as stored, under an L,S,P affine
@@ -182,7 +183,7 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
         b"CT abdomen",
     )
     nib.save(scan, folder / "b.nii.gz")
-    model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 4.0, 5.0))
+    model = tiny_checkpoint(tmp_path / "model.pt", spacing=(4.0, 5.0, 4.0))
     monkeypatch.setattr(predict, "model_of", lambda ckpt: Bright())
     out = tmp_path / "out"
     assert (
@@ -207,6 +208,84 @@ def test_labels_and_probabilities_land_on_the_scans_own_voxels_whatever_its_orie
     assert (
         predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]) == 0
     )
+
+
+def sphere_scan(shape=(40, 36, 32), voxel=2.0, radius=17.0):
+    """A body (40 HU) in air with a bright ball (200 HU) off its middle, R,A,S at `voxel` mm;
+    returns the HU array, its affine and the ball's mask."""
+    centres = (np.indices(shape).transpose(1, 2, 3, 0) + 0.5) * voxel
+    ball = np.linalg.norm(centres - np.array([37.0, 33.0, 30.0]), axis=-1) <= radius
+    hu = np.full(shape, -1000, np.int16)
+    hu[3:-3, 3:-3, 2:-2] = 40
+    hu[ball] = 200
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = (-40.0, 12.0, -90.0)
+    return hu, affine, ball
+
+
+def test_resampled_labels_and_probabilities_land_on_the_scans_voxels_in_any_orientation(
+    tmp_path, monkeypatch
+):
+    # the model sees the ball at 5 mm; its labels come back on the 2 mm grid the scan is stored
+    # on, in the scan's own array order, the same in space whatever that order is
+    import layouts
+
+    hu, affine, ball = sphere_scan()
+    folder, out = tmp_path / "in", tmp_path / "out"
+    orders = ("RAS", "LPI", "IPL", "SAR")
+    for codes in orders:
+        layouts.save(folder / f"{codes}.nii.gz", *layouts.reoriented(hu, affine, codes))
+    model = tiny_checkpoint(tmp_path / "model.pt", spacing=(5.0, 5.0, 5.0))
+    monkeypatch.setattr(predict, "model_of", lambda ckpt: Bright())
+    argv = ["-i", str(folder), "-o", str(out), "--checkpoint", model, "--save-prob"]
+    assert predict.main(argv) == 0
+    found = {}
+    for codes in orders:
+        scan = nib.load(folder / f"{codes}.nii.gz")
+        label, prob = nib.load(out / f"{codes}.nii.gz"), nib.load(out / f"{codes}_liver.nii.gz")
+        for written in (label, prob):
+            assert written.shape == scan.shape and np.array_equal(written.affine, scan.affine)
+        labels, _ = layouts.reoriented(np.asanyarray(label.dataobj), scan.affine, "RAS")
+        liver, _ = layouts.reoriented(prob.get_fdata(), scan.affine, "RAS")
+        assert set(np.unique(labels)) == {0, BTCV["liver"]}
+        found[codes] = labels == BTCV["liver"]
+        # the probability written is the one resampled (values between 0 and 1 at the ball's
+        # edge, where a nearest neighbour would copy the working grid's 0s and 1s), and the
+        # label map is where it exceeds a half
+        assert ((liver > 0.05) & (liver < 0.95)).sum() > 100
+        clear = np.abs(liver - 0.5) > 1e-3
+        assert np.array_equal(found[codes][clear], liver[clear] > 0.5)
+    assert dice(torch.from_numpy(found["RAS"]), torch.from_numpy(ball)) > 0.9
+    for codes in orders[1:]:  # voxel for voxel in space
+        assert np.array_equal(found[codes], found["RAS"]), codes
+
+
+@pytest.mark.parametrize("scoring", ["merged", "heads", "classes"])
+def test_masks_on_the_scans_grid_follow_each_modes_rule_and_end_at_the_body_box(scoring):
+    # the liver fills the body box (working voxels 1..4 of 6, each axis) and outside it there is
+    # no organ, the multi-class background included; at twice the resolution the liver's share of
+    # scan voxels 2 and 9 is 3/4 along an axis (1 at 3..8, 0 beyond), so it takes the voxels
+    # where the product over the axes exceeds a half: scan voxels 2..9, less the 8 corners
+    geometry = {"resampled": [6, 6, 6], "ras_shape": [12, 12, 12], "box": [[1, 5]] * 3}
+    liver, spleen = torch.ones(4, 4, 4), torch.zeros(4, 4, 4)
+    scores = torch.stack([1 - liver, liver, spleen] if scoring == "classes" else [liver, spleen])
+    masks = predict.masks_on_scan(scores, ["liver", "spleen"], scoring, geometry, largest=False)
+    share = torch.tensor([0, 0, 0.75, 1, 1, 1, 1, 1, 1, 0.75, 0, 0])
+    expected = share[:, None, None] * share[None, :, None] * share[None, None, :] > 0.5
+    assert int(expected.sum()) == 8**3 - 8
+    assert torch.equal(masks["liver"], expected) and not masks["spleen"].any()
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_the_clean_up_runs_on_the_scans_grid_when_the_checkpoint_says_so(largest):
+    geometry = {"resampled": [8, 8, 8], "ras_shape": [8, 8, 8], "box": [[0, 8]] * 3}
+    liver = torch.zeros(8, 8, 8)
+    liver[1:5, 1:5, 1:5], liver[7, 7, 7] = 1, 1  # the organ and a stray voxel
+    masks = predict.masks_on_scan(
+        torch.stack([liver, torch.zeros_like(liver)]), ["liver", "spleen"], "merged", geometry,
+        largest,
+    )
+    assert int(masks["liver"].sum()) == 64 + (0 if largest else 1)
 
 
 def test_missing_probabilities_are_written_on_a_second_run(tmp_path, monkeypatch):
