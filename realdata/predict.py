@@ -24,6 +24,7 @@ from common import check_writable, fail, write_atomic
 from data import ORGAN_ID, DataError
 from eval import clean_masks, label_map, organ_masks, predict_scores
 from realdata.archives import BTCV_IDS, BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
+from realdata.labeltables import write_label_files
 from realdata.nifti import output_header, read_nifti, save_label_nifti
 from realdata.preprocess import preprocess_arrays, ras_to_stored, resampled_slabs
 from segviz import MODES
@@ -188,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Segment every NIfTI scan (HU) in a folder with a checkpoint written by "
                     "train.py: OUT/<case>.nii.gz, a label map in BTCV's ids (1 spleen, 2 right "
                     "kidney, 3 left kidney, 6 liver, 11 pancreas; the checkpoint's organs only) "
-                    "on the scan's own grid and affine. nnU-Net's _0000 suffix is dropped from "
-                    "the case name. A scan that cannot be read is named and skipped; the command "
-                    "then exits 1.",
+                    "on the scan's own grid and affine, and OUT/labels.json, labels.txt "
+                    "(ITK-SNAP) and labels.ctbl (3D Slicer) naming and colouring the ids. "
+                    "nnU-Net's _0000 suffix is dropped from the case name. A scan that cannot be "
+                    "read is named and skipped; the command then exits 1.",
     )
     p.add_argument(
         "-i",
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     cfg = replace(config_of(ckpt, device=given.pop("device", "auto"), parser=p), **given)
     os.makedirs(args.output, exist_ok=True)
+    write_label_files(args.output, ckpt["organs"])
     return predict_scans(ckpt, cfg, scans, args)
 
 
