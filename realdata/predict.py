@@ -151,6 +151,36 @@ def read_scan(path: str) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
+def ct_warning(image: np.ndarray) -> str | None:
+    """Why a scan's intensities do not look like CT in Hounsfield units, or None.
+
+    The rule: a CT of the body holds air (about -1000 HU) around and inside it, and bone or
+    contrast above 100 HU. A scan whose lowest value is above -500 has no air (an MR image, a CT
+    stored without its rescale, or one normalised: every value in [0, 1] or [0, 255] says which),
+    and one whose highest is below 100 has nothing denser than soft tissue."""
+    low, high = float(image.min()), float(image.max())
+    if low >= 0 and high <= 1:
+        why = "every value within [0, 1]: normalised?"
+    elif low >= 0 and high <= 255:
+        why = "every value within [0, 255]: an 8-bit image?"
+    elif low > -500:
+        why = "none below -500, so no air: an MR image, or a CT stored without its rescale?"
+    elif high < 100:
+        why = "none above 100, so no bone and no contrast"
+    else:
+        return None
+    return (
+        f"intensities {low:g} to {high:g} do not look like CT in Hounsfield units ({why}); "
+        "the model reads HU, its labels may be wrong"
+    )
+
+
+PHANTOM_WARNING = (
+    "trained on the built-in phantom (synthetic shapes), not on real scans; its labels on a real "
+    "CT mean little"
+)
+
+
 def organ_probabilities(
     scores: torch.Tensor, organs: Sequence[str], scoring: str
 ) -> dict[str, torch.Tensor]:
@@ -222,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(os.path.realpath(os.path.dirname(f)) == os.path.realpath(args.output) for _, f in scans):
         fail(f"-o {args.output}: is where the scans are; the label maps would take their names")
     ckpt = read_checkpoint(args.checkpoint)
+    if (ckpt.get("source") or {}).get("source") == "phantom":
+        print(f"warning: {args.checkpoint}: {PHANTOM_WARNING}", file=sys.stderr)
     cfg = replace(config_of(ckpt, device=given.pop("device", "auto"), parser=p), **given)
     os.makedirs(args.output, exist_ok=True)
     write_label_files(args.output, ckpt["organs"])
@@ -254,6 +286,9 @@ def predict_scans(
             failed.append(path)
             bar.write(f"error: {e}; skipped", file=sys.stderr)
             continue
+        warning = ct_warning(image)
+        if warning:
+            bar.write(f"warning: {path}: {warning}", file=sys.stderr)
         case = preprocess_arrays(
             image, affine, None, None, 0, cfg.spacing, name, os.path.abspath(path)
         )

@@ -24,7 +24,7 @@ from unet3d import UNet3D, UNetConfig
 BTCV = {"liver": 6, "spleen": 1}
 
 
-def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0)) -> str:
+def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0), source=None) -> str:
     """A checkpoint as train.py writes one for `--mode segviz --nodes 2`, with a tiny untrained net.
     """
     unet = UNetConfig(classes=2, channels=(4, 8), norm="instance")
@@ -43,7 +43,8 @@ def tiny_checkpoint(path, spacing=(6.0, 6.0, 6.0)) -> str:
     windows = {"liver": (-200.0, 200.0), "spleen": (-57.0, 164.0)}
     torch.save(
         model_checkpoint(
-            cfg, "segviz-2", ["liver", "spleen"], unet, states, False, windows, {}, {}, {}
+            cfg, "segviz-2", ["liver", "spleen"], unet, states, False, windows, {}, source or {},
+            {},
         ),
         path,
     )
@@ -308,6 +309,48 @@ def test_missing_probabilities_are_written_on_a_second_run(tmp_path, monkeypatch
     assert sorted(os.listdir(out)) == sorted(
         ["c.nii.gz", "c_liver.nii.gz", "c_spleen.nii.gz", *LABEL_FILES]
     )
+
+
+@pytest.mark.parametrize("low, high, why", [
+    (-1024, 3071, None),  # a CT
+    (-1000, 60, "no bone"),  # air and soft tissue only
+    (0, 1, "normalised"),
+    (0, 255, "8-bit"),
+    (0, 1800, "no air"),  # an MR image
+    (-200, 1800, "no air"),
+])
+def test_the_ct_check_names_what_does_not_look_like_hounsfield_units(low, high, why):
+    image = np.linspace(low, high, 1000, dtype=np.float32).reshape(10, 10, 10)
+    warning = predict.ct_warning(image)
+    assert (warning is None) if why is None else (why in warning and f"{low:g} to" in warning)
+
+
+def test_suspect_scans_and_a_phantom_checkpoint_warn_in_one_line_and_the_run_goes_on(
+    tmp_path, capsys
+):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    mr = rng.uniform(0, 1500, (20, 20, 12)).astype(np.float32)  # MR-like: no air, no HU
+    nib.save(nib.Nifti1Image(mr, np.diag([6.0, 6.0, 6.0, 1.0])), folder / "mr.nii.gz")
+    nib.save(nib.Nifti1Image(mr / 1500, np.diag([6.0, 6.0, 6.0, 1.0])), folder / "unit.nii.gz")
+    nib.save(ct((20, 20, 12), np.diag([6.0, 6.0, 6.0, 1.0]), bright=np.s_[5:9, 5:9, 3:6]),
+             folder / "ct.nii.gz")
+    model = tiny_checkpoint(tmp_path / "model.pt", source={"source": "phantom"})
+    assert predict.main(["-i", str(folder), "-o", str(out), "--checkpoint", model]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 3, warnings
+    assert sum(model in w and "phantom" in w for w in warnings) == 1
+    assert sum("mr.nii.gz" in w and "no air" in w for w in warnings) == 1
+    assert sum("unit.nii.gz" in w and "normalised" in w for w in warnings) == 1
+    assert all((out / f"{case}.nii.gz").exists() for case in ("mr", "unit", "ct"))
+    # a checkpoint trained on real data, and real CT: no warning
+    real = tiny_checkpoint(tmp_path / "real.pt", source={"source": "real"})
+    (folder / "mr.nii.gz").unlink()
+    (folder / "unit.nii.gz").unlink()
+    fresh = tmp_path / "again"
+    assert predict.main(["-i", str(folder), "-o", str(fresh), "--checkpoint", real]) == 0
+    assert "warning" not in capsys.readouterr().err and (fresh / "ct.nii.gz").exists()
 
 
 @pytest.mark.parametrize("setup, message", [
