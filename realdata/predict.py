@@ -117,26 +117,27 @@ def scan_name(filename: str) -> str | None:
     )
 
 
-def list_scans(path: str) -> list[tuple[str, str]]:
-    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted.
-    """
+def list_scans(path: str, flag: str = "-i") -> list[tuple[str, str]]:
+    """(case, file) of every NIfTI image in the folder `path` (or of the one file `path`), sorted;
+    bad input fails naming the command line's `flag`."""
     if os.path.isfile(path):
         name = scan_name(os.path.basename(path))
         if name is None:
-            fail(f"-i {path}: not a NIfTI image (.nii or .nii.gz)")
+            fail(f"{flag} {path}: not a NIfTI image (.nii or .nii.gz)")
         return [(name, path)]
     if not os.path.isdir(path):
-        fail(f"-i {path}: no such folder")
+        fail(f"{flag} {path}: no such folder")
     scans: dict[str, str] = {}
     for filename in sorted(os.listdir(path)):
         name = scan_name(filename)
         if name is None or not os.path.isfile(os.path.join(path, filename)):
             continue
         if name in scans:
-            fail(f"-i {path}: {os.path.basename(scans[name])} and {filename} are both case {name}")
+            first = os.path.basename(scans[name])
+            fail(f"{flag} {path}: {first} and {filename} are both case {name}")
         scans[name] = os.path.join(path, filename)
     if not scans:
-        fail(f"-i {path}: no NIfTI image (.nii or .nii.gz) in it")
+        fail(f"{flag} {path}: no NIfTI image (.nii or .nii.gz) in it")
     return sorted(scans.items())
 
 
