@@ -1,8 +1,10 @@
-"""python -m realdata COMMAND: inspect a download, write a synthetic federation, segment scans.
+"""python -m realdata COMMAND: inspect a download, write a synthetic federation, segment scans,
+score predictions.
 
     python -m realdata inspect --data-root DIR    # check the folders before a long run
     python -m realdata synth OUT                  # a synthetic federation in the official layouts
     python -m realdata predict -i SCANS -o LABELS --checkpoint OUT/model.pt
+    python -m realdata score -p PRED -l LABELS    # Dice, HD95, NSD per case: PRED/summary.json
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ COMMANDS = {
     "inspect": "realdata.inspection",
     "synth": "realdata.synth",
     "predict": "realdata.predict",
+    "score": "realdata.score",
 }
 
 
