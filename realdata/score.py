@@ -71,6 +71,27 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
 
+def organ_scores(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], spacing: Sequence[float]
+) -> dict[str, dict[str, float]]:
+    """{metric: {organ: value}} of each organ's predicted mask against its true one (boolean
+    arrays of one grid), `spacing` the voxel size along each array axis; both surface metrics from
+    one surface distance computation."""
+    scores: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
+    for organ, t in truth.items():
+        p = pred[organ]
+        scores["dice"][organ] = dice(torch.from_numpy(p), torch.from_numpy(t))
+        distances = surface_distances(p, t, spacing)
+        scores["hd95"][organ] = hd95_from_distances(*distances)
+        scores["nsd"][organ] = surface_dice_from_distances(*distances, NSD_TOLERANCE_MM)
+    return scores
+
+
+def organ_masks_of(label: np.ndarray, ids: OrganIds) -> dict[str, np.ndarray]:
+    """Each organ's mask in a label map: the voxels holding one of its ids."""
+    return {organ: np.isin(label, values) for organ, values in ids.items()}
+
+
 def score_pair(pred_path: str, label_path: str, ids: OrganIds) -> dict[str, dict[str, float]]:
     """{metric: {organ: value}} of one prediction against its label map, in the label's voxel
     spacing; DataError when the two cannot be compared."""
@@ -81,15 +102,9 @@ def score_pair(pred_path: str, label_path: str, ids: OrganIds) -> dict[str, dict
                         f"{tuple(truth.shape)} ({label_path})")
     if not same_grid(pred_affine, affine, truth.shape):
         raise DataError(f"{pred_path}: affine differs from its label map's ({label_path})")
-    spacing = voxel_spacing(affine)
-    scores: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
-    for organ, values in ids.items():
-        p, t = np.isin(pred, values), np.isin(truth, values)
-        scores["dice"][organ] = dice(torch.from_numpy(p), torch.from_numpy(t))
-        distances = surface_distances(p, t, spacing)
-        scores["hd95"][organ] = hd95_from_distances(*distances)
-        scores["nsd"][organ] = surface_dice_from_distances(*distances, NSD_TOLERANCE_MM)
-    return scores
+    return organ_scores(
+        organ_masks_of(pred, ids), organ_masks_of(truth, ids), voxel_spacing(affine)
+    )
 
 
 def prediction_of(folder: str, case: str) -> str | None:
