@@ -4,6 +4,7 @@
     python -m bench exchange      # what leaves a site per round, per mode and preset
     python -m bench clients       # peak memory of simulating N clients in one process
     python -m bench speed         # against MONAI: sampler, Dice, sliding window, training step
+    python -m bench boundary      # predictions back on the scan's grid: nearest vs trilinear
 
 Results are printed and kept, the latest of each, in bench/bench.json (docs/speed.md reads them).
 """
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 
+from bench.boundary import REAL_LABELS, SPACINGS, bench_boundary, boundary_table
 from bench.resources import (
     REAL_CT,
     bench_clients,
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # _clients and _child: the fresh processes that measure a peak of their own
     sub = p.add_subparsers(
-        dest="what", required=True, metavar="{preprocess,exchange,clients,speed}"
+        dest="what", required=True, metavar="{preprocess,exchange,clients,speed,boundary}"
     )
     q = sub.add_parser(
         "preprocess", help="real-data preprocessing: time per volume, cache size, peak memory"
@@ -82,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"measure only these ({', '.join(SPEED_PARTS)}); the others keep their earlier "
         "entry in --out",
     )
+    b = sub.add_parser(
+        "boundary", help="boundaries of a label map brought back to the scan's grid: the label "
+        "map by nearest neighbour against the probabilities by trilinear interpolation"
+    )
+    b.add_argument("--ct", default=REAL_CT, help="a CT (NIfTI; default: the real CT in ../shared)")
+    b.add_argument("--labels", default=REAL_LABELS,
+                   help="its TotalSegmentator labels (default: the real CT's)")
+    b.add_argument("--spacings", type=float, nargs="+", default=list(SPACINGS),
+                   help="working spacings in mm, isotropic (default 3 4.5 6)")
+    b.add_argument("--out", default=BENCH_JSON)
     k = sub.add_parser("_clients")
     k.add_argument("n", type=int)
     k.add_argument("rounds", type=int)
@@ -116,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(speed_table(result))
         merge_json(args.out, key, result)
         return 0
+    elif args.what == "boundary":
+        result = bench_boundary(args)
+        print(boundary_table(result))
     elif args.what == "exchange":
         result = bench_exchange(args)
         print(exchange_table(result))

@@ -107,3 +107,21 @@ def test_exchange_counts_the_keys_training_sends():
         assert rows[name]["segviz"]["keys_sent"] == len(expected)
     assert rows["paper"]["segviz"]["keys_sent"] < len([k for k in UNet3D(UNetConfig(
         channels=PRESETS["paper"]["channels"], norm="batch")).state_dict() if k.startswith("rep.")])
+
+
+def test_boundary_scores_both_paths_back_to_the_real_cts_grid(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "realdata"))
+    import layouts
+
+    if layouts.MISSING:
+        pytest.skip(layouts.MISSING)
+    out = tmp_path / "bench.json"
+    assert bench.main(["boundary", "--spacings", "3", "6", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["boundary"]["by_spacing"]
+    for path in ("nearest", "trilinear"):  # the CT's own spacing: both give its labels back
+        assert all(v == 1.0 for v in result["3"][path]["dice"].values())
+    coarse = result["6"]
+    for organ in ("liver", "spleen", "pancreas", "kidneys"):
+        for metric in ("dice", "nsd"):
+            assert coarse["trilinear"][metric][organ] > coarse["nearest"][metric][organ], organ
+    assert "| trilinear |" in capsys.readouterr().out
