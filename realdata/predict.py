@@ -35,6 +35,17 @@ from settings import Config, add_arguments, given_of
 # ---------------------------------------------------------------------------------------
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding a mask's voxels; None if it has none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(hits):
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     """ORGAN_ID label map (RAS order) -> BTCV ids; each kidney component becomes the
     right (2) or left (3) kidney by the side of the midline its centre lies on (+x is the
@@ -47,24 +58,29 @@ def to_btcv_ids(label: torch.Tensor) -> np.ndarray:
     out = np.zeros(lab.shape, np.uint8)
     for organ in ("liver", "spleen", "pancreas"):
         out[lab == ORGAN_ID[organ]] = BTCV_IDS[organ][0]
-    kidney = lab == ORGAN_ID["kidneys"]
+    box = mask_box(lab == ORGAN_ID["kidneys"])
+    if box is None:
+        return out
+    # the components are found in the kidneys' box only: on a scan's own grid, labelling the
+    # whole volume would take several bytes per voxel of the scan
+    kidney = lab[box] == ORGAN_ID["kidneys"]
     parts, n = ndimage.label(kidney, structure=np.ones((3, 3, 3), bool))
-    if n:
-        index = range(1, n + 1)
-        centres = [c[0] for c in ndimage.center_of_mass(kidney, parts, index)]
-        midline = (lab.shape[0] - 1) / 2
-        if n >= 2:
-            sizes = ndimage.sum_labels(kidney, parts, index)
-            a, b = np.argsort(sizes)[::-1][:2]
-            spans = ndimage.find_objects(parts)
-            lo, hi = sorted((a, b), key=lambda i: centres[i])
-            if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
-                midline = (spans[lo][0].stop + spans[hi][0].start - 1) / 2
-        side = np.array(
-            [0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres],
-            np.uint8,
-        )
-        out[kidney] = side[parts[kidney]]
+    index = range(1, n + 1)
+    x0 = box[0].start
+    centres = [x0 + c[0] for c in ndimage.center_of_mass(kidney, parts, index)]
+    midline = (lab.shape[0] - 1) / 2
+    if n >= 2:
+        sizes = ndimage.sum_labels(kidney, parts, index)
+        a, b = np.argsort(sizes)[::-1][:2]
+        spans = ndimage.find_objects(parts)
+        lo, hi = sorted((a, b), key=lambda i: centres[i])
+        if spans[lo][0].stop <= spans[hi][0].start:  # no overlap in x: one on each side
+            midline = x0 + (spans[lo][0].stop + spans[hi][0].start - 1) / 2
+    side = np.array(
+        [0] + [BTCV_RIGHT_KIDNEY if c > midline else BTCV_LEFT_KIDNEY for c in centres],
+        np.uint8,
+    )
+    out[box][kidney] = side[parts[kidney]]
     return out
 
 
