@@ -1,6 +1,7 @@
 """Real scans brought to the working grid, as the phantom is: reoriented to RAS from the affine,
 resampled to the working spacing (linear for images, nearest for labels), cropped to the body,
-and cached on disk; and a map on the working grid brought back onto the scan's own grid.
+and cached on disk; and a map on the working grid brought back onto the scan's own grid (a label
+map by nearest neighbour, probabilities by trilinear interpolation).
 
 Every volume is reoriented from its affine, never from the array order: KiTS19 stores (slices,
 H, W) under an affine that permutes and flips the axes. What was done is kept with the case
