@@ -20,6 +20,14 @@ NODE_SITES = {1: ("liver",), 2: ("liver", "spleen"), 3: ("liver", "spleen", "pan
               4: ("liver", "spleen", "pancreas", "kidneys")}
 # which organ each site labelled
 SITE_ORGAN = {"liver": "liver", "spleen": "spleen", "pancreas": "pancreas", "kidneys": "kidneys"}
+# the colour each organ is shown in (RGB in [0, 1]): the figures' overlays and curves, and the
+# colour tables written beside predictions for 3D Slicer and ITK-SNAP
+ORGAN_COLOURS = {
+    "liver": (0.85, 0.35, 0.2),
+    "spleen": (0.2, 0.5, 0.9),
+    "pancreas": (0.95, 0.8, 0.2),
+    "kidneys": (0.3, 0.8, 0.4),
+}
 
 # Intensity windows of the original SegViz code, in HU, each scaled to [0, 1]: one per site's
 # binary model, and "pooled" for its multi-class central model.

@@ -17,7 +17,7 @@ import torch
 from cases import load_test_set
 from checkpoint import MODEL_FILE, config_of, model_of, read_checkpoint
 from common import fail
-from data import ORGAN_ID, Case, window
+from data import ORGAN_COLOURS, ORGAN_ID, Case, window
 from eval import label_map, segment
 from experiments.compare import read_runs, scored_rows
 from metrics import NSD_TOLERANCE_MM
@@ -97,7 +97,7 @@ def loss_curves(runs: dict[str, list[dict]], path: str) -> None:
             span = min(len(c) for c in curves)
             values = np.array([c[:span] for c in curves])
             rounds = np.arange(1, span + 1)
-            colour = OVERLAY_COLOURS.get(site, (0.3, 0.3, 0.3))
+            colour = ORGAN_COLOURS.get(site, (0.3, 0.3, 0.3))
             ax.plot(rounds, values.mean(0), color=colour, label=site, lw=1.2)
             ax.fill_between(rounds, values.min(0), values.max(0), color=colour, alpha=0.2, lw=0)
         seeds = len(runs[name])
@@ -112,14 +112,6 @@ def loss_curves(runs: dict[str, list[dict]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-OVERLAY_COLOURS = {
-    "liver": (0.85, 0.35, 0.2),
-    "spleen": (0.2, 0.5, 0.9),
-    "pancreas": (0.95, 0.8, 0.2),
-    "kidneys": (0.3, 0.8, 0.4),
-}
 
 
 def overlays(
@@ -191,7 +183,7 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
                       vmax=1, aspect=aspect)
             shown = radiological(seg).numpy()
             rgba = np.zeros((*shown.shape, 4))
-            for organ, colour in OVERLAY_COLOURS.items():
+            for organ, colour in ORGAN_COLOURS.items():
                 rgba[shown == ORGAN_ID[organ]] = (*colour, 0.45)
             ax.imshow(rgba, aspect=aspect)
             for x, letter, align in ((0.03, "R", "left"), (0.97, "L", "right")):
@@ -203,7 +195,7 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
                 ax.set_title(title, fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{what}\n({view})", fontsize=7)
-    legend = [Patch(color=OVERLAY_COLOURS[o], alpha=0.6, label=o) for o in OVERLAY_COLOURS]
+    legend = [Patch(color=ORGAN_COLOURS[o], alpha=0.6, label=o) for o in ORGAN_COLOURS]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
@@ -229,7 +221,7 @@ def validation_curves(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
         rounds = [r["round"] for r in rows]
         for site in (k for k in rows[0] if k != "round"):
             ax.plot(rounds, [r[site] for r in rows], marker="o", ms=3, label=site,
-                    color=OVERLAY_COLOURS.get(site))
+                    color=ORGAN_COLOURS.get(site))
         ax.set_xlabel("round")
         ax.set_ylabel("validation Dice (own site)")
         ax.set_ylim(-0.02, 1.02)

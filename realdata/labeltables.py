@@ -11,16 +11,11 @@ import os
 from collections.abc import Sequence
 
 from common import write_json_atomic, write_text_atomic
+from data import ORGAN_COLOURS
 from realdata.archives import BTCV_IDS, BTCV_LEFT_KIDNEY, BTCV_RIGHT_KIDNEY
 
-# The overlays' colours of experiments/figures.py (OVERLAY_COLOURS; a test keeps the two equal),
-# RGB in [0, 1]; the left kidney is the kidneys' green darkened, so that the two sides stay apart.
-ORGAN_COLOURS = {
-    "liver": (0.85, 0.35, 0.2),
-    "spleen": (0.2, 0.5, 0.9),
-    "pancreas": (0.95, 0.8, 0.2),
-    "kidneys": (0.3, 0.8, 0.4),
-}
+# data.ORGAN_COLOURS, the figures' colours; the left kidney is the kidneys' green darkened, so
+# that the two sides stay apart
 LEFT_KIDNEY_SHADE = 0.7
 ID_NAMES = {BTCV_RIGHT_KIDNEY: "right kidney", BTCV_LEFT_KIDNEY: "left kidney"}
 LABEL_FILES = ("labels.json", "labels.txt", "labels.ctbl")

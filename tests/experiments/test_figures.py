@@ -149,8 +149,8 @@ def test_overlay_has_an_axial_row_through_each_organ_and_a_legend():
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from data import ORGAN_ID, Case
-    from experiments.figures import OVERLAY_COLOURS, overlay_figure
+    from data import ORGAN_COLOURS, ORGAN_ID, Case
+    from experiments.figures import overlay_figure
 
     shape = (40, 30, 24)
     label = torch.zeros(shape, dtype=torch.uint8)
@@ -169,7 +169,7 @@ def test_overlay_has_an_axial_row_through_each_organ_and_a_legend():
         box = ax.get_window_extent()
         crop = pixels[height - int(box.y1):height - int(box.y0), int(box.x0):int(box.x1)]
         r, g, b = (crop[..., k] for k in range(3))
-        colour = np.array(OVERLAY_COLOURS[organ]) * 255
+        colour = np.array(ORGAN_COLOURS[organ]) * 255
         # over a black CT the overlay is the colour at 45 %
         near = sum(np.abs(c - 0.45 * v) < 12 for c, v in zip((r, g, b), colour)) == 3
         return near.sum() > 10
@@ -179,5 +179,5 @@ def test_overlay_has_an_axial_row_through_each_organ_and_a_legend():
     assert shows(kidneys_row, "kidneys") and not shows(kidneys_row, "liver")
     assert shows(coronal, "liver") and shows(coronal, "kidneys")
     names = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert names == list(OVERLAY_COLOURS)
+    assert names == list(ORGAN_COLOURS)
     plt.close(fig)

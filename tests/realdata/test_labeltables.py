@@ -7,13 +7,8 @@ import json
 
 import pytest
 
-from experiments.figures import OVERLAY_COLOURS
-from realdata.labeltables import (
-    LEFT_KIDNEY_SHADE,
-    ORGAN_COLOURS,
-    rgb255,
-    write_label_files,
-)
+from data import ORGAN_COLOURS
+from realdata.labeltables import LEFT_KIDNEY_SHADE, rgb255, write_label_files
 
 ALL = ["liver", "spleen", "pancreas", "kidneys"]
 NAMES = {0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 6: "liver",
@@ -54,7 +49,7 @@ def read_slicer(path) -> dict[int, dict]:
 
 
 def expected_rgb(label: int, organ: str) -> list[int]:
-    colour = OVERLAY_COLOURS[organ]
+    colour = ORGAN_COLOURS[organ]
     if label == 3:
         colour = [c * LEFT_KIDNEY_SHADE for c in colour]
     return rgb255(colour)
@@ -63,8 +58,7 @@ def expected_rgb(label: int, organ: str) -> list[int]:
 ORGAN_OF = {1: "spleen", 2: "kidneys", 3: "kidneys", 6: "liver", 11: "pancreas"}
 
 
-def test_the_colours_are_the_figures_overlay_colours():
-    assert ORGAN_COLOURS == OVERLAY_COLOURS
+def test_colours_are_written_as_slicer_rounds_them():
     assert rgb255((0.3, 0.8, 0.4)) == [77, 204, 102]  # halves rounded up, as Slicer writes them
 
 
