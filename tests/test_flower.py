@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "flower")
 sys.path.insert(0, APP)  # the app's package, as Flower loads it from the FAB
 
+import segviz_flower  # noqa: E402
 from segviz_flower import server_app, task  # noqa: E402
 
 from eval import main as eval_main  # noqa: E402
@@ -170,6 +171,26 @@ def test_a_simulated_node_takes_its_site_from_its_partition_id():
     assert task.site_of(context({"site": "spleen", "partition-id": 0})) == "spleen"
     with pytest.raises(ValueError, match="no site"):
         task.site_of(context({}))
+
+
+def test_the_app_finds_the_checkout_from_the_working_directory_or_above_it(tmp_path):
+    installed = tmp_path / "apps" / "segviz.segviz-flower" / "segviz_flower"  # as from a FAB
+    shutil.copytree(os.path.join(APP, "segviz_flower"), installed)
+    assert segviz_flower.find_checkout("", str(installed / "__init__.py"), APP) == ROOT
+    assert segviz_flower.find_checkout("", str(installed / "__init__.py"), ROOT) == ROOT
+    assert segviz_flower.find_checkout("", str(installed / "__init__.py"), str(tmp_path)) is None
+    assert segviz_flower.find_checkout(ROOT, str(installed / "__init__.py"), str(tmp_path)) == ROOT
+    # `cd flower && flwr run .`: the app, loaded from outside the checkout with no SEGVIZ_ROOT,
+    # puts the checkout above the working directory on the path
+    env = {k: v for k, v in os.environ.items() if k != "SEGVIZ_ROOT"}
+    env["PYTHONPATH"] = str(installed.parent)
+    probe = "import sys, segviz_flower; print(sys.path[0])"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=os.path.join(APP, "segviz_flower"),
+                           env=env, capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == ROOT, found.stderr[-2000:]
+    lost = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert lost.returncode != 0 and "set SEGVIZ_ROOT" in lost.stderr
 
 
 # ---------------------------------------------------------------------------------------

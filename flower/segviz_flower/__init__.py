@@ -4,7 +4,8 @@ both use (task.py).
 The app is this package alone (the FAB); the SegViz modules it trains with (the core: fl, segviz,
 train, ...; and experiments.robust) are those of a checkout on each machine. They are found, in
 order: already importable (PYTHONPATH), $SEGVIZ_ROOT, the checkout this package sits in (when run
-from source), the working directory (where `flwr run`, the SuperLink or the SuperNode was started).
+from source), the working directory (where `flwr run`, the SuperLink or the SuperNode was started)
+and the folders above it (`cd flower && flwr run .` from a checkout).
 """
 
 from __future__ import annotations
@@ -14,7 +15,19 @@ import os
 import sys
 from pathlib import Path
 
-MARKER = "segviz.py"  # a module only the SegViz checkout has at its top level
+MARKERS = ("segviz.py", "train.py")  # modules only the SegViz checkout has at its top level
+
+
+def find_checkout(env_root: str, package_file: str, cwd: str) -> str | None:
+    """The first folder holding the SegViz modules among $SEGVIZ_ROOT (`env_root`), the checkout
+    `package_file` sits in, `cwd` and the folders above `cwd`; None when none does."""
+    here, start = Path(package_file).resolve(), Path(cwd).resolve()
+    places = [Path(env_root)] if env_root else []
+    places += [*here.parents[2:3], start, *start.parents]
+    for folder in places:
+        if all((folder / marker).is_file() for marker in MARKERS):
+            return str(folder.resolve())
+    return None
 
 
 def _segviz_root() -> str | None:
@@ -24,19 +37,14 @@ def _segviz_root() -> str | None:
         and importlib.util.find_spec("segviz") is not None
     ):
         return None
-    candidates = [
-        os.environ.get("SEGVIZ_ROOT", ""),
-        str(Path(__file__).resolve().parents[2]),
-        os.getcwd(),
-    ]
-    for folder in candidates:
-        if folder and os.path.isfile(os.path.join(folder, MARKER)):
-            return os.path.abspath(folder)
-    raise ImportError(
-        "the SegViz modules (segviz.py, train.py, ...) are not importable here: set "
-        "SEGVIZ_ROOT to a checkout of the repository, or start flwr run / the SuperLink / the "
-        "SuperNode from one"
-    )
+    root = find_checkout(os.environ.get("SEGVIZ_ROOT", ""), __file__, os.getcwd())
+    if root is None:
+        raise ImportError(
+            "the SegViz modules (segviz.py, train.py, ...) are not importable here: set "
+            "SEGVIZ_ROOT to a checkout of the repository, or start flwr run / the SuperLink / "
+            "the SuperNode in one"
+        )
+    return root
 
 
 if (_root := _segviz_root()) is not None and _root not in sys.path:
