@@ -220,13 +220,8 @@ def site_of(context: Context) -> str:
     raise ValueError("this SuperNode's node config has no site: --node-config \"site='liver'\"")
 
 
-def node_settings(context: Context) -> tuple[str, Config, dict, str]:
-    """This node's site, the run's Config with this node's paths and device, the variant, and
-    the node's folder for this run."""
-    node, run_config = context.node_config, context.run_config
-    site = site_of(context)
-    if threads := int(node.get("threads", 0)):
-        torch.set_num_threads(threads)
+def node_paths(node: Mapping, run_config: Mapping, site: str) -> dict[str, str]:
+    """Where this node reads its data and keeps its cache: its node config says so."""
     data_root = str(node.get("data-root", ""))
     if bool(data_root) != bool(run_config.get("data-root", "")):
         raise ValueError(
@@ -234,15 +229,24 @@ def node_settings(context: Context) -> tuple[str, Config, dict, str]:
             f"{run_config.get('data-root', '')!r} in the run: real data everywhere or the "
             "phantom everywhere"
         )
+    return {"data_root": data_root, "data": "", "cache": str(node.get("cache", ""))}
+
+
+def node_settings(context: Context) -> tuple[str, Config, dict, str]:
+    """This node's site, the run's Config with this node's paths and device, the variant, and
+    the node's folder for this run."""
+    node, run_config = context.node_config, context.run_config
+    site = site_of(context)
+    if threads := int(node.get("threads", 0)):
+        torch.set_num_threads(threads)
     folder = os.path.join(
         os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config)
     )
     cfg = config_from(
         run_config,
         out=folder,
-        cache=str(node.get("cache", "")),
         device=str(node.get("device", "auto")),
-        data_root=data_root,
+        **node_paths(node, run_config, site),
     )
     return site, cfg, variant_of(run_config), folder
 
