@@ -173,6 +173,33 @@ def test_a_simulated_node_takes_its_site_from_its_partition_id():
         task.site_of(context({}))
 
 
+def test_a_simulation_trains_one_site_per_simulated_supernode(capsys):
+    assert task.simulation_sites({"nodes": 4}, 2) == 2
+    assert task.simulation_sites({"nodes": 2}, 3) == 2
+    assert server_app.sized({"nodes": 4, "rounds": 1}, 0) == {"nodes": 4, "rounds": 1}  # real
+    assert server_app.sized({"nodes": 4, "rounds": 1}, 2) == {"nodes": 2, "rounds": 1}
+    assert "2 site(s) of the run's 4 take part (liver, spleen)" in capsys.readouterr().out
+    assert task.simulation_size({"partition-id": 1, "num-partitions": 3}) == 3
+    assert task.simulation_size({"site": "liver", "partition-id": 1, "num-partitions": 3}) == 0
+
+
+def test_a_simulated_node_uses_the_run_configs_paths_a_real_supernode_its_own(tmp_path):
+    run_config = {**app_config(), "data-root": str(tmp_path / "run-data"), "nodes": 4,
+                  "data": f"spleen={tmp_path / 'spleen'}", "cache": str(tmp_path / "run-cache")}
+
+    def settings(node):
+        return task.node_settings(SimpleNamespace(node_config=node, run_config=run_config))
+
+    site, cfg, _, _ = settings({"partition-id": 1, "num-partitions": 2})
+    assert site == "spleen" and cfg.nodes == 2
+    assert (cfg.data_root, cfg.cache) == (str(tmp_path / "run-data"), str(tmp_path / "run-cache"))
+    assert cfg.data == {"spleen": str(tmp_path / "spleen")}
+    site, cfg, _, _ = settings({"site": "spleen", "data-root": str(tmp_path / "mine")})
+    assert site == "spleen" and cfg.nodes == 4 and cfg.data_root == str(tmp_path / "mine")
+    with pytest.raises(ValueError, match="real data everywhere or the phantom everywhere"):
+        settings({"site": "spleen"})
+
+
 def test_the_app_finds_the_checkout_from_the_working_directory_or_above_it(tmp_path):
     installed = tmp_path / "apps" / "segviz.segviz-flower" / "segviz_flower"  # as from a FAB
     shutil.copytree(os.path.join(APP, "segviz_flower"), installed)

@@ -1,5 +1,6 @@
 """The ClientApp: one site per SuperNode (its `site` node config, or in Flower's simulation
-its partition-id: 0 liver, 1 spleen, 2 pancreas, 3 kidneys).
+its partition-id: 0 liver, 1 spleen, 2 pancreas, 3 kidneys; a simulation trains one site per
+simulated SuperNode, up to the run's `nodes`).
 
 A round of local training is `fl.local_train` on the very client that `train.build_run`
 builds for the in-process loop: same sampler seed, same initial weights from the run's seed,
@@ -30,6 +31,7 @@ from .task import (
     local_keys,
     node_settings,
     open_site,
+    simulation_size,
     to_bytes,
     to_record,
 )
@@ -160,20 +162,26 @@ def save_site_model(site: Site) -> str:
 app = ClientApp()
 
 
+@app.query("node")
+def node_kind(msg: Message, context: Context) -> Message:
+    """How many SuperNodes Flower's simulation has, or 0 on a real SuperNode: the server sizes
+    the run by it before asking any site to prepare."""
+    info = {"supernodes": simulation_size(context.node_config)}
+    return Message(RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Which site this node is, how many training cases it has (for weighted averaging), and
     its settings' fingerprint; preparing the site here also fills the node's caches."""
     name, cfg, _, _ = node_settings(context)
-    # Flower's simulation: the site is the partition-id's
-    simulated = "site" not in context.node_config
     # e.g. a kidneys node while the run has nodes=2: it stays idle
     if name not in NODE_SITES[cfg.nodes]:
-        info = {"site": name, "member": False, "simulated": simulated}
+        info = {"site": name, "member": False}
         return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
     site = open_site(context)
     info = {"site": site.name, "member": True, "cases": int(site.client.weight),
-            "settings": site.key, "simulated": simulated}
+            "settings": site.key}
     return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
 
 

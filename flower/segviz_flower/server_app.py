@@ -1,4 +1,4 @@
-"""The ServerApp: discover the sites, run the rounds, assemble, test and save.
+"""The ServerApp: size the federation, discover the sites, run the rounds, assemble, test and save.
 
 It sends the shared weights (`segviz.shared_keys`: `rep.*` in segviz, every key in fedavg),
 combines what comes back with the in-process loop's combining function (`experiments.variants`:
@@ -38,6 +38,7 @@ from .task import (
     from_record,
     local_keys,
     settings_key,
+    simulation_sites,
     to_record,
     variant_of,
 )
@@ -96,8 +97,6 @@ class Coordinator:
     counted: dict[str, int] = field(default_factory=dict)  # site -> last round whose reply arrived
     # connected nodes of sites this run does not include
     idle: set[int] = field(default_factory=set)
-    # nodes of Flower's simulation (site from partition-id)
-    simulated: set[int] = field(default_factory=set)
     journal: dict = field(default_factory=dict)  # what the server sent and received (flower.json)
 
     @property
@@ -124,6 +123,43 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
         if waiting:
             time.sleep(0.5)
     return replies
+
+
+def simulation_size(grid: Grid, opts: Options) -> int:
+    """How many SuperNodes Flower's simulation has, asked of the first nodes to connect (before
+    any site prepares); 0 when they are real SuperNodes."""
+    deadline = time.time() + opts.wait_for_nodes
+    while not (nodes := list(grid.get_node_ids())):
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"no SuperNode connected after {opts.wait_for_nodes:g} s (start one per site: "
+                "flower-supernode --node-config \"site='...'\")"
+            )
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type="query.node", ttl=opts.timeout)
+        for n in nodes
+    ]
+    replies = exchange(grid, messages, opts.timeout, lambda rs: any(r.has_content() for r in rs))
+    answers = [r for r in replies.values() if r.has_content()]
+    # no answer: discovery reports what each node says
+    return int(answers[0].content["node"]["supernodes"]) if answers else 0
+
+
+def sized(run_config: Mapping, supernodes: int) -> Mapping:
+    """The run config with as many sites as a simulation of `supernodes` SuperNodes can train
+    (one per SuperNode, up to `nodes`); unchanged for real SuperNodes."""
+    if not supernodes:
+        return run_config
+    wanted, nodes = int(run_config.get("nodes", 4)), simulation_sites(run_config, supernodes)
+    hint = f'--federation-config "num-supernodes={wanted}"'
+    more = f"; for all {wanted}: {hint}" if nodes < wanted else ""
+    print(
+        f"Flower's simulation has {supernodes} SuperNode(s): {nodes} site(s) of the run's "
+        f"{wanted} take part ({', '.join(NODE_SITES[nodes])}){more}",
+        flush=True,
+    )
+    return {**run_config, "nodes": nodes}
 
 
 def remote(*_) -> NoReturn:
@@ -169,12 +205,6 @@ def discover(grid: Grid, co: Coordinator) -> None:
             for reply in replies.values():
                 adopt_node(co, reply)
         missing = [s for s in sites if s not in co.nodes]
-        if missing and co.simulated and co.simulated >= set(grid.get_node_ids()):
-            raise RuntimeError(
-                f"this simulation has {len(co.simulated)} SuperNode(s), one per site; nodes="
-                f"{co.cfg.nodes} needs {len(sites)}: flwr run flower --federation-config "
-                f'"num-supernodes={len(sites)}" (or a smaller nodes in --run-config)'
-            )
         if missing and time.time() > deadline:
             raise RuntimeError(
                 f"no SuperNode for site(s) {', '.join(missing)} after {co.opts.wait_for_nodes:g} s "
@@ -200,8 +230,6 @@ def adopt_node(co: Coordinator, reply: Message, live: set[int] | None = None) ->
     if reply.has_error():
         raise RuntimeError(f"node {node} could not open its site: {reply.error.reason}")
     info = reply.content["site"]
-    if info.get("simulated"):
-        co.simulated.add(node)
     site = str(info["site"])
     if not info["member"]:
         co.idle.add(node)
@@ -464,11 +492,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """The whole run: discover the sites, train the rounds, assemble, test and save."""
+    """The whole run: size the federation, discover the sites, train the rounds, assemble,
+    test and save."""
     t_start = time.time()
     opts = options(context.run_config)
-    cfg = server_config(context.run_config, opts)
-    co = coordinator(cfg, opts, variant_of(context.run_config))
+    server_config(context.run_config, opts)  # settings train.py refuses stop here, before any node
+    run_config = sized(context.run_config, simulation_size(grid, opts))
+    cfg = server_config(run_config, opts)
+    co = coordinator(cfg, opts, variant_of(run_config))
     test_cases, data_info = (
         ([], {}) if opts.keep_heads_local or not cfg.test else server_test_set(cfg)
     )

@@ -205,6 +205,22 @@ class Site:
 PREPARED: dict[tuple, Site] = {}
 
 
+def simulated(node_config: Mapping) -> bool:
+    """A node of Flower's simulation: a partition-id and no `site` in its node config."""
+    return "site" not in node_config and "partition-id" in node_config
+
+
+def simulation_size(node_config: Mapping) -> int:
+    """How many SuperNodes Flower's simulation has (its num-partitions); 0 on a real SuperNode."""
+    return int(node_config.get("num-partitions", 0)) if simulated(node_config) else 0
+
+
+def simulation_sites(run_config: Mapping, supernodes: int) -> int:
+    """The sites a simulation of `supernodes` SuperNodes trains: the run's `nodes`, one site per
+    SuperNode at most (Flower's default simulation has 2 SuperNodes, the run 4 sites)."""
+    return max(1, min(int(run_config.get("nodes", len(SITES))), supernodes))
+
+
 def site_of(context: Context) -> str:
     """This node's site: `site` in its node config, else (Flower's simulation) its partition-id."""
     node = context.node_config
@@ -221,7 +237,12 @@ def site_of(context: Context) -> str:
 
 
 def node_paths(node: Mapping, run_config: Mapping, site: str) -> dict[str, str]:
-    """Where this node reads its data and keeps its cache: its node config says so."""
+    """Where this node reads its data and keeps its cache. A real SuperNode says so in its node
+    config; a simulated one runs on the machine that started the run, so the run config's paths
+    (the server's) are its own too."""
+    if simulated(node):
+        keys = ("data-root", "data", "cache")
+        return {k.replace("-", "_"): str(run_config.get(k, "")) for k in keys}
     data_root = str(node.get("data-root", ""))
     if bool(data_root) != bool(run_config.get("data-root", "")):
         raise ValueError(
@@ -233,10 +254,12 @@ def node_paths(node: Mapping, run_config: Mapping, site: str) -> dict[str, str]:
 
 
 def node_settings(context: Context) -> tuple[str, Config, dict, str]:
-    """This node's site, the run's Config with this node's paths and device, the variant, and
-    the node's folder for this run."""
+    """This node's site, the run's Config with this node's paths and device (in a simulation, as
+    many sites as it has SuperNodes), the variant, and the node's folder for this run."""
     node, run_config = context.node_config, context.run_config
     site = site_of(context)
+    if supernodes := simulation_size(node):
+        run_config = {**run_config, "nodes": simulation_sites(run_config, supernodes)}
     if threads := int(node.get("threads", 0)):
         torch.set_num_threads(threads)
     folder = os.path.join(
