@@ -1,8 +1,9 @@
 """`flwr run` that exits non-zero when the run fails (`flwr run` itself exits 0 even when the
 ServerApp raised): submit the run, stream its log, then read the run's final status.
 
+    python flower/run.py flower --run-config "rounds=2"
     python flower/run.py flower --federation-config "num-supernodes=4" --run-config "rounds=2"
-    python flower/run.py flower segviz-local --run-config "nodes=2 rounds=2"
+    cd flower && python run.py . segviz-local --run-config "nodes=2 rounds=2"
 
 The arguments are `flwr run`'s (APP first; a SuperLink connection may follow, else Flower's
 default). Processes this starts find the SegViz modules through SEGVIZ_ROOT (this checkout)

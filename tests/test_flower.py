@@ -503,12 +503,10 @@ def processes_mentioning(text: str) -> set[int]:
     return found
 
 
-@pytest.mark.slow
-def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_non_zero(tmp_path):
-    home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
+def local_simulation_env(home) -> dict:
+    """Flower's default local simulation, in a Flower home and on ports of the test's own."""
     http, control = free_ports(2)
-    # Flower's default local simulation, in a Flower home and on ports of this test's own
-    env = {
+    return {
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
@@ -516,14 +514,15 @@ def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_n
         "OMP_NUM_THREADS": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
     }
-    wrapper = [
-        sys.executable,
-        os.path.join(APP, "run.py"),
-        "flower",
-        "--federation-config",
-        "num-supernodes=2",
-    ]
-    settings = (f"nodes=2 rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' cache='{cache}' "
+
+
+@pytest.mark.slow
+def test_a_bare_flwr_run_flower_trains_a_site_per_supernode_and_a_failure_exits_non_zero(tmp_path):
+    home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
+    env = local_simulation_env(home)
+    # no --federation-config and the app's nodes=4: Flower's default of 2 simulated SuperNodes
+    wrapper = [sys.executable, os.path.join(APP, "run.py"), "flower"]
+    settings = (f"rounds=2 local-steps=1 max-cases=1 seeds=3 out='{out}' cache='{cache}' "
                 "wait-for-nodes=60")
     try:
         good = subprocess.run(
@@ -547,6 +546,7 @@ def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_n
     log = good.stdout + good.stderr
     assert good.returncode == 0, log[-5000:]
     assert "round   2/2" in log and "finished:completed" in log
+    assert "simulation has 2 SuperNode(s): 2 site(s) of the run's 4 take part" in log
     metrics = json.loads((out / "metrics.json").read_text())
     # partition-id 0 and 1 of the simulation are the liver and spleen sites
     assert list(metrics["losses"]) == ["liver", "spleen"] and all(
@@ -556,6 +556,47 @@ def test_flwr_run_flower_simulates_the_federation_and_a_failed_serverapp_exits_n
     # a ServerApp that fails (here: a mode that pools data) makes the wrapper exit non-zero
     assert bad.returncode != 0, (bad.stdout + bad.stderr)[-3000:]
     assert "cannot run over Flower" in bad.stdout + bad.stderr and "finished:failed" in bad.stdout
+
+
+def a_data_root(folder) -> str:
+    """The public datasets' layouts built from the real CT, else the synthetic archives."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "realdata"))
+    import layouts
+
+    if not layouts.MISSING:
+        return str(layouts.data_root(folder))
+    synth = [sys.executable, "-m", "realdata", "synth", str(folder), "--cases", "2",
+             "--test-cases", "1", "--coarsen", "3"]
+    subprocess.run(synth, cwd=ROOT, check=True, capture_output=True, timeout=GIVE_UP_S)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_flwr_run_dot_in_flower_simulates_the_sites_on_the_run_configs_real_data(tmp_path):
+    home, out, cache = tmp_path / "flwr-home", tmp_path / "sim", tmp_path / "cache"
+    env = local_simulation_env(home)
+    root = a_data_root(tmp_path / "data")
+    settings = (f"rounds=1 local-steps=1 max-cases=1 val-split='0' spacing='6 6 6' "
+                f"data-root='{root}' out='{out}' cache='{cache}' wait-for-nodes=60")
+    try:
+        run = subprocess.run(
+            [sys.executable, "run.py", ".", "--run-config", settings],
+            cwd=APP,  # cd flower && flwr run .
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GIVE_UP_S,
+        )
+    finally:
+        stop_pids(processes_mentioning(str(home)))
+    log = run.stdout + run.stderr
+    assert run.returncode == 0 and "finished:completed" in log, log[-5000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["source"]["source"] == "real" and (out / "model.pt").exists()
+    assert list(metrics["losses"]) == ["liver", "spleen"]
+    # each simulated node read its own dataset under the run config's data-root and kept it in the
+    # run's cache: one case for the server's test set, one for each site (max-cases=1)
+    assert len(list(cache.glob("real-*.pt"))) == 3
 
 
 def stop_pids(pids: set[int]) -> None:
