@@ -318,6 +318,36 @@ def log_tail(path, n: int = 3000) -> str:
         return ""
 
 
+def loopback_env(home, link: int, security: str) -> dict:
+    """The environment of a federation on 127.0.0.1: a Flower configuration of its own (~/.flwr
+    stays untouched) whose default connection `segviz-test` reaches the SuperLink's port `link`
+    (`security`: its TOML line, `insecure = true` or the CA's `root-certificates`), one torch
+    thread per process (the in-process reference uses one too) and no usage telemetry."""
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "segviz-test"\n\n[superlink.segviz-test]\n'
+        f'address = "127.0.0.1:{link}"\n{security}\n'
+    )
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "SEGVIZ_ROOT": ROOT,
+    }
+
+
+def starter(procs: list[subprocess.Popen], env: dict, cwd):
+    """start(argv, log): a process in a session (and group) of its own, its output in `log`,
+    kept in `procs` for stop()."""
+    def start(argv: list[str], log) -> subprocess.Popen:
+        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                          cwd=cwd, start_new_session=True))
+        return procs[-1]
+    return start
+
+
 @pytest.mark.slow
 def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     t0 = time.time()
@@ -329,36 +359,10 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
         tmp_path / "flwr-home",
     )
     link, liver_port, spleen_port = free_ports(3)
-    home.mkdir()
-    (home / "config.toml").write_text(  # a Flower Configuration of its own: ~/.flwr stays untouched
-        f'[superlink]\ndefault = "segviz-test"\n\n[superlink.segviz-test]\naddress = '
-        f'"127.0.0.1:{link}"\n'
-        "insecure = true\n"
-    )
-    # one torch thread per process (the in-process reference uses one too); no usage telemetry
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "OMP_NUM_THREADS": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "SEGVIZ_ROOT": ROOT,
-    }
+    env = loopback_env(home, link, 'insecure = true')
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "liver", "spleen", "run")}
     procs: list[subprocess.Popen] = []
-
-    def start(argv, log):
-        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
-            procs.append(
-                subprocess.Popen(
-                    argv,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=tmp_path,
-                    start_new_session=True,
-                )
-            )
-        return procs[-1]
+    start = starter(procs, env, tmp_path)
 
     try:
         start(
