@@ -4,6 +4,8 @@ SuperNodes as subprocesses) against the in-process loop (`python train.py`)."""
 
 import argparse
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import shutil
@@ -21,6 +23,10 @@ pytest.importorskip(
     "flwr", reason="Flower is not installed: pip install -r requirements-flower.txt"
 )
 
+from cryptography import x509  # installed with Flower
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.common.config import get_project_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -485,6 +491,148 @@ def test_two_supernodes_on_loopback_train_as_the_in_process_loop(tmp_path):
     assert again["dice"]["liver"]["cases"] == pytest.approx(
         metrics["dice"]["liver"]["cases"], abs=1e-6
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Only the federation's own sites: TLS and SuperNode authentication on 127.0.0.1
+# ---------------------------------------------------------------------------------------
+
+
+def certificate(subject: str, key, issuer: str, signer, *, ca: bool):
+    """An X.509 certificate for `key`, signed by `signer`: the CA's own, or a server's for
+    127.0.0.1 (the SuperLink's address, and where its own helper processes connect)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usage = dict.fromkeys(("content_commitment", "data_encipherment", "key_agreement",
+                           "encipher_only", "decipher_only"), False)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                       critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=not ca, key_encipherment=False,
+                                     key_cert_sign=ca, crl_sign=ca, **usage), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def write_tls(folder) -> dict[str, str]:
+    """A CA and the SuperLink's certificate and key, as PEM files in `folder`."""
+    folder.mkdir()
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1()
+    )
+    ca = certificate("SegViz test CA", ca_key, "SegViz test CA", ca_key, ca=True)
+    server = certificate("127.0.0.1", server_key, "SegViz test CA", ca_key, ca=False)
+    paths = {name: str(folder / name) for name in ("ca.crt", "server.pem", "server.key")}
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
+def write_supernode_key(folder, name: str) -> tuple[str, str]:
+    """An EC (P-384) key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384` writes it:
+    the private key for the SuperNode, the public one (.pub) for `flwr supernode register`."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return str(private), str(public)
+
+
+def flwr_cli(args: list[str], env: dict) -> dict:
+    """A `flwr` command's JSON answer (--format json)."""
+    done = subprocess.run([executable("flwr"), *args, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"flwr {' '.join(args)}: {done.stdout}{done.stderr}")
+
+
+@pytest.mark.slow
+def test_only_registered_supernodes_join_a_superlink_with_tls_and_supernode_auth(tmp_path):
+    deadline = time.time() + GIVE_UP_S
+    cache, out, node_out, keys = (tmp_path / d for d in ("cache", "flower", "nodes", "keys"))
+    keys.mkdir()
+    sites = task.SITES
+    link, *ports = free_ports(1 + len(sites) + 1)
+    tls = write_tls(tmp_path / "certs")
+    env = loopback_env(tmp_path / "flwr-home", link, f'root-certificates = "{tls["ca.crt"]}"')
+    logs = {n: tmp_path / f"{n}.log" for n in ("superlink", *sites, "stranger", "run")}
+    procs: list[subprocess.Popen] = []
+    start = starter(procs, env, tmp_path)
+
+    # each SuperNode's key pair; the stranger's public key is never registered
+    pairs = {name: write_supernode_key(keys, name) for name in (*sites, "stranger")}
+
+    def supernode(name: str, site: str, port: int) -> subprocess.Popen:
+        return start([executable("flower-supernode"), "--root-certificates", tls["ca.crt"],
+                      "--superlink", f"127.0.0.1:{link}", "--port", str(port),
+                      "--auth-supernode-private-key", pairs[name][0], "--node-config",
+                      f"site='{site}' cache='{cache}' out='{node_out}' threads=1"], logs[name])
+
+    try:
+        start([executable("flower-superlink"), "--ssl-ca-certfile", tls["ca.crt"],
+               "--ssl-certfile", tls["server.pem"], "--ssl-keyfile", tls["server.key"],
+               "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link),
+               "--disable-runtime-dependency-installation"], logs["superlink"])
+        wait_for_port(link, deadline)
+        registered = {}
+        for site in sites:  # each site's public key, registered before its SuperNode starts
+            answer = flwr_cli(["supernode", "register", pairs[site][1], "segviz-test",
+                               "--name", site], env)
+            assert answer.get("success"), answer
+            registered[site] = int(answer["node-id"])
+        for site, port in zip(sites, ports):
+            supernode(site, site, port)
+        # a fifth SuperNode with a key nobody registered, claiming a site of the federation
+        stranger = supernode("stranger", "liver", ports[-1])
+        run_config = (f"nodes=4 rounds=1 local-steps=1 max-cases=1 spacing='6 6 6' seeds=3 "
+                      f"out='{out}' cache='{cache}' timeout=120 wait-for-nodes=60")
+        run = start([sys.executable, os.path.join(APP, "run.py"), APP, "segviz-test",
+                     "--run-config", run_config], logs["run"])
+        try:
+            run.wait(timeout=max(1.0, deadline - time.time()))
+            stranger.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the Flower run did not finish within {GIVE_UP_S} s; gave up\n"
+                        + "\n".join(log_tail(p) for p in logs.values()))
+        listed = flwr_cli(["supernode", "list", "segviz-test"], env)
+    finally:
+        stopped = stop(procs)
+    assert not [pid for pid in stopped if alive(pid)]
+    every_log = "\n".join(log_tail(p) for p in logs.values())
+    assert run.returncode == 0 and "finished:completed" in log_tail(logs["run"]), every_log
+    # the stranger was refused when it tried to join and gave up
+    assert stranger.returncode != 0
+    assert "Failed to activate SuperNode" in log_tail(logs["stranger"]), every_log
+    # the run's nodes are the four registered ones, each its own site; nothing else sent a thing
+    journal = json.loads((out / server_app.EXCHANGE_LOG).read_text())
+    assert journal["nodes"] == registered
+    assert sorted(journal["rounds"][0]["received"]) == sorted(sites)
+    assert sorted(journal["final"]["received"]) == sorted(sites)
+    assert {int(n["node-id"]): n["status"] for n in listed["nodes"]} == dict.fromkeys(
+        registered.values(), "online"
+    ), listed
+    assert (out / "model.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------
