@@ -6,9 +6,8 @@ ServerApp raised): submit the run, stream its log, then read the run's final sta
     cd flower && python run.py . segviz-local --run-config "nodes=2 rounds=2"
 
 The arguments are `flwr run`'s (APP first; a SuperLink connection may follow, else Flower's
-default). Processes this starts find the SegViz modules through SEGVIZ_ROOT (this checkout)
-and, for a local SuperLink it starts, run the app in this Python environment
-(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1) instead of one built with `uv sync`.
+default). Processes this starts (a local SuperLink, on first use) find the SegViz modules
+through SEGVIZ_ROOT (this checkout), wherever this is run from.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def connection_of(args: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = [a for a in argv if a != "--stream"] or ["flower"]
-    env = {"SEGVIZ_ROOT": ROOT, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **os.environ}
+    env = {"SEGVIZ_ROOT": ROOT, **os.environ}
     started = flwr_json(["run", *args], env)
     if not started.get("success", True) or "run-id" not in started:
         print(json.dumps(started, indent=1), file=sys.stderr)
