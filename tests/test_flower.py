@@ -592,8 +592,8 @@ def test_only_registered_supernodes_join_a_superlink_with_tls_and_supernode_auth
     try:
         start([executable("flower-superlink"), "--ssl-ca-certfile", tls["ca.crt"],
                "--ssl-certfile", tls["server.pem"], "--ssl-keyfile", tls["server.key"],
-               "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link),
-               "--disable-runtime-dependency-installation"], logs["superlink"])
+               "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link)],
+              logs["superlink"])
         wait_for_port(link, deadline)
         registered = {}
         for site in sites:  # each site's public key, registered before its SuperNode starts
