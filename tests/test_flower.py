@@ -1,6 +1,7 @@
 """SegViz over Flower (flower/): the pure pieces of the app, Flower's local simulation through
-flower/run.py (`flwr run flower`), and a real federation on 127.0.0.1 (a SuperLink and two
-SuperNodes as subprocesses) against the in-process loop (`python train.py`)."""
+flower/run.py (`flwr run flower`, `cd flower && flwr run .`), a real federation on 127.0.0.1 (a
+SuperLink and two SuperNodes as subprocesses) against the in-process loop (`python train.py`),
+and one with TLS and SuperNode authentication that refuses an unregistered SuperNode."""
 
 import argparse
 import contextlib
@@ -202,6 +203,7 @@ def test_a_simulated_node_uses_the_run_configs_paths_a_real_supernode_its_own(tm
     assert cfg.data == {"spleen": str(tmp_path / "spleen")}
     site, cfg, _, _ = settings({"site": "spleen", "data-root": str(tmp_path / "mine")})
     assert site == "spleen" and cfg.nodes == 4 and cfg.data_root == str(tmp_path / "mine")
+    assert not cfg.data and cfg.cache != str(tmp_path / "run-cache")  # the run's are the server's
     with pytest.raises(ValueError, match="real data everywhere or the phantom everywhere"):
         settings({"site": "spleen"})
 
