@@ -253,6 +253,14 @@ def node_paths(node: Mapping, run_config: Mapping, site: str) -> dict[str, str]:
     return {"data_root": data_root, "data": "", "cache": str(node.get("cache", ""))}
 
 
+def node_folder(node: Mapping, run_config: Mapping) -> str:
+    """Where this node keeps its state files (and a kept head) for this run: the run's folder
+    under its node config's `out`."""
+    return os.path.join(
+        os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config)
+    )
+
+
 def node_settings(context: Context) -> tuple[str, Config, dict, str]:
     """This node's site, the run's Config with this node's paths and device (in a simulation, as
     many sites as it has SuperNodes), the variant, and the node's folder for this run."""
@@ -262,9 +270,7 @@ def node_settings(context: Context) -> tuple[str, Config, dict, str]:
         run_config = {**run_config, "nodes": simulation_sites(run_config, supernodes)}
     if threads := int(node.get("threads", 0)):
         torch.set_num_threads(threads)
-    folder = os.path.join(
-        os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config)
-    )
+    folder = node_folder(node, run_config)
     cfg = config_from(
         run_config,
         out=folder,
