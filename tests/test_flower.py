@@ -192,16 +192,19 @@ def test_a_simulation_trains_one_site_per_simulated_supernode(capsys):
 
 def test_a_simulated_node_uses_the_run_configs_paths_a_real_supernode_its_own(tmp_path):
     run_config = {**app_config(), "data-root": str(tmp_path / "run-data"), "nodes": 4,
+                  "out": str(tmp_path / "run"),
                   "data": f"spleen={tmp_path / 'spleen'}", "cache": str(tmp_path / "run-cache")}
 
     def settings(node):
         return task.node_settings(SimpleNamespace(node_config=node, run_config=run_config))
 
-    site, cfg, _, _ = settings({"partition-id": 1, "num-partitions": 2})
-    assert site == "spleen" and cfg.nodes == 2
+    site, cfg, _, folder = settings({"partition-id": 1, "num-partitions": 2})
+    assert site == "spleen" and cfg.nodes == 2 and folder == str(tmp_path / "run" / "sites")
     assert (cfg.data_root, cfg.cache) == (str(tmp_path / "run-data"), str(tmp_path / "run-cache"))
     assert cfg.data == {"spleen": str(tmp_path / "spleen")}
-    site, cfg, _, _ = settings({"site": "spleen", "data-root": str(tmp_path / "mine")})
+    site, cfg, _, folder = settings({"site": "spleen", "data-root": str(tmp_path / "mine"),
+                                     "out": str(tmp_path / "node")})
+    assert folder == str(tmp_path / "node" / "run")  # the last part of the run's out names it
     assert site == "spleen" and cfg.nodes == 4 and cfg.data_root == str(tmp_path / "mine")
     assert not cfg.data and cfg.cache != str(tmp_path / "run-cache")  # the run's are the server's
     with pytest.raises(ValueError, match="real data everywhere or the phantom everywhere"):
@@ -751,6 +754,9 @@ def test_flwr_run_dot_in_flower_simulates_the_sites_on_the_run_configs_real_data
     # each simulated node read its own dataset under the run config's data-root and kept it in the
     # run's cache: one case for the server's test set, one for each site (max-cases=1)
     assert len(list(cache.glob("real-*.pt"))) == 3
+    # and kept its state with the run's results
+    assert [len(list((out / "sites").glob(f"{s}-*-r00001.pt"))) for s in ("liver", "spleen")] == [
+        1, 1]
 
 
 def stop_pids(pids: set[int]) -> None:

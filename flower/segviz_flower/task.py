@@ -255,7 +255,10 @@ def node_paths(node: Mapping, run_config: Mapping, site: str) -> dict[str, str]:
 
 def node_folder(node: Mapping, run_config: Mapping) -> str:
     """Where this node keeps its state files (and a kept head) for this run: the run's folder
-    under its node config's `out`."""
+    under its node config's `out`; a simulated node, on the machine of the run, keeps them
+    with the run's results, in the run config's `out` (sites/)."""
+    if simulated(node):
+        return os.path.join(os.path.abspath(str(run_config.get("out") or "runs/flower")), "sites")
     return os.path.join(
         os.path.abspath(str(node.get("out", "runs/flower-node"))), run_label(run_config)
     )
