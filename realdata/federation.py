@@ -68,8 +68,12 @@ def _seeded_split(pairs: list[Pair], n_val: int, seed: int) -> tuple[list[Pair],
 
 
 def site_split(source: Source, cfg: Config) -> tuple[Source, Source, str]:
-    """A site's dataset as its training and its validation part, and the rule, in words."""
+    """A site's dataset as its training and its validation part, and the rule, in words. With
+    --train-cases N the training part is its first N cases; the validation part stays whole.
+    train.py and a Flower site both take their cases from here."""
     keep, held, rule = split_validation(source.pairs, source.role, cfg.val_split, cfg.seed)
+    if cfg.train_cases:
+        keep = keep[: cfg.train_cases]
     return replace(source, pairs=keep), replace(source, pairs=held), rule
 
 
@@ -94,8 +98,6 @@ def real_federation(sites: Sequence[str], cfg: Config, workers: int = 1
         info["layouts"][role] = source.layout
         if role != "test":
             source, held, rule = site_split(source, cfg)
-            if cfg.train_cases:
-                source = replace(source, pairs=source.pairs[: cfg.train_cases])
             print(f"{role}: {len(source.pairs)} training case(s); {rule}")
             info["validation"][role] = [p.name for p in held.pairs]
         cases = load_source(source, cfg.spacing, cfg.cache, workers, cfg.max_cases)

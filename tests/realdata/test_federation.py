@@ -5,7 +5,8 @@ import pytest
 
 from data import DataError
 from realdata import archives
-from realdata.federation import split_validation
+from realdata.federation import site_split, split_validation
+from settings import resolve
 
 
 def test_validation_split_original_and_seeded():
@@ -39,3 +40,12 @@ def test_automatic_split_fits_the_folder():
     # one case: nothing to hold out, trains on it and says so
     train, val, rule = split_validation(names(1), "kidneys", "auto")
     assert len(train) == 1 and val == [] and "too few" in rule
+
+
+def test_train_cases_caps_a_real_sites_training_part_and_leaves_its_validation_whole():
+    pairs = [archives.Pair(f"c{i:03d}", f"i{i}", f"l{i}") for i in range(10)]
+    source = archives.Source("liver", "msd", "root", pairs, (1, 2))
+    whole = site_split(source, resolve({"val_split": "0.2"}))
+    capped = site_split(source, resolve({"val_split": "0.2", "train_cases": 3}))
+    assert [p.name for p in capped[0].pairs] == [p.name for p in whole[0].pairs][:3]
+    assert capped[1].pairs == whole[1].pairs and len(whole[1].pairs) == 2
