@@ -64,8 +64,8 @@ class Config:
         "and recipe (docs/paper-preset.md)",
         choices=("phantom", "paper"),
     )
-    seed: int = setting(0, "seeds of data, weights and sampling: one run each, in OUT/seed-S when "
-                           "there are several, then the mean ± std across them", flag="--seeds",
+    seed: int = setting(0, "seeds of data, weights and sampling: one run each, in OUT/seed-S, "
+                           "then the mean ± std across them", flag="--seeds",
                         metavar="S")
     # the network
     channels: tuple[int, ...] = setting((16, 32, 64, 128), "U-Net widths, one per resolution level",
@@ -119,8 +119,9 @@ class Config:
     amp: bool = setting(False, "mixed precision for training and inference: bfloat16 autocast "
                                "(float16 with a gradient scaler on CUDA GPUs without bfloat16); "
                                "for GPUs, where it saves memory and time")
-    out: str = setting("", "output folder: each seed's run in OUT/seed-S (default "
-                           "runs/<mode>-<nodes>, then the preset and the data where they are not "
+    out: str = setting("", "output folder: each seed's run in OUT/seed-S (default runs/NAME: the "
+                           "run's name, e.g. segviz-4, segviz-fedbn-4 or a variant's "
+                           "fedavg-marginal-4, then the preset and the data where they are not "
                            "the phantom's)")
     cache: str = setting(default_cache(), "folder for preprocessed volumes (default "
                                           "~/.cache/segviz or $SEGVIZ_CACHE)")
@@ -222,8 +223,8 @@ def default_out(cfg: Config, stem: str = "") -> str:
     parts = [run_name(cfg, stem)]
     if cfg.preset != "phantom":
         parts.append(cfg.preset)
-    if cfg.data_root:
-        parts.append(os.path.basename(os.path.normpath(cfg.data_root)))
+    if cfg.data_root:  # "." is the folder's own name; "/" has none
+        parts.append(os.path.basename(os.path.abspath(cfg.data_root)) or "data")
     elif cfg.data:
         parts.append("data")
     return os.path.join("runs", "-".join(parts))
@@ -400,6 +401,8 @@ def config_from_args(a: argparse.Namespace, p: argparse.ArgumentParser, stem: st
     cfg = resolve(given)
     for why in problems(cfg):
         p.error(why)
+    if len(set(seeds_of(a))) < len(seeds_of(a)):
+        p.error(f"--seeds {' '.join(map(str, seeds_of(a)))}: a seed given twice")
     cfg = replace(cfg, device=str(resolve_device(cfg.device, p)),
                   out=cfg.out or default_out(cfg, stem))
     if check_out:

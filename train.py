@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from checkpoint import (
     STATE_FORMAT,
     model_checkpoint,
     model_of,
+    read_checkpoint,
     read_state,
     write,
 )
@@ -57,6 +59,7 @@ from settings import (
     Config,
     add_arguments,
     config_from_args,
+    from_saved,
     resumed_config,
     run_name,
     saved,
@@ -543,7 +546,7 @@ def train_seeds(cfg: Config, seeds: Sequence[int],
     (`plan_seeds`). `ext_for(cfg)`: a variant's extensions for a seed's config; `command`: the
     script that resumes a run. Returns the exit status."""
     ext_for = ext_for or (lambda seed_cfg: Extensions())
-    plan = plan_seeds(cfg, seeds, ext_for(cfg).settings, overwrite)
+    plan = plan_seeds(cfg, seeds, ext_for(cfg).settings, overwrite, command)
     results = {}
     for seed_cfg, action in plan:
         if action == "keep":
@@ -553,7 +556,7 @@ def train_seeds(cfg: Config, seeds: Sequence[int],
             continue
         if action == "train":
             clear_run(seed_cfg.out)
-        status = run_or_stop(seed_cfg, ext_for(seed_cfg), action == "resume", command)
+        status = run_or_stop(seed_cfg, ext_for(seed_cfg), action == "resume", command, overwrite)
         if isinstance(status, int):
             return status
         results[seed_cfg.seed] = status
@@ -569,8 +572,8 @@ def train_seeds(cfg: Config, seeds: Sequence[int],
     return 0
 
 
-def plan_seeds(cfg: Config, seeds: Sequence[int], variant: dict, overwrite: bool
-               ) -> list[tuple[Config, str]]:
+def plan_seeds(cfg: Config, seeds: Sequence[int], variant: dict, overwrite: bool,
+               command: str = "python train.py") -> list[tuple[Config, str]]:
     """What each seed's folder OUT/seed-S gets: "train" (nothing there, or --overwrite),
     "resume" (a state.pt of these settings) or "keep" (a finished run of these settings). A
     folder holding a run of other settings is refused, and so is a command whose every seed has
@@ -578,7 +581,7 @@ def plan_seeds(cfg: Config, seeds: Sequence[int], variant: dict, overwrite: bool
     plan = []
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed-{seed}"))
-        plan.append((seed_cfg, "train" if overwrite else seed_action(seed_cfg, variant)))
+        plan.append((seed_cfg, "train" if overwrite else seed_action(seed_cfg, variant, command)))
     if plan and all(action == "keep" for _, action in plan):
         fail(f"--out {cfg.out}: holds a finished run of every seed asked for "
              f"({', '.join(c.out for c, _ in plan)}); --overwrite trains them again, or give "
@@ -586,55 +589,72 @@ def plan_seeds(cfg: Config, seeds: Sequence[int], variant: dict, overwrite: bool
     return plan
 
 
-def seed_action(cfg: Config, variant: dict) -> str:
-    """Keep, resume or train one seed's folder; refuse one that holds another run's files."""
+def seed_action(cfg: Config, variant: dict, command: str = "python train.py") -> str:
+    """Keep, resume or train one seed's folder; refuse one that holds another run's files. A
+    finished run is its metrics.json (its model.pt may have been deleted to save space)."""
     metrics, state = os.path.join(cfg.out, "metrics.json"), os.path.join(cfg.out, STATE_FILE)
-    if os.path.exists(metrics) and os.path.exists(os.path.join(cfg.out, MODEL_FILE)):
+    model = os.path.join(cfg.out, MODEL_FILE)
+    if os.path.exists(metrics):
         with open(metrics) as f:
             done = json.load(f)
         found, action = (done["config"], done.get("extensions", {})), "keep"
     elif os.path.exists(state):
         blob = read_state(state)
         found, action = (blob["config"], blob["extensions"]), "resume"
+    elif os.path.exists(model):  # stopped as it wrote its results: the same run makes it again
+        ckpt = read_checkpoint(model)
+        found, action = (ckpt["config"], ckpt.get("extensions", {})), "train"
     else:
         return "train"
-    if identity(*found) != identity(saved(cfg), variant):
-        mine = saved(cfg)
-        differ = sorted(k for k in {**found[0], **mine}
-                        if found[0].get(k) != mine.get(k) and k not in UNIDENTIFYING)
+    (theirs, their_variant), (mine, my_variant) = identity(*found), identity(saved(cfg), variant)
+    if (theirs, their_variant) != (mine, my_variant):
+        differ = sorted(k for k in {**theirs, **mine} if theirs.get(k) != mine.get(k))
         what = ", ".join(differ) or "the variant"
+        longer = (f"; to train it longer: {command} --resume {cfg.out} --rounds N"
+                  if differ == ["rounds"] else "")
         fail(f"--out {cfg.out}: holds a run of other settings ({what}); --overwrite replaces it, "
-             "or give another --out")
+             f"or give another --out{longer}")
     return action
 
 
 def clear_run(folder: str) -> None:
     """Remove a run's files before training it afresh (--overwrite), so that a fresh run stopped
-    early never leaves the old run's model beside its own state."""
+    early never leaves the old run's model beside its own state, and the old model's test
+    scores (eval/) are not read as the new one's."""
     for name in (MODEL_FILE, STATE_FILE, "metrics.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             os.remove(path)
+    shutil.rmtree(os.path.join(folder, "eval"), ignore_errors=True)
 
 
 UNIDENTIFYING = ("cache",)  # settings that do not change what a run is
 
 
 def identity(config: dict, variant: dict) -> tuple[dict, dict]:
-    """What makes two runs the same run: their settings and variant, where they are kept aside."""
-    return {k: v for k, v in config.items() if k not in UNIDENTIFYING}, dict(variant)
+    """What makes two runs the same run: their settings, read as this version reads them (a
+    setting added since takes its default) with the data's paths made absolute, and their
+    variant."""
+    settings = {k: v for k, v in saved(from_saved(config)).items() if k not in UNIDENTIFYING}
+    if settings["data_root"]:
+        settings["data_root"] = os.path.abspath(settings["data_root"])
+    settings["data"] = {site: os.path.abspath(path) for site, path in settings["data"].items()}
+    return settings, dict(variant)
 
 
-def run_or_stop(cfg: Config, ext: Extensions, resume: bool, command: str) -> dict | int:
+def run_or_stop(cfg: Config, ext: Extensions, resume: bool, command: str,
+                overwrite: bool = False) -> dict | int:
     """One seed's run; Ctrl-C stops it with a line on how to go on (exit status 130)."""
     try:
         return train(cfg, ext, resume)
     except KeyboardInterrupt:
         state = os.path.join(cfg.out, STATE_FILE)
         if os.path.exists(state):
-            print(f"\ninterrupted; the last saved state is in {state}: issue the same command "
-                  f"again (finished seeds are kept, this one resumes), or {command} --resume "
-                  f"{cfg.out}", file=sys.stderr)
+            again = "the same command again without --overwrite" if overwrite else \
+                "the same command again"
+            print(f"\ninterrupted; the last saved state is in {state}: issue {again} (finished "
+                  f"seeds are kept, this one resumes), or {command} --resume {cfg.out}",
+                  file=sys.stderr)
         else:
             print("\ninterrupted before the first round ended; nothing to resume", file=sys.stderr)
         return 130
@@ -667,10 +687,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_command_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the command that are not settings of the run."""
-    p.add_argument("--resume", metavar="OUT",
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", metavar="OUT",
                    help="continue the run whose state OUT/state.pt holds (a seed's folder), with "
                         "its own settings (--device and a larger --rounds may be given)")
-    p.add_argument("--overwrite", action="store_true",
+    group.add_argument("--overwrite", action="store_true",
                    help="train again the seeds whose folders (OUT/seed-S) hold a finished run, or "
                         "a run of other settings (without it such a folder is refused)")
 

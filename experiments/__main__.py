@@ -134,7 +134,7 @@ def check_suite_flags(
     from experiments.variants import VARIANT_KEYS
 
     given = {a.split("=")[0] for a in passed}
-    own = {"--mode", "--fedbn", "--resume", "--seeds", "--out", "--nodes"}
+    own = {"--mode", "--fedbn", "--resume", "--overwrite", "--seeds", "--out", "--nodes"}
     if args.what == "sweep":
         own |= {"--train-cases", "--lr"}
     if getattr(args, "tune_lr", None) or getattr(args, "lr_from", None):

@@ -106,6 +106,9 @@ def test_the_default_out_folder_is_named_after_the_run(tmp_path, monkeypatch):
     root = tmp_path / "msd"
     root.mkdir()
     assert parse(["--data-root", str(root) + os.sep]).out == os.path.join("runs", "segviz-4-msd")
+    assert parse(["--data", f"test={root}"]).out == os.path.join("runs", "segviz-4-data")
+    assert parse(["--preset", "paper", "--data-root", "."]).out == os.path.join(
+        "runs", f"segviz-4-paper-{tmp_path.name}")
 
 
 def test_the_help_gives_each_default_and_the_presets_overrides():
