@@ -111,9 +111,10 @@ def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
 
 def amp_dtype(device: torch.device | str) -> torch.dtype:
     """The type --amp computes in: bfloat16, whose range is float32's (no gradient scaling),
-    where the device supports it; float16 on CUDA GPUs older than Ampere."""
+    where the device computes in it natively; float16 on CUDA GPUs older than Ampere (compute
+    capability below 8: V100, T4), which only emulate bfloat16, slowly."""
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16
     return torch.bfloat16
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import fl
+from common import autocast
 from data import ORGAN_ID
 from experiments.marginal import marginal_loss
 from train import Run
@@ -103,21 +104,23 @@ def prepare(run: Run) -> None:
             rounds_done[0] = len(c.history)
 
         client.begin = begin
-        client.next_batch = with_teacher(client.next_batch, teacher)
+        client.next_batch = with_teacher(client.next_batch, teacher, client.amp)
         client.loss_fn = functools.partial(site_loss, labelled=labelled, rounds_done=rounds_done,
                                            rounds=run.cfg.rounds)
 
 
 class with_teacher:  # a class so that its teacher can be looked at
-    """A site's batches with the global model's logits beside the labels."""
+    """A site's batches with the global model's logits beside the labels; its pass in the
+    client's precision (--amp), the logits in float32 as the student's."""
 
-    def __init__(self, next_batch: Callable[[], fl.Batch], teacher: torch.nn.Module):
-        self.next_batch, self.teacher = next_batch, teacher
+    def __init__(self, next_batch: Callable[[], fl.Batch], teacher: torch.nn.Module,
+                 amp: torch.dtype | None = None):
+        self.next_batch, self.teacher, self.amp = next_batch, teacher, amp
 
     def __call__(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         x, y = self.next_batch()
-        with torch.no_grad():
-            return x, (y, self.teacher(x))
+        with torch.no_grad(), autocast(x.device, self.amp):
+            return x, (y, self.teacher(x).float())
 
 
 def site_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor], labelled: list[int],

@@ -13,7 +13,7 @@ import torch
 
 import common
 import train
-from common import check_writable, resolve_device
+from common import amp_dtype, check_writable, resolve_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,3 +191,15 @@ def test_train_refuses_mps_without_mps_before_writing_anything(monkeypatch, tmp_
         train.main(["--device", "mps", "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and "--device mps" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_takes_float16_on_gpus_without_native_bfloat16(capability, dtype, monkeypatch):
+    # V100 (7.0) and T4 (7.5) emulate bfloat16 (torch calls it supported); float16 is native
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(device) or capability)
+    assert amp_dtype("cuda:1") == dtype
+    assert asked == [torch.device("cuda:1")], "the GPU asked for, not the current one"
+    assert amp_dtype("cpu") == torch.bfloat16

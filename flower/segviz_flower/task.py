@@ -197,6 +197,9 @@ class Site:
         self.client.model_state = {k: v.clone() for k, v in self.initial["model"].items()}
         self.client.optim_state = fl.stored(self.initial["optim"], "cpu")
         self.run.samplers[self.name].gen.set_state(self.initial["sampler"])
+        if self.client.scaler is not None:  # float16 --amp: the scale starts afresh too
+            device = next(self.run.model.parameters()).device
+            self.client.scaler = torch.amp.GradScaler(device.type)
 
 
 # A Flower simulation runs every message of a node in one long-lived process, and a SuperNode
