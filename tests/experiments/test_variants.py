@@ -13,7 +13,7 @@ def test_a_variant_run_never_takes_a_plain_runs_folder(monkeypatch, tmp_path):
 
     made = {}
     monkeypatch.setattr(
-        variants, "train_seeds", lambda cfg, seeds, **kw: made.setdefault("cfg", cfg) and 0
+        variants, "train_seeds", lambda cfg, seeds, *rest: made.setdefault("cfg", cfg) and 0
     )
     variants.main(["--mode", "segviz", "--dropout", "0.2", "--aggregate", "median"])
     assert made["cfg"].out == os.path.join("runs", "segviz-dropout0.2-median-4")
