@@ -1,8 +1,12 @@
 """What the end-to-end tests share: running a command of the checkout, and a run at a tiny size."""
 
+import json
 import os
 import subprocess
 import sys
+
+from checkpoint import MODEL_FILE
+from settings import saved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the phantom at 6 mm: a run end to end on an eighth of the default's voxels (its patches and
@@ -23,3 +27,16 @@ def tiny(mode: str, out, cache, *extra: str) -> subprocess.CompletedProcess:
     script = ("-m", "experiments", "train") if any(a in VARIANTS for a in extra) else ("train.py",)
     return run(*script, "--nodes", "2", "--mode", mode, "--rounds", "2", "--local-steps", "1",
                "--max-cases", "2", "--out", str(out), "--cache", str(cache), *SMALL, *extra)
+
+
+def finished_run(folder, cfg, *, config=None, model=True, evaluated=False) -> None:
+    """A seed's folder as a finished run leaves it: metrics.json (with its config), model.pt, and
+    if `evaluated` the test scores eval.py wrote later."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = saved(cfg) if config is None else config
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "extensions": {}}))
+    if model:
+        (folder / MODEL_FILE).write_bytes(b"an old model")
+    if evaluated:
+        (folder / "eval").mkdir()
+        (folder / "eval" / "metrics.json").write_text("{}")

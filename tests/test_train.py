@@ -16,7 +16,7 @@ import torch
 import fl
 import train
 from data import Case
-from helpers import ROOT, SMALL, run, tiny
+from helpers import ROOT, SMALL, finished_run, run, tiny
 from sampler import round_robin
 from settings import REAL_DATA, Config, resolve
 
@@ -835,79 +835,6 @@ def test_a_float16_sites_gradient_scale_is_saved_and_restored(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Which seeds a command trains, keeps or resumes; what it refuses
 # ---------------------------------------------------------------------------------------
-
-
-def finished_run(folder, cfg, *, config=None, model=True, evaluated=False) -> None:
-    """A seed's folder as a finished run leaves it: metrics.json (with its config), model.pt, and
-    if `evaluated` the test scores eval.py wrote later."""
-    from checkpoint import MODEL_FILE
-    from settings import saved
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = saved(cfg) if config is None else config
-    (folder / "metrics.json").write_text(json.dumps({"config": config, "extensions": {}}))
-    if model:
-        (folder / MODEL_FILE).write_bytes(b"an old model")
-    if evaluated:
-        (folder / "eval").mkdir()
-        (folder / "eval" / "metrics.json").write_text("{}")
-
-
-def refusal(capsys, call) -> str:
-    with pytest.raises(SystemExit) as e:
-        call()
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def test_a_finished_seed_is_kept_and_a_run_of_other_settings_refused(tmp_path, capsys):
-    from settings import saved
-
-    cfg = resolve({"out": str(tmp_path)})
-    finished_run(tmp_path / "seed-0", replace(cfg, seed=0))
-    plan = train.plan_seeds(cfg, [0, 1], {}, overwrite=False)
-    assert [(c.seed, action) for c, action in plan] == [(0, "keep"), (1, "train")]
-    # a run made before a setting existed: the setting takes its default, the run is the same
-    older = {k: v for k, v in saved(replace(cfg, seed=0)).items() if k != "amp"}
-    finished_run(tmp_path / "seed-0", replace(cfg, seed=0), config=older)
-    assert train.seed_action(replace(cfg, seed=0, out=str(tmp_path / "seed-0")), {}) == "keep"
-    # its model deleted to save space: still finished, still its settings
-    (tmp_path / "seed-0" / "model.pt").unlink()
-    assert train.seed_action(replace(cfg, seed=0, out=str(tmp_path / "seed-0")), {}) == "keep"
-    other = replace(cfg, rounds=cfg.rounds + 1)
-    line = refusal(capsys, lambda: train.plan_seeds(other, [0], {}, overwrite=False))
-    assert "seed-0: holds a run of other settings (rounds)" in line and "--overwrite" in line
-    assert "--resume" in line and "--rounds N" in line  # a longer run is a resumed one
-    line = refusal(capsys, lambda: train.plan_seeds(cfg, [0], {"marginal": True}, False))
-    assert "other settings (the variant)" in line
-    assert (tmp_path / "seed-0" / "metrics.json").exists(), "a refusal touches nothing"
-
-
-def test_a_stopped_seed_of_other_settings_is_refused_not_resumed(tmp_path, capsys):
-    cases = {s: [Case(f"{s}-0", torch.rand(48, 48, 32),
-                      (torch.rand(48, 48, 32) > 0.9).to(torch.uint8), (3.0,) * 3)]
-             for s in ("liver", "spleen")}
-    cfg = resolve({"nodes": 2, "out": str(tmp_path / "seed-0")})
-    train.save_state(train.build_run(cfg, cases, train.Extensions()), 1)
-    assert train.seed_action(cfg, {}) == "resume"
-    line = refusal(capsys, lambda: train.seed_action(replace(cfg, lr=cfg.lr / 2), {}))
-    assert "holds a run of other settings (lr)" in line
-    assert (tmp_path / "seed-0" / "state.pt").exists()
-
-
-def test_the_data_is_the_same_data_however_its_path_is_written(tmp_path, monkeypatch):
-    from settings import saved
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "msd").mkdir()
-    relative = saved(resolve({"data_root": "msd", "data": {"test": "btcv"}}))
-    absolute = saved(resolve({"data_root": str(tmp_path / "msd") + os.sep,
-                              "data": {"test": str(tmp_path / "btcv")}}))
-    assert train.identity(relative, {}) == train.identity(absolute, {})
-    assert train.identity(relative, {}) != train.identity(
-        saved(resolve({"data_root": str(tmp_path)})), {})
 
 
 def test_overwrite_removes_the_old_run_before_training_afresh(tmp_path, monkeypatch, capsys):
