@@ -103,6 +103,7 @@ def loss_curves(runs: dict[str, list[dict]], path: str) -> None:
         seeds = len(runs[name])
         ax.set_title(f"{name} ({seeds} seed{'s' if seeds > 1 else ''})", fontsize=8)
         ax.set_xlabel("round", fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in axes.flat[len(names):]:
@@ -171,7 +172,7 @@ def overlay_figure(case: Case, panels: Sequence[tuple[str, torch.Tensor]]) -> Fi
     rows = [(organ, "axial", centre(truth == ORGAN_ID[organ])) for organ in present]
     rows.append(("all organs", "coronal", centre(truth > 0)))
     fig, axes = plt.subplots(len(rows), len(panels),
-                             figsize=(2.2 * len(panels), 2.3 * len(rows) + 0.4), squeeze=False)
+                             figsize=(2.2 * len(panels), 1.9 * len(rows) + 0.4), squeeze=False)
     for i, (what, view, at) in enumerate(rows):
         for j, (title, lab) in enumerate(panels):
             if view == "axial":
