@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess", help="real-data preprocessing: time per volume, cache size, peak memory"
     )
     q.add_argument(
-        "--ct", default=REAL_CT, help="a CT (NIfTI) to time (default: the real CT in ../shared)"
+        "--ct", default=REAL_CT, help=f"a CT (NIfTI) to time (default: {REAL_CT})"
     )
     q.add_argument(
         "--shape", type=int, nargs=3, default=(512, 512, 600), help="size of the synthetic CT"
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "boundary", help="boundaries of a label map brought back to the scan's grid: the label "
         "map by nearest neighbour against the probabilities by trilinear interpolation"
     )
-    b.add_argument("--ct", default=REAL_CT, help="a CT (NIfTI; default: the real CT in ../shared)")
+    b.add_argument("--ct", default=REAL_CT, help=f"a CT (NIfTI; default: {REAL_CT})")
     b.add_argument("--labels", default=REAL_LABELS,
                    help="its TotalSegmentator labels (default: the real CT's)")
     b.add_argument("--spacings", type=float, nargs="+", default=list(SPACINGS),

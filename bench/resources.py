@@ -1,7 +1,8 @@
 """Resource benchmarks: real-data preprocessing (time, cache size, peak memory), what leaves a
 site per round, and the memory of simulating N clients in one process.
 
-`preprocess` measures (1) the one real CT in ../shared (or --ct FILE) through the whole
+`preprocess` measures (1) a real abdominal CT (--ct FILE; by default the one in
+$SEGVIZ_REAL_CT or ../shared/data/real_ct beside the checkout) through the whole
 real-data path (read, RAS, 1.5 x 1.5 x 2 mm, body crop, cache write): seconds per volume and
 bytes in the cache; and (2) the peak resident memory of preprocessing one synthetic
 512 x 512 x 600 CT (the size of a large MSD Liver scan), written to a temporary folder and run
@@ -24,7 +25,9 @@ import numpy as np
 from settings import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
-REAL_CT = os.path.join(ROOT, "..", "shared", "data", "real_ct", "ct.nii.gz")
+# a real abdominal CT with TotalSegmentator labels: $SEGVIZ_REAL_CT's folder, else ../shared
+SHARED_CT = os.path.join(os.path.dirname(ROOT), "shared", "data", "real_ct")
+REAL_CT = os.path.join(os.environ.get("SEGVIZ_REAL_CT", SHARED_CT), "ct.nii.gz")
 REAL_SPACING = PRESETS["paper"]["spacing"]  # the original's working spacing
 
 
