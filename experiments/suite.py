@@ -174,14 +174,16 @@ def choose(out: str, names: Sequence[str], lrs: Sequence[float], seeds: Sequence
 
 def choices_table(choices: dict) -> str:
     """The search: each setup's validation Dice (mean over sites) at each rate, mean ± std over
-    the tuning seeds; the kept rate in bold."""
+    the tuning seeds (the value alone for one seed); the kept rate in bold."""
     rates = list(next(iter(choices["validation"].values())))
     lines = ["| setup | " + " | ".join(f"lr {r}" for r in rates) + " | kept |",
              "|---|" + "---|" * (len(rates) + 1)]
     for name, by_rate in choices["validation"].items():
         cells = []
         for rate, scores in by_rate.items():
-            cell = f"{np.mean(scores):.3f} ± {np.std(scores, ddof=1) if len(scores) > 1 else 0:.3f}"
+            cell = f"{np.mean(scores):.3f}"
+            if len(scores) > 1:  # one tuning seed has no spread to show
+                cell += f" ± {np.std(scores, ddof=1):.3f}"
             cells.append(f"**{cell}**" if float(rate) == choices["lr"][name] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {choices['lr'][name]:g} |")
     return "\n".join(lines)

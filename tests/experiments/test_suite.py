@@ -70,6 +70,9 @@ def test_every_setup_keeps_the_rate_of_its_best_mean_validation(tmp_path):
     path.write_text(json.dumps({"lr": {"segviz-3": 0.01, "segviz-4": 0.001}}))
     assert suite.lr_from(str(path), "segviz-2") == 0.001
     assert suite.lr_from(str(path), "segviz-3") == 0.01
+    # one tuning seed: the value alone, no spread of zero
+    one = suite.choices_table(suite.choose(str(tmp_path), ["segviz-4"], [0.001, 0.003], [0]))
+    assert "| segviz-4 | 0.700 | **0.800** | 0.003 |" in one and "±" not in one
 
 
 @pytest.mark.parametrize("argv, says", [
